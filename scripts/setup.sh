@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs the project into it. CPU torch only when no torch is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  if ! python -c "import torch" 2>/dev/null; then
+    # A CPU build: GPU users install their CUDA torch into .venv before running this.
+    python -m pip install -q "torch==2.13.0"
+  fi
+  python -m pip install -q -e ".[dev,tune]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
