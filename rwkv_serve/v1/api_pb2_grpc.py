@@ -126,8 +126,8 @@ class RwkvServiceServicer:
 
     def Chat(self, request_iterator, context):
         """A conversation stream. The client sends turns (and cancels); the server answers each turn with
-        turn_start, zero or more deltas, and turn_end, in order. One turn runs at a time per stream; a turn sent
-        while another is running on the same session fails the stream with FAILED_PRECONDITION.
+        turn_start, zero or more deltas, and turn_end, in order. Turns sent on one stream run one after another,
+        in order. A turn on a session that another call is running fails the stream with ABORTED.
         Closing the stream (or the call's cancellation) cancels a running turn within one engine step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
