@@ -1,0 +1,324 @@
+"""RWKV-5.2 ("Eagle") inference in PyTorch: one readable file, batched step mode and exact chunked prefill.
+
+Read top to bottom: config -> time mixing (attention) -> channel mixing (FFN) -> model -> checkpoint loading.
+Names follow the official checkpoint keys so the file can be held beside the weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from worker.state import State
+
+HEAD_SIZE_DIVISOR = 8  # RWKV-5 trains with head_size_divisor 8: GroupNorm eps 1e-5 on y/8 == eps 64e-5 on y
+WKV_CHUNK = 32  # tokens per chunk of the parallel WKV; any size is exact, this one keeps (T, T, N) small
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not a readable RWKV-5.2 model (other architecture, truncated, missing keys)."""
+
+
+@dataclass(frozen=True)
+class RWKV5Config:
+    """Shapes of an RWKV-5.2 model, read from its weights."""
+
+    n_layer: int  # number of blocks: the state has one (shift, WKV, shift) triple per block
+    n_embd: int  # D, width of the residual stream and of each shift vector
+    n_head: int  # H, WKV heads; each keeps a head_size x head_size matrix of state
+    head_size: int  # N, 64 in every released RWKV-5 model
+    ffn_size: int  # F, hidden width of channel mixing (int(3.5 * D) // 32 * 32 in released models)
+    vocab_size: int  # V, 65536 for World models
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one session's state with everything in fp32."""
+        return 4 * self.n_layer * (2 * self.n_embd + self.n_head * self.head_size**2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time mixing: token shift, r/k/v/g projections, the WKV recurrence, GroupNorm, gated output
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def wkv_step(r, k, v, w, u, s):
+    """One token of the WKV recurrence for B sessions. r, k, v: (B, H, N); w, u: (H, N); s: (B, H, N, N) [key, value]."""
+    kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, N, N)
+    y = (r.unsqueeze(-2) @ (u.unsqueeze(-1) * kv + s)).squeeze(-2)  # (B, H, N)
+    s = w.unsqueeze(-1) * s + kv
+    return y, s
+
+
+def wkv_chunked(r, k, v, log_w, u, s, chunk: int = WKV_CHUNK):
+    """The WKV recurrence over T tokens, exactly, chunk by chunk. r, k, v: (B, H, T, N); log_w, u: (H, N); s fp32.
+
+    Within a chunk every decay power is formed as exp(exponent * log_w) with exponent >= 0 for the factor that is
+    applied, so nothing overflows and the decay is never clamped: y_t = sum_{s<t} (r_t . w^(t-s-1) k_s) v_s +
+    (r_t . u k_t) v_t + (r_t w^t) S0, and S_T = w^T S0 + sum_s (w^(T-1-s) k_s) v_s^T."""
+    B, H, T, N = r.shape
+    ys = []
+    for c0 in range(0, T, chunk):
+        rc, kc, vc = r[:, :, c0 : c0 + chunk], k[:, :, c0 : c0 + chunk], v[:, :, c0 : c0 + chunk]
+        c = rc.shape[2]
+        t = torch.arange(c, device=r.device, dtype=torch.float32)
+        # decay[t, s, :] = w^(t-s-1) for s < t (0 elsewhere): (H, c, c, N)
+        gap = (t.view(c, 1) - t.view(1, c) - 1).clamp(min=0)
+        decay = torch.exp(gap.view(1, c, c, 1) * log_w.view(H, 1, 1, N))
+        decay = decay * torch.tril(torch.ones(c, c, device=r.device), diagonal=-1).view(1, c, c, 1)
+        att = torch.einsum("bhta,htsa,bhsa->bhts", rc, decay, kc)  # (B, H, c, c)
+        att = att + torch.diag_embed((rc * u.view(1, H, 1, N) * kc).sum(-1))  # the current token's bonus u
+        w_t = torch.exp(t.view(c, 1) * log_w.view(H, 1, N))  # (H, c, N): w^t, decay of the incoming state
+        y = att @ vc + (rc * w_t) @ s  # (B, H, c, N)
+        w_rest = torch.exp((c - 1 - t).view(c, 1) * log_w.view(H, 1, N))  # (H, c, N): w^(c-1-s)
+        s = torch.exp(c * log_w).view(1, H, N, 1) * s + (kc * w_rest).transpose(-1, -2) @ vc  # (B, H, N, N)
+        ys.append(y)
+    return torch.cat(ys, dim=2), s
+
+
+class TimeMix:
+    """RWKV-5.2 attention ("time mixing") of one block."""
+
+    def __init__(self, p: dict[str, torch.Tensor], i: int, cfg: RWKV5Config, scale: float):
+        a = f"blocks.{i}.att."
+        self.mix = torch.stack([p[a + f"time_mix_{c}"].reshape(-1) for c in "rkvg"]).float()  # (4, D)
+        self.rkvg = torch.stack([p[a + f"{n}.weight"] for n in ("receptance", "key", "value", "gate")])  # (4, D, D)
+        self.output = p[a + "output.weight"]  # (D, D), pre-divided by `scale` in fp16 (see RWKV5.__init__)
+        self.log_w = -torch.exp(p[a + "time_decay"].float())  # (H, N): log of the per-channel decay w in (0, 1)
+        self.w = torch.exp(self.log_w)
+        self.u = p[a + "time_faaaa"].float().reshape(cfg.n_head, cfg.head_size)  # (H, N): bonus of the current token
+        self.ln_x = (p[a + "ln_x.weight"].float(), p[a + "ln_x.bias"].float())
+        self.H, self.N, self.scale = cfg.n_head, cfg.head_size, scale
+
+    def __call__(self, xx, shift, s):
+        """xx: (B, T, D) fp32 ln1 output; shift: (B, D) last xx of the previous call; s: (B, H, N, N) fp32."""
+        B, T, D = xx.shape
+        prev = torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)  # (B, T, D): the token shift
+        mixed = torch.lerp(prev.unsqueeze(0), xx.unsqueeze(0), self.mix.view(4, 1, 1, D))  # (4, B, T, D)
+        wdt = self.rkvg.dtype
+        r, k, v, g = torch.bmm(mixed.view(4, B * T, D).to(wdt), self.rkvg.transpose(1, 2)).float()  # 4 x (B*T, D)
+        g = F.silu(g)
+        heads = lambda z: z.view(B, T, self.H, self.N).transpose(1, 2)  # noqa: E731 - (B, H, T, N)
+        if T == 1:
+            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s)
+            y = y.view(B * T, D)
+        else:
+            y, s = wkv_chunked(heads(r), heads(k), heads(v), self.log_w, self.u, s)
+            y = y.transpose(1, 2).reshape(B * T, D)
+        y = F.group_norm(y, self.H, *self.ln_x, eps=1e-5 * HEAD_SIZE_DIVISOR**2)  # (B*T, D)
+        out = F.linear((y * g).to(wdt), self.output).float() * self.scale
+        return out.view(B, T, D), xx[:, -1], s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Channel mixing: token shift, squared-ReLU FFN gated by a sigmoid receptance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ChannelMix:
+    """RWKV-5 feed-forward ("channel mixing") of one block."""
+
+    def __init__(self, p: dict[str, torch.Tensor], i: int, scale: float):
+        f = f"blocks.{i}.ffn."
+        self.mix_k = p[f + "time_mix_k"].reshape(-1).float()  # (D,)
+        self.mix_r = p[f + "time_mix_r"].reshape(-1).float()  # (D,)
+        self.key, self.value, self.receptance = (p[f + n + ".weight"] for n in ("key", "value", "receptance"))
+        self.scale = scale
+
+    def __call__(self, xx, shift):
+        """xx: (B, T, D) fp32 ln2 output; shift: (B, D)."""
+        prev = torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)  # (B, T, D)
+        wdt = self.key.dtype
+        xk = torch.lerp(prev, xx, self.mix_k).to(wdt)
+        xr = torch.lerp(prev, xx, self.mix_r).to(wdt)
+        k = torch.relu(F.linear(xk, self.key)).square()  # (B, T, F)
+        out = torch.sigmoid(F.linear(xr, self.receptance).float()) * (F.linear(k, self.value).float() * self.scale)
+        return out, xx[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RWKV5:
+    """An RWKV-5.2 language model: pure `forward(tokens, state) -> (logits, state)`, B sessions at a time."""
+
+    def __init__(self, params: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, fingerprint: bytes | None = None):
+        self.config = config_from_params(params)
+        self.device, self.dtype = torch.device(device), dtype
+        self.fingerprint = fingerprint or weights_fingerprint(params)
+        cfg = self.config
+        # Weights in `dtype` on `device`; small per-channel vectors and norms in fp32 (the residual stream is fp32).
+        p = {}
+        for name, t in params.items():
+            small = t.dim() < 2 or "time_" in name or ".ln" in name or name.startswith("ln_out")
+            p[name] = t.to(device=self.device, dtype=torch.float32 if small else dtype)
+        # fp16 overflows past 65504: like the reference, divide the outputs that feed the residual stream by
+        # 2^(layer // 6) in the weights and multiply back in fp32 (exact in powers of two).
+        scales = [float(2 ** (i // 6)) if dtype == torch.float16 else 1.0 for i in range(cfg.n_layer)]
+        for i, sc in enumerate(scales):
+            if sc != 1.0:
+                for n in ("att.output.weight", "ffn.value.weight"):
+                    p[f"blocks.{i}.{n}"] = p[f"blocks.{i}.{n}"] / sc
+        # ln0 acts on the embedding alone, so it is applied once to the whole table (as the reference does).
+        self.emb = F.layer_norm(p["emb.weight"].float(), (cfg.n_embd,), p["blocks.0.ln0.weight"], p["blocks.0.ln0.bias"])
+        self.emb = self.emb.to(dtype if self.device.type == "cuda" else torch.float32)
+        self.ln1 = [(p[f"blocks.{i}.ln1.weight"], p[f"blocks.{i}.ln1.bias"]) for i in range(cfg.n_layer)]
+        self.ln2 = [(p[f"blocks.{i}.ln2.weight"], p[f"blocks.{i}.ln2.bias"]) for i in range(cfg.n_layer)]
+        self.att = [TimeMix(p, i, cfg, scales[i]) for i in range(cfg.n_layer)]
+        self.ffn = [ChannelMix(p, i, scales[i]) for i in range(cfg.n_layer)]
+        self.ln_out = (p["ln_out.weight"], p["ln_out.bias"])
+        self.head = p["head.weight"]  # (V, D)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> RWKV5:
+        """Load an official BlinkDL RWKV-5.2 `.pth` (fp32/fp16/bf16) without holding two full copies in RAM."""
+        params = read_checkpoint(path)
+        return cls(params, device=device, dtype=dtype)
+
+    def init_state(self, batch_size: int = 1) -> State:
+        """The zero state of `batch_size` fresh sessions."""
+        c = self.config
+        z = lambda *shape: torch.zeros(*shape, device=self.device, dtype=torch.float32)  # noqa: E731
+        return State(z(c.n_layer, batch_size, c.n_embd), z(c.n_layer, batch_size, c.n_head, c.head_size, c.head_size),
+                     z(c.n_layer, batch_size, c.n_embd))
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, state: State, *, all_logits: bool = False) -> tuple[torch.Tensor, State]:
+        """Run B sessions over T tokens each. tokens: (B, T) int64; returns fp32 logits (B, V), or (B, T, V) with
+        `all_logits`, and the new state (the input state is not modified)."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} sessions, tokens {B}")
+        if T == 0:
+            raise ValueError("tokens must hold at least one position")
+        D = self.config.n_embd
+        x = self.emb[tokens.to(self.emb.device)].to(self.device, torch.float32)  # (B, T, D) residual stream, fp32
+        att_shift, wkv, ffn_shift = [], [], []
+        for i in range(self.config.n_layer):
+            xx = F.layer_norm(x, (D,), *self.ln1[i])
+            dx, sh, s = self.att[i](xx, state.att_shift[i], state.wkv[i])
+            x = x + dx
+            att_shift.append(sh)
+            wkv.append(s)
+            xx = F.layer_norm(x, (D,), *self.ln2[i])
+            dx, sh = self.ffn[i](xx, state.ffn_shift[i])
+            x = x + dx
+            ffn_shift.append(sh)
+        if not all_logits:
+            x = x[:, -1:]
+        x = F.layer_norm(x, (D,), *self.ln_out)
+        logits = F.linear(x.to(self.head.dtype), self.head).float()  # (B, T', V)
+        new_state = State(torch.stack(att_shift), torch.stack(wkv), torch.stack(ffn_shift))
+        return (logits if all_logits else logits[:, 0]), new_state
+
+    __call__ = forward
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint loading
+# ---------------------------------------------------------------------------------------------------------------
+
+_REQUIRED_BLOCK_KEYS = (
+    "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias",
+    "att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_mix_g", "att.time_decay", "att.time_faaaa",
+    "att.receptance.weight", "att.key.weight", "att.value.weight", "att.gate.weight", "att.output.weight",
+    "att.ln_x.weight", "att.ln_x.bias",
+    "ffn.time_mix_k", "ffn.time_mix_r", "ffn.key.weight", "ffn.receptance.weight", "ffn.value.weight",
+)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.pth` file, memory-mapped where the format allows (zip-based torch.save files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        mmap = zipfile.is_zipfile(path)
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - truncated zips, pickles and tars fail in many ways; one message
+        raise CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    return sd
+
+
+def detect_architecture(params: dict[str, torch.Tensor]) -> str:
+    """Name the RWKV generation a state dict belongs to: 'v5.2', or what else it is."""
+    keys = set(params)
+    if any(".att.r_k" in k or ".att.x_r" in k or ".att.w0" in k for k in keys):
+        return "RWKV-7"
+    if any(".time_maa" in k for k in keys):
+        return "RWKV-6"
+    if not any(".att.ln_x." in k for k in keys):
+        return "RWKV-4" if any(".att.time_first" in k for k in keys) else "unknown (no blocks.N.att.ln_x)"
+    if not any(".att.gate." in k for k in keys):
+        return "RWKV-5.0"
+    decay = params.get("blocks.0.att.time_decay")
+    if decay is None:
+        return "unknown (no blocks.0.att.time_decay)"
+    if decay.dim() < 2 or decay.shape[-1] == 1:
+        return "RWKV-5.1"
+    return "v5.2"
+
+
+def config_from_params(params: dict[str, torch.Tensor]) -> RWKV5Config:
+    """Read the model's shapes from its weights, refusing anything that is not a complete RWKV-5.2 model."""
+    arch = detect_architecture(params)
+    if arch != "v5.2":
+        raise CheckpointError(f"not an RWKV-5.2 checkpoint: found {arch} ({len(params)} tensors, e.g. {sorted(params)[:3]})")
+    layers = {int(m.group(1)) for k in params if (m := re.match(r"blocks\.(\d+)\.", k))}
+    n_layer = max(layers) + 1
+    for name in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias", "ln_out.weight", "ln_out.bias", "head.weight"):
+        if name not in params:
+            raise CheckpointError(f"RWKV-5.2 checkpoint is missing {name}")
+    for i in range(n_layer):
+        for k in _REQUIRED_BLOCK_KEYS:
+            if f"blocks.{i}.{k}" not in params:
+                raise CheckpointError(f"RWKV-5.2 checkpoint is missing blocks.{i}.{k} (it has {n_layer} layers)")
+    vocab_size, n_embd = params["emb.weight"].shape
+    n_head, head_size = params["blocks.0.att.time_decay"].shape
+    cfg = RWKV5Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, head_size=head_size,
+                      ffn_size=params["blocks.0.ffn.key.weight"].shape[0], vocab_size=vocab_size)
+    if n_head * head_size != n_embd:
+        raise CheckpointError(f"time_decay is {n_head}x{head_size} but n_embd is {n_embd}")
+    if tuple(params["head.weight"].shape) != (vocab_size, n_embd):
+        raise CheckpointError(f"head.weight is {tuple(params['head.weight'].shape)}, expected {(vocab_size, n_embd)}")
+    for i in range(n_layer):
+        for k, shape in ((f"att.{n}.weight", (n_embd, n_embd)) for n in ("receptance", "key", "value", "gate", "output")):
+            if tuple(params[f"blocks.{i}.{k}"].shape) != shape:
+                raise CheckpointError(f"blocks.{i}.{k} has shape {tuple(params[f'blocks.{i}.{k}'].shape)}, expected {shape}")
+    return cfg
+
+
+def weights_fingerprint(params: dict[str, torch.Tensor], samples: int = 1024) -> bytes:
+    """32 bytes that identify a model: every tensor's name and shape, and a strided sample of its values in fp32.
+
+    Sampling (not hashing all 23 GB of a 12B model) keeps loading fast; any two real models differ in the sample."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name]
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(flat[::step][:samples].float().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def logits_scale(logits: torch.Tensor) -> float:
+    """A scale for comparing logits: their RMS (>= 1e-6)."""
+    return max(float(logits.float().pow(2).mean().sqrt()), 1e-6)
+
+
+__all__ = ["RWKV5", "RWKV5Config", "CheckpointError", "read_checkpoint", "config_from_params", "wkv_step",
+           "wkv_chunked", "weights_fingerprint", "math"]
