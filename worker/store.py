@@ -1,0 +1,493 @@
+"""The Redis state store: session metadata, versioned state bytes, leases, presets, prefix cache, worker registry.
+
+Keys (a session's keys share one hash tag so Redis Cluster keeps them in one slot):
+  rwkv:{sid}:meta      hash: tenant, model, template, version, created, updated, ttl, ... (see SessionMeta)
+  rwkv:{sid}:state     the engine's state record (bytes) at meta.version
+  rwkv:{sid}:lease     random token of the worker running a turn (SET NX PX)
+  rwkv:{sid}:staging:<token>  a commit's bytes, renamed onto :state by the compare-and-set script
+  rwkv:tenant:<tenant>:sessions  sorted-set index for ListSessions (lazily pruned of expired sessions)
+  rwkv:worker:<id>     a worker's registry record (JSON) with a heartbeat TTL; rwkv:workers indexes the ids
+  rwkv:preset:<model>:<name>     preset initial states (state-tuned files), no TTL
+  rwkv:prefix:<model>:<sha256>   state after a token prefix (content-addressed), TTL refreshed on use
+
+A fork's id keeps its source's hash tag ("<family>.<suffix>", keys rwkv:{<family>}.<suffix>:...), so the
+server-side COPY of the state bytes stays inside one slot even on Redis Cluster.
+
+This module knows bytes only: the state record's format belongs to worker.state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from worker.errors import InvalidArgument, LeaseLost, PresetNotFound, SessionBusy, SessionNotFound, VersionConflict
+
+_SID_RE = re.compile(r"^[A-Za-z0-9_-]{6,64}(\.[A-Za-z0-9_-]{4,32})?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
+STAGING_TTL_MS = 120_000  # a commit's staged bytes outlive a crashed worker by at most this
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_session_id(fork_of: str | None = None) -> str:
+    """A fresh root id, or a fork id in the same hash-tag family as fork_of."""
+    if fork_of is None:
+        return secrets.token_urlsafe(12)
+    return f"{fork_of.split('.', 1)[0]}.{secrets.token_urlsafe(6)}"
+
+
+def check_session_id(sid: str) -> str:
+    if not _SID_RE.match(sid):
+        raise InvalidArgument(f"malformed session id {sid!r}")
+    return sid
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(f"malformed {kind} {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class SessionMeta:
+    """A session's metadata as stored in its meta hash."""
+
+    session_id: str
+    tenant: str
+    model: str
+    template: str  # "chat", "one-state" or "raw"
+    version: int  # of the stored state: 0 = no turn committed yet (the state is built from preset/system prompt)
+    created_ms: int
+    updated_ms: int
+    ttl_ms: int  # idle time to live, refreshed on use
+    system_prompt: str = ""
+    preset: str = ""
+    forked_from: str = ""
+    state_tokens: int = 0  # tokens the state has consumed
+    turns: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)  # the session's default sampling, as set fields
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "tenant": self.tenant,
+            "model": self.model,
+            "template": self.template,
+            "version": str(self.version),
+            "created": str(self.created_ms),
+            "updated": str(self.updated_ms),
+            "ttl": str(self.ttl_ms),
+            "system_prompt": self.system_prompt,
+            "preset": self.preset,
+            "forked_from": self.forked_from,
+            "tokens": str(self.state_tokens),
+            "turns": str(self.turns),
+            "metadata": json.dumps(self.metadata, sort_keys=True),
+            "sampling": json.dumps(self.sampling, sort_keys=True),
+        }
+
+    @classmethod
+    def from_hash(cls, session_id: str, raw: Mapping[bytes, bytes]) -> SessionMeta:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            session_id=session_id,
+            tenant=h.get("tenant", ""),
+            model=h["model"],
+            template=h.get("template", "chat"),
+            version=int(h["version"]),
+            created_ms=int(h.get("created", 0)),
+            updated_ms=int(h.get("updated", 0)),
+            ttl_ms=int(h["ttl"]),
+            system_prompt=h.get("system_prompt", ""),
+            preset=h.get("preset", ""),
+            forked_from=h.get("forked_from", ""),
+            state_tokens=int(h.get("tokens", 0)),
+            turns=int(h.get("turns", 0)),
+            metadata=json.loads(h.get("metadata") or "{}"),
+            sampling=json.loads(h.get("sampling") or "{}"),
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof that this holder may run a turn on the session until the lease expires."""
+
+    session_id: str
+    token: str
+    ttl_ms: int
+
+
+# KEYS: meta, state, lease. ARGV: token, lease ms, now ms.
+# Returns 1 (acquired), 0 (busy), -1 (no such session). Refreshes the session's TTL: a turn is a use.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local ttl = redis.call('HGET', KEYS[1], 'ttl')
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+"""
+
+# KEYS: lease. ARGV: token, lease ms. Returns 1 when still held (and extended), else 0.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: lease. ARGV: token. Deletes the lease only when this holder still owns it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: meta, state, lease, staging. ARGV: token, expected version, now ms, state tokens, turns added.
+# Compare-and-set: the staged bytes become the state only if the lease is still ours and the version is the
+# expected one; a stale worker can never overwrite a newer state. RENAME is O(1) whatever the state's size.
+# Returns {new version} or {-1} (lease lost), {-2} (session gone), {-3, current version}.
+_COMMIT = """
+local function fail(code, extra)
+  redis.call('DEL', KEYS[4])
+  if extra then return {code, extra} end
+  return {code}
+end
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return fail(-2) end
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return fail(-1) end
+if tonumber(version) ~= tonumber(ARGV[2]) then return fail(-3, tonumber(version)) end
+if redis.call('EXISTS', KEYS[4]) == 0 then return fail(-4) end
+local new_version = tonumber(version) + 1
+redis.call('RENAME', KEYS[4], KEYS[2])
+redis.call('HSET', KEYS[1], 'version', new_version, 'updated', ARGV[3], 'tokens', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'turns', ARGV[5])
+local ttl = redis.call('HGET', KEYS[1], 'ttl')
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {new_version}
+"""
+
+# KEYS: source meta, source state, fork meta, fork state. ARGV: expected version or '', now ms,
+# then field/value pairs that override the copied meta. Returns {version} or {-2} / {-3, version}.
+_FORK = """
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return {-2} end
+if ARGV[1] ~= '' and tonumber(version) ~= tonumber(ARGV[1]) then return {-3, tonumber(version)} end
+local fields = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[3], unpack(fields))
+redis.call('HSET', KEYS[3], 'created', ARGV[2], 'updated', ARGV[2])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+local ttl = redis.call('HGET', KEYS[3], 'ttl')
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('COPY', KEYS[2], KEYS[4])
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+redis.call('PEXPIRE', KEYS[3], ttl)
+return {tonumber(version)}
+"""
+
+
+class StateStore:
+    """Async access to everything rwkv-serve keeps in Redis."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "rwkv") -> None:
+        self.redis = client
+        self.prefix = prefix
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._commit = client.register_script(_COMMIT)
+        self._fork = client.register_script(_FORK)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "rwkv") -> StateStore:
+        """A store on a new connection pool (bytes responses: states are binary)."""
+        return cls(aioredis.Redis.from_url(url, decode_responses=False), prefix)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # ---- keys -------------------------------------------------------------------------------------------
+
+    def session_key(self, sid: str, part: str) -> str:
+        family, dot, rest = check_session_id(sid).partition(".")
+        return f"{self.prefix}:{{{family}}}{dot}{rest}:{part}"
+
+    def _keys(self, sid: str) -> tuple[str, str, str]:
+        return self.session_key(sid, "meta"), self.session_key(sid, "state"), self.session_key(sid, "lease")
+
+    def _index_key(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:sessions"
+
+    # ---- sessions ---------------------------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        tenant: str,
+        model: str,
+        template: str,
+        ttl_ms: int,
+        system_prompt: str = "",
+        preset: str = "",
+        metadata: Mapping[str, str] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+    ) -> SessionMeta:
+        """Stores a new session at version 0 (no state yet: the first turn builds it)."""
+        if ttl_ms <= 0:
+            raise InvalidArgument("ttl must be positive")
+        _check_name("model", model)
+        if preset:
+            _check_name("preset", preset)
+        now = now_ms()
+        meta = SessionMeta(
+            session_id=new_session_id(),
+            tenant=tenant,
+            model=model,
+            template=template,
+            version=0,
+            created_ms=now,
+            updated_ms=now,
+            ttl_ms=ttl_ms,
+            system_prompt=system_prompt,
+            preset=preset,
+            metadata=dict(metadata or {}),
+            sampling=dict(sampling or {}),
+        )
+        meta_key = self.session_key(meta.session_id, "meta")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(meta_key, mapping=meta.to_hash())
+            pipe.pexpire(meta_key, ttl_ms)
+            await pipe.execute()
+        await self._index(meta)
+        return meta
+
+    async def _index(self, meta: SessionMeta) -> None:
+        await self.redis.zadd(self._index_key(meta.tenant), {f"{meta.created_ms:015d}:{meta.session_id}": 0})
+
+    async def get_session(self, sid: str) -> SessionMeta:
+        """The session's metadata; SessionNotFound when unknown or expired."""
+        raw = await self.redis.hgetall(self.session_key(sid, "meta"))
+        if not raw:
+            raise SessionNotFound(f"session {sid} not found")
+        return SessionMeta.from_hash(sid, raw)
+
+    async def list_sessions(
+        self, tenant: str, *, page_size: int = 50, page_token: str = "", model: str = ""
+    ) -> tuple[list[SessionMeta], str]:
+        """A page of the tenant's sessions (oldest first) and the next page's token ('' on the last page)."""
+        page_size = max(1, min(page_size or 50, 1000))
+        index = self._index_key(tenant)
+        found: list[SessionMeta] = []
+        cursor = page_token  # index members are "<created ms>:<sid>": ordered by creation, unique
+        while True:
+            members = await self.redis.zrangebylex(index, f"({cursor}" if cursor else "-", "+", start=0, num=page_size)
+            if not members:
+                return found, ""
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for member in members:
+                    pipe.hgetall(self.session_key(member.decode().split(":", 1)[1], "meta"))
+                raws = await pipe.execute()
+            expired = []
+            for member, raw in zip(members, raws):
+                cursor = member.decode()
+                if not raw:
+                    expired.append(member)
+                    continue
+                meta = SessionMeta.from_hash(cursor.split(":", 1)[1], raw)
+                if model and meta.model != model:
+                    continue
+                found.append(meta)
+                if len(found) == page_size:
+                    break
+            if expired:
+                await self.redis.zrem(index, *expired)
+            if len(found) == page_size:
+                return found, cursor
+            if len(members) < page_size:
+                return found, ""
+
+    async def delete_session(self, sid: str) -> None:
+        """Deletes the session's metadata, state and lease; SessionNotFound when unknown."""
+        meta = await self.get_session(sid)
+        deleted = await self.redis.delete(*self._keys(sid))
+        await self.redis.zrem(self._index_key(meta.tenant), f"{meta.created_ms:015d}:{sid}")
+        if not deleted:
+            raise SessionNotFound(f"session {sid} not found")
+
+    async def fork_session(
+        self,
+        sid: str,
+        *,
+        ttl_ms: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> SessionMeta:
+        """A new session holding a copy of sid's state, copied inside Redis (O(1) round trips)."""
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise InvalidArgument("ttl must be positive")
+        fork_id = new_session_id(fork_of=check_session_id(sid))
+        overrides: list[str] = ["forked_from", sid]
+        if ttl_ms is not None:
+            overrides += ["ttl", str(ttl_ms)]
+        if metadata:
+            overrides += ["metadata", json.dumps(dict(metadata), sort_keys=True)]
+        if sampling is not None:
+            overrides += ["sampling", json.dumps(dict(sampling), sort_keys=True)]
+        src_meta, src_state, _ = self._keys(sid)
+        dst_meta, dst_state, _ = self._keys(fork_id)
+        args = ["" if expected_version is None else str(expected_version), str(now_ms()), *overrides]
+        result = await self._fork(keys=[src_meta, src_state, dst_meta, dst_state], args=args)
+        if result[0] == -2:
+            raise SessionNotFound(f"session {sid} not found")
+        if result[0] == -3:
+            raise VersionConflict(f"session {sid} is at version {result[1]}, not {expected_version}")
+        meta = await self.get_session(fork_id)
+        await self._index(meta)
+        return meta
+
+    # ---- leases -----------------------------------------------------------------------------------------
+
+    async def acquire_lease(self, sid: str, ttl_ms: int) -> Lease:
+        """Takes the session's lease (one turn at a time) and refreshes its TTL; SessionBusy if held."""
+        lease = Lease(sid, secrets.token_hex(16), ttl_ms)
+        result = await self._acquire(keys=list(self._keys(sid)), args=[lease.token, ttl_ms, now_ms()])
+        if result == -1:
+            raise SessionNotFound(f"session {sid} not found")
+        if result == 0:
+            raise SessionBusy(f"session {sid} is running another turn")
+        return lease
+
+    async def renew_lease(self, lease: Lease) -> None:
+        """Extends the lease by its TTL; LeaseLost when it expired or was taken over."""
+        if not await self._renew(keys=[self.session_key(lease.session_id, "lease")], args=[lease.token, lease.ttl_ms]):
+            raise LeaseLost(f"lease on session {lease.session_id} was lost")
+
+    async def release_lease(self, lease: Lease) -> bool:
+        """Releases the lease if still held; False when it had already expired or changed hands."""
+        return bool(await self._release(keys=[self.session_key(lease.session_id, "lease")], args=[lease.token]))
+
+    # ---- state ------------------------------------------------------------------------------------------
+
+    async def get_version(self, sid: str) -> int:
+        """The stored state's version (cheap: lets a worker validate its local cache)."""
+        version = await self.redis.hget(self.session_key(sid, "meta"), "version")
+        if version is None:
+            raise SessionNotFound(f"session {sid} not found")
+        return int(version)
+
+    async def load_state(self, sid: str) -> tuple[SessionMeta, bytes | None]:
+        """A consistent snapshot of the metadata and the state bytes (None at version 0)."""
+        meta_key, state_key, _ = self._keys(sid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(meta_key)
+            pipe.get(state_key)
+            raw, data = await pipe.execute()
+        if not raw:
+            raise SessionNotFound(f"session {sid} not found")
+        return SessionMeta.from_hash(sid, raw), data
+
+    async def commit_state(
+        self, lease: Lease, expected_version: int, data: bytes, *, state_tokens: int, turns: int = 1
+    ) -> int:
+        """Stores data as the state at expected_version + 1 if the lease is still held and nobody committed
+        since expected_version (compare-and-set). Returns the new version; LeaseLost / VersionConflict /
+        SessionNotFound otherwise, and the stored state is untouched."""
+        sid = lease.session_id
+        meta_key, state_key, lease_key = self._keys(sid)
+        staging = self.session_key(sid, f"staging:{lease.token}")
+        # One round trip: the bytes go to a staging key with a plain SET (no copy through Lua), then the
+        # script renames it onto the state if the checks pass.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(staging, data, px=STAGING_TTL_MS)
+            await self._commit(  # queued on the pipeline, not run yet
+                keys=[meta_key, state_key, lease_key, staging],
+                args=[lease.token, expected_version, now_ms(), state_tokens, turns],
+                client=pipe,
+            )
+            _, result = await pipe.execute()
+        if result[0] == -1:
+            raise LeaseLost(f"lease on session {sid} was lost; state not committed")
+        if result[0] == -2:
+            raise SessionNotFound(f"session {sid} was deleted; state not committed")
+        if result[0] == -3:
+            raise VersionConflict(f"session {sid} is at version {result[1]}, not {expected_version}")
+        if result[0] == -4:
+            raise LeaseLost(f"staged state of session {sid} expired before the commit")
+        return int(result[0])
+
+    # ---- presets and prefix cache ----------------------------------------------------------------------
+
+    def _preset_key(self, model: str, name: str) -> str:
+        return f"{self.prefix}:preset:{_check_name('model', model)}:{_check_name('preset', name)}"
+
+    async def put_preset(self, model: str, name: str, data: bytes) -> None:
+        await self.redis.set(self._preset_key(model, name), data)
+
+    async def get_preset(self, model: str, name: str) -> bytes:
+        data = await self.redis.get(self._preset_key(model, name))
+        if data is None:
+            raise PresetNotFound(f"no preset {name!r} for model {model!r}")
+        return data
+
+    async def has_preset(self, model: str, name: str) -> bool:
+        return bool(await self.redis.exists(self._preset_key(model, name)))
+
+    async def list_presets(self, model: str) -> list[str]:
+        prefix = f"{self.prefix}:preset:{_check_name('model', model)}:"
+        names = [key.decode()[len(prefix) :] async for key in self.redis.scan_iter(match=prefix + "*", count=500)]
+        return sorted(names)
+
+    def _prefix_key(self, model: str, digest: str) -> str:
+        return f"{self.prefix}:prefix:{_check_name('model', model)}:{digest}"
+
+    async def put_prefix(self, model: str, digest: str, data: bytes, ttl_ms: int) -> None:
+        await self.redis.set(self._prefix_key(model, digest), data, px=ttl_ms)
+
+    async def get_prefix(self, model: str, digest: str, ttl_ms: int) -> bytes | None:
+        """The cached state after a token prefix, refreshing its TTL; None on a miss."""
+        return await self.redis.getex(self._prefix_key(model, digest), px=ttl_ms)
+
+    # ---- worker registry --------------------------------------------------------------------------------
+
+    async def register_worker(self, worker_id: str, record: Mapping[str, Any], ttl_ms: int) -> None:
+        """Writes (or refreshes: the heartbeat) a worker's registry record with a TTL."""
+        key = f"{self.prefix}:worker:{_check_name('worker id', worker_id)}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, json.dumps(dict(record), sort_keys=True), px=ttl_ms)
+            pipe.sadd(f"{self.prefix}:workers", worker_id)
+            await pipe.execute()
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(f"{self.prefix}:worker:{_check_name('worker id', worker_id)}")
+            pipe.srem(f"{self.prefix}:workers", worker_id)
+            await pipe.execute()
+
+    async def list_workers(self, model: str | None = None) -> list[dict[str, Any]]:
+        """Live workers' records (those whose heartbeat has not expired), optionally of one model."""
+        ids = sorted(i.decode() for i in await self.redis.smembers(f"{self.prefix}:workers"))
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in ids:
+                pipe.get(f"{self.prefix}:worker:{worker_id}")
+            records = await pipe.execute()
+        dead = [worker_id for worker_id, record in zip(ids, records) if record is None]
+        if dead:
+            await self.redis.srem(f"{self.prefix}:workers", *dead)
+        live = [json.loads(record) for record in records if record is not None]
+        return [r for r in live if model is None or r.get("model") == model]
