@@ -6,7 +6,6 @@ Names follow the official checkpoint keys so the file can be held beside the wei
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import zipfile
 from dataclasses import dataclass
@@ -321,4 +320,4 @@ def logits_scale(logits: torch.Tensor) -> float:
 
 
 __all__ = ["RWKV5", "RWKV5Config", "CheckpointError", "read_checkpoint", "config_from_params", "wkv_step",
-           "wkv_chunked", "weights_fingerprint", "math"]
+           "wkv_chunked", "weights_fingerprint"]

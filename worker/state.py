@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,9 @@ def state_from_bytes(
         count = 1
         for s in shape:
             count *= s
-        t = torch.frombuffer(view, dtype=dt, count=count, offset=off).reshape(shape)
+        with warnings.catch_warnings():  # read-only bytes: fine, the tensor is copied on the next line
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(view, dtype=dt, count=count, offset=off).reshape(shape)
         off += count * t.element_size()
         tensors.append(t.to(device=device, dtype=torch.float32, copy=True))
     return State(*tensors), h["tokens_consumed"]
