@@ -1,0 +1,263 @@
+"""The continuous-batching engine on a tiny random model: batched == alone, chunking, stops, cancel, overload."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+import torch
+
+from worker.engine import Delta, Engine, Finished, StateCache, StopReason, Turn, TurnEvent, TurnRequest
+from worker.errors import InvalidArgument, Overloaded
+from worker.sampler import SamplingParams
+from worker.state import State
+from worker.tokenizer import WorldTokenizer
+
+GREEDY = SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The CI box has 2 shared cores: intra-op threads only add contention for these tiny matmuls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> WorldTokenizer:
+    return WorldTokenizer()
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(1, 65530, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def direct_greedy(model, tokens: list[int], n: int, state: State | None = None) -> tuple[list[int], State]:
+    """The reference: prefill in one call, then argmax and feed, one token at a time, batch size 1."""
+    logits, state = model.forward(torch.tensor([tokens]), state or model.init_state(1))
+    out = []
+    for _ in range(n):
+        out.append(int(logits[0].argmax()))
+        logits, state = model.forward(torch.tensor([[out[-1]]]), state)
+    return out, state
+
+
+def feed(model, state: State, tokens: list[int]) -> State:
+    return model.forward(torch.tensor([tokens]), state)[1]
+
+
+class Collector:
+    """Drives an engine step by step (no event loop) and sorts its events by turn."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.events: dict[int, list[TurnEvent]] = {}
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            for turn, event in self.engine.step_sync():
+                self.events.setdefault(turn.id, []).append(event)
+
+    def run(self) -> None:
+        while not self.engine.idle:
+            self.step()
+
+    def tokens(self, turn: Turn) -> list[int]:
+        return [t for e in self.events.get(turn.id, []) if isinstance(e, Delta) for t in e.token_ids]
+
+    def text(self, turn: Turn) -> str:
+        return "".join(e.text for e in self.events.get(turn.id, []) if isinstance(e, Delta))
+
+    def finished(self, turn: Turn) -> Finished | None:
+        last = self.events.get(turn.id, [None])[-1]
+        return last if isinstance(last, Finished) else None
+
+
+def assert_state_close(a: State, b: State) -> None:
+    for x, y in zip(a.tensors(), b.tensors()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_sessions_joining_at_different_times_equal_running_alone(tiny_model, tokenizer) -> None:
+    engine = Engine(tiny_model, tokenizer, max_batch=4, prefill_chunk=32)
+    run = Collector(engine)
+    specs = [(prompt(5, 1), 12), (prompt(40, 2), 10), (prompt(1, 3), 6), (prompt(100, 4), 8)]
+    turns = []
+    for i, (tokens, n) in enumerate(specs):  # each joins while the earlier ones are mid-generation
+        turns.append(engine.submit(TurnRequest(tokens, replace(GREEDY, max_tokens=n))))
+        run.step(2 + i)
+    run.run()
+    for turn, (tokens, n) in zip(turns, specs):
+        expected, expected_state = direct_greedy(tiny_model, tokens, n)
+        assert run.tokens(turn) == expected
+        done = run.finished(turn)
+        assert done is not None and done.reason is StopReason.MAX_TOKENS
+        assert (done.prompt_tokens, done.generated_tokens, done.tokens_consumed) == (len(tokens), n, len(tokens) + n)
+        assert_state_close(done.state, expected_state)  # the last emitted token is part of the state
+        assert run.text(turn) == tokenizer.decode(expected)  # UTF-8-safe deltas concatenate to the decode
+
+
+def test_chunked_prefill_equals_unchunked(tiny_model, tokenizer) -> None:
+    tokens = prompt(150, 7)
+    results = []
+    for chunk in (7, 64, 1000):
+        engine = Engine(tiny_model, tokenizer, prefill_chunk=chunk)
+        run = Collector(engine)
+        turn = engine.submit(TurnRequest(tokens, GREEDY))
+        run.run()
+        results.append((run.tokens(turn), run.finished(turn).state))
+    for toks, state in results[1:]:
+        assert toks == results[0][0]
+        assert_state_close(state, results[0][1])
+
+
+def test_long_prefill_does_not_stall_decoding(tiny_model, tokenizer) -> None:
+    engine = Engine(tiny_model, tokenizer, prefill_chunk=16)
+    run = Collector(engine)
+    short = engine.submit(TurnRequest(prompt(3, 5), GREEDY))
+    run.step()
+    engine.submit(TurnRequest(prompt(400, 6), GREEDY))
+    run.step(4)  # the long prompt needs 25 chunks; meanwhile the short turn decodes one token per step
+    assert len(run.tokens(short)) == 5
+
+
+def test_turn_continues_from_given_state(tiny_model, tokenizer) -> None:
+    first, second = prompt(20, 8), prompt(6, 9)
+    start = feed(tiny_model, tiny_model.init_state(1), first)
+    engine = Engine(tiny_model, tokenizer)
+    run = Collector(engine)
+    turn = engine.submit(TurnRequest(second, GREEDY, state=start, tokens_consumed=20))
+    run.run()
+    expected, _ = direct_greedy(tiny_model, second, 8, state=start)
+    assert run.tokens(turn) == expected and run.finished(turn).tokens_consumed == 20 + 6 + 8
+
+
+def test_stop_token_is_not_fed_and_epilogue_is(tiny_model, tokenizer) -> None:
+    tokens = prompt(10, 10)
+    expected, _ = direct_greedy(tiny_model, tokens, 8)
+    k = max(i for i, t in enumerate(expected) if t not in expected[:i])  # the latest step a token first appears
+    params = SamplingParams(temperature=0.0, stop_token_ids=(expected[k],), max_tokens=50)
+    engine = Engine(tiny_model, tokenizer)
+    run = Collector(engine)
+    epilogue = [261, 5]
+    turn = engine.submit(TurnRequest(tokens, params, epilogue=epilogue))
+    run.run()
+    done = run.finished(turn)
+    assert done.reason is StopReason.STOP_TOKEN and done.stop_token_id == expected[k]
+    assert run.tokens(turn) == expected[:k] and done.generated_tokens == k + 1
+    state = feed(tiny_model, tiny_model.init_state(1), tokens + expected[:k] + epilogue)
+    assert_state_close(done.state, state)
+    assert done.prompt_tokens == len(tokens) + len(epilogue)
+
+
+def test_stop_string_cuts_text_and_feeds_its_token(tiny_model, tokenizer) -> None:
+    tokens = prompt(10, 11)
+    expected, _ = direct_greedy(tiny_model, tokens, 12)
+    full = tokenizer.decode(expected)
+    stop = next(s for s in (tokenizer.decode([t]) for t in expected[3:]) if s.strip() and "\ufffd" not in s)
+    cut = full.find(stop)
+    j = next(j for j in range(len(expected)) if stop in tokenizer.decode(expected[: j + 1]))
+    params = SamplingParams(temperature=0.0, stop_token_ids=(), stop_strings=(stop,), max_tokens=50)
+    engine = Engine(tiny_model, tokenizer)
+    run = Collector(engine)
+    turn = engine.submit(TurnRequest(tokens, params, epilogue=[261]))
+    run.run()
+    done = run.finished(turn)
+    assert done.reason is StopReason.STOP_STRING and done.stop_string == stop
+    assert run.text(turn) == full[:cut]
+    # The token completing the stop string is fed; no epilogue (the stop string is the turn's end).
+    assert_state_close(done.state, feed(tiny_model, tiny_model.init_state(1), tokens + expected[: j + 1]))
+
+
+def test_prefill_only(tiny_model, tokenizer) -> None:
+    tokens = prompt(30, 12)
+    engine = Engine(tiny_model, tokenizer, prefill_chunk=8)
+    run = Collector(engine)
+    turn = engine.submit(TurnRequest(tokens, prefill_only=True))
+    run.run()
+    done = run.finished(turn)
+    assert run.events[turn.id] == [done] and done.tokens_consumed == 30
+    assert_state_close(done.state, feed(tiny_model, tiny_model.init_state(1), tokens))
+
+
+def test_cancel_frees_the_slot_within_one_step(tiny_model, tokenizer) -> None:
+    engine = Engine(tiny_model, tokenizer, max_batch=1, max_queued=4)
+    run = Collector(engine)
+    long = engine.submit(TurnRequest(prompt(3, 13), SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=1000)))
+    run.step(3)
+    waiting = engine.submit(TurnRequest(prompt(3, 14), GREEDY))
+    run.step()
+    assert engine.load.active == 1 and engine.load.queued == 1 and not run.events.get(waiting.id)
+    long.cancel()
+    run.step()
+    done = run.finished(long)
+    assert done.reason is StopReason.CANCELLED and done.state is None
+    assert len(run.tokens(waiting)) == 1  # admitted and prefilled in that same step
+    run.run()
+    assert run.tokens(waiting) == direct_greedy(tiny_model, prompt(3, 14), 8)[0]
+
+
+def test_overload_is_refused(tiny_model, tokenizer) -> None:
+    engine = Engine(tiny_model, tokenizer, max_batch=1, max_queued=1)
+    engine.submit(TurnRequest([1], GREEDY))
+    engine.submit(TurnRequest([2], GREEDY))
+    with pytest.raises(Overloaded) as info:
+        engine.submit(TurnRequest([3], GREEDY))
+    assert info.value.retry_after_s > 0
+
+
+def test_bad_requests_are_invalid(tiny_model, tokenizer) -> None:
+    engine = Engine(tiny_model, tokenizer, max_tokens_limit=100)
+    for request in (
+        TurnRequest([], GREEDY),
+        TurnRequest([70000], GREEDY),
+        TurnRequest([1], SamplingParams(temperature=-1)),
+        TurnRequest([1], SamplingParams(max_tokens=101)),
+    ):
+        with pytest.raises(InvalidArgument):
+            engine.submit(request)
+
+
+async def test_async_loop_streams_concurrent_turns(tiny_model, tokenizer) -> None:
+    engine = Engine(tiny_model, tokenizer, max_batch=4)
+    engine.start()
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    async def consume(tokens: list[int]) -> tuple[list[int], Finished]:
+        out, last = [], None
+        async for event in engine.submit(TurnRequest(tokens, GREEDY)):
+            if isinstance(event, Delta):
+                out += event.token_ids
+            last = event
+        return out, last
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        results = await asyncio.gather(*(consume(prompt(8, s)) for s in range(3)))
+    finally:
+        beat.cancel()
+        await engine.close()
+    for seed, (tokens, done) in enumerate(results):
+        assert tokens == direct_greedy(tiny_model, prompt(8, seed), 8)[0] and done.reason is StopReason.MAX_TOKENS
+    assert ticks > 3  # the event loop kept running while the model computed in the engine thread
+
+
+def test_state_cache_is_lru_by_bytes_and_version_checked(tiny_model) -> None:
+    one = tiny_model.init_state(1)
+    cache = StateCache(max_bytes=2 * one.nbytes)
+    cache.put("a", 1, one, 10)
+    cache.put("b", 1, one, 20)
+    assert cache.get("a", 1) == (one, 10)  # a is now the most recent
+    cache.put("c", 3, one, 30)  # evicts b
+    assert cache.get("b", 1) is None and cache.get("c", 3) == (one, 30)
+    assert cache.get("a", 2) is None and cache.get("a", 1) is None  # a stale version is dropped
+    assert len(cache) == 1
