@@ -1,0 +1,44 @@
+"""Python SDK of rwkv-serve: `RWKVClient` (blocking) and `AsyncRWKVClient` (asyncio), typed results and errors."""
+
+from client.aio import AsyncChatStream, AsyncRWKVClient
+from client.errors import (
+    AuthenticationError,
+    ConflictError,
+    DataLossError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    NotFoundError,
+    PermissionDeniedError,
+    PresetNotFoundError,
+    RequestCancelledError,
+    ResourceExhaustedError,
+    RWKVError,
+    SessionBusyError,
+    SessionNotFoundError,
+    UnavailableError,
+    VersionConflictError,
+)
+from client.sync import ChatStream, RWKVClient
+from client.types import (
+    ChatTemplate,
+    ModelInfo,
+    Session,
+    SessionPage,
+    StopReason,
+    TextDelta,
+    TokenLogprob,
+    TurnResult,
+    TurnStarted,
+    Usage,
+)
+
+__all__ = [
+    "AsyncChatStream", "AsyncRWKVClient", "AuthenticationError", "ChatStream", "ChatTemplate", "ConflictError",
+    "DataLossError", "DeadlineExceededError", "InternalError", "InvalidArgumentError", "ModelInfo",
+    "ModelNotFoundError", "NotFoundError", "PermissionDeniedError", "PresetNotFoundError", "RequestCancelledError",
+    "ResourceExhaustedError", "RWKVError", "RWKVClient", "Session", "SessionBusyError", "SessionNotFoundError",
+    "SessionPage", "StopReason", "TextDelta", "TokenLogprob", "TurnResult", "TurnStarted", "UnavailableError",
+    "Usage", "VersionConflictError",
+]

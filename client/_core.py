@@ -1,0 +1,179 @@
+"""The SDK's logic shared by the sync and asyncio clients: request building, response and event decoding.
+
+Each public operation is described once here as a `Unary` (stub method, request, decoder); `sync.py` and `aio.py`
+only execute these descriptions with their flavour of channel and turn gRPC errors into typed exceptions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Generic, TypeVar
+
+from google.protobuf import duration_pb2
+
+from client.types import (
+    ChatEvent,
+    ChatTemplate,
+    ModelInfo,
+    Session,
+    SessionPage,
+    StopReason,
+    TextDelta,
+    TokenLogprob,
+    TurnResult,
+    TurnStarted,
+    Usage,
+    sampling_to_pb,
+)
+from rwkv_serve.v1 import api_pb2, common_pb2
+
+T = TypeVar("T")
+
+API_KEY_HEADER = "authorization"  # "Bearer <key>", the usual gRPC convention
+
+
+@dataclass(frozen=True)
+class Unary(Generic[T]):
+    """One unary call: which stub method, with which request, and how to decode its response."""
+
+    method: str
+    request: Any
+    decode: Callable[[Any], T]
+
+
+def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """Per-call metadata carrying the API key, if any."""
+    return ((API_KEY_HEADER, f"Bearer {api_key}"),) if api_key else ()
+
+
+def _duration(value: timedelta | float | int | None) -> duration_pb2.Duration | None:
+    if value is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromTimedelta(value if isinstance(value, timedelta) else timedelta(seconds=float(value)))
+    return d
+
+
+def new_turn_id() -> str:
+    """A short random turn id, so that a cancel can name the turn it means."""
+    return uuid.uuid4().hex[:12]
+
+
+# ---- sessions --------------------------------------------------------------------------------------------------
+
+
+def create_session(model: str, *, template: ChatTemplate | str | None = None, system_prompt: str = "",
+                   preset: str = "", ttl: timedelta | float | None = None, metadata: Mapping[str, str] | None = None,
+                   **sampling: Any) -> Unary[Session]:
+    request = api_pb2.CreateSessionRequest(
+        model=model, template=int(ChatTemplate.parse(template)), system_prompt=system_prompt, preset=preset,
+        default_sampling=sampling_to_pb(sampling), ttl=_duration(ttl), metadata=dict(metadata or {}))
+    return Unary("CreateSession", request, Session.from_pb)
+
+
+def get_session(session_id: str) -> Unary[Session]:
+    return Unary("GetSession", api_pb2.GetSessionRequest(session_id=session_id), Session.from_pb)
+
+
+def list_sessions(*, model: str = "", page_size: int = 0, page_token: str = "") -> Unary[SessionPage]:
+    request = api_pb2.ListSessionsRequest(model=model, page_size=page_size, page_token=page_token)
+    return Unary("ListSessions", request,
+                 lambda pb: SessionPage([Session.from_pb(s) for s in pb.sessions], pb.next_page_token))
+
+
+def delete_session(session_id: str) -> Unary[None]:
+    return Unary("DeleteSession", api_pb2.DeleteSessionRequest(session_id=session_id), lambda _: None)
+
+
+def fork_session(session_id: str, *, ttl: timedelta | float | None = None, metadata: Mapping[str, str] | None = None,
+                 expected_state_version: int | None = None, **sampling: Any) -> Unary[Session]:
+    request = api_pb2.ForkSessionRequest(
+        session_id=session_id, ttl=_duration(ttl), metadata=dict(metadata or {}),
+        default_sampling=sampling_to_pb(sampling), expected_state_version=expected_state_version)
+    return Unary("ForkSession", request, Session.from_pb)
+
+
+def list_models() -> Unary[list[ModelInfo]]:
+    return Unary("ListModels", api_pb2.ListModelsRequest(), lambda pb: [ModelInfo.from_pb(m) for m in pb.models])
+
+
+def tokenize(model: str, text: str) -> Unary[list[int]]:
+    return Unary("Tokenize", api_pb2.TokenizeRequest(model=model, text=text), lambda pb: list(pb.token_ids))
+
+
+# ---- turns -----------------------------------------------------------------------------------------------------
+
+
+def chat_turn(session_id: str, text: str, *, turn_id: str | None = None, expected_state_version: int | None = None,
+              return_token_ids: bool = False, **sampling: Any) -> api_pb2.ChatRequest:
+    """A ChatRequest that runs one user turn (a fresh turn_id when none is given)."""
+    turn = api_pb2.ChatTurn(
+        session_id=session_id, text=text, sampling=sampling_to_pb(sampling), turn_id=turn_id or new_turn_id(),
+        expected_state_version=expected_state_version, return_token_ids=return_token_ids)
+    return api_pb2.ChatRequest(turn=turn)
+
+
+def chat_cancel(turn_id: str = "") -> api_pb2.ChatRequest:
+    """A ChatRequest that cancels the running turn (or the named one)."""
+    return api_pb2.ChatRequest(cancel=api_pb2.ChatCancel(turn_id=turn_id))
+
+
+def generate(prompt: str, *, model: str = "", session_id: str = "", ephemeral: bool = False,
+             expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
+             **sampling: Any) -> api_pb2.GenerateRequest:
+    """A GenerateRequest (stateless when session_id is empty)."""
+    if not model and not session_id:
+        raise ValueError("generate() needs a model or a session_id")
+    return api_pb2.GenerateRequest(
+        model=model, prompt=prompt, sampling=sampling_to_pb(sampling), session_id=session_id, ephemeral=ephemeral,
+        expected_state_version=expected_state_version, return_token_ids=return_token_ids,
+        turn_id=turn_id or new_turn_id())
+
+
+def chat_item(event: ChatEvent) -> str | TurnResult | None:
+    """What chat()/generate() yield for an event: the delta's text, the TurnResult, or nothing."""
+    if isinstance(event, TextDelta):
+        return event.text or None
+    if isinstance(event, TurnResult):
+        return event
+    return None
+
+
+class EventDecoder:
+    """Turns ChatEvent messages into typed events; a turn's TurnResult carries the whole text of the turn."""
+
+    def __init__(self) -> None:
+        self._text: dict[str, list[str]] = {}
+        self._tokens: dict[str, list[int]] = {}
+        self._worker: dict[str, str] = {}
+
+    def decode(self, pb: common_pb2.ChatEvent) -> ChatEvent:
+        turn_id = pb.turn_id
+        kind = pb.WhichOneof("event")
+        if kind == "turn_start":
+            self._worker[turn_id] = pb.turn_start.worker_id
+            return TurnStarted(turn_id, pb.turn_start.prompt_tokens, pb.turn_start.worker_id)
+        if kind == "delta":
+            d = pb.delta
+            self._text.setdefault(turn_id, []).append(d.text)
+            self._tokens.setdefault(turn_id, []).extend(d.token_ids)
+            logprobs = [TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+                        for lp in d.logprobs]
+            return TextDelta(turn_id, d.text, list(d.token_ids), logprobs)
+        if kind == "turn_end":
+            e = pb.turn_end
+            return TurnResult(
+                turn_id=turn_id,
+                text="".join(self._text.pop(turn_id, [])),
+                stop_reason=StopReason(e.stop_reason),
+                usage=Usage(e.usage.prompt_tokens, e.usage.generated_tokens, e.usage.state_tokens),
+                state_version=e.state_version,
+                stop_string=e.stop_string,
+                stop_token_id=e.stop_token_id,
+                worker_id=self._worker.pop(turn_id, ""),
+                token_ids=self._tokens.pop(turn_id, []),
+            )
+        raise ValueError(f"event without a body in turn {turn_id!r}")

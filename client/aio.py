@@ -1,0 +1,232 @@
+"""The asyncio client: `AsyncRWKVClient` and its bidirectional `AsyncChatStream` (same logic as sync.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from client import _core
+from client.errors import from_rpc_error
+from client.types import ChatEvent, ChatTemplate, ModelInfo, Session, SessionPage, TurnResult
+from rwkv_serve.v1 import api_pb2_grpc
+
+T = TypeVar("T")
+
+
+class AsyncChatStream:
+    """One open Chat stream: `await send()` turns, `async for` the typed events, `await cancel()` a turn."""
+
+    def __init__(self, stub: api_pb2_grpc.RwkvServiceStub, metadata: Sequence[tuple[str, str]],
+                 session_id: str | None, timeout: float | None) -> None:
+        self.session_id = session_id
+        self._decoder = _core.EventDecoder()
+        self._call = stub.Chat(metadata=metadata, timeout=timeout)
+        self._sending = True
+
+    async def _write(self, request: Any) -> None:
+        try:
+            await self._call.write(request)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def send(self, text: str, *, session_id: str | None = None, turn_id: str | None = None,
+                   expected_state_version: int | None = None, return_token_ids: bool = False,
+                   **sampling: Any) -> str:
+        """Sends a user turn; returns its turn id."""
+        sid = session_id or self.session_id
+        if not sid:
+            raise ValueError("send() needs a session_id (none was given to the stream)")
+        if not self._sending:
+            raise RuntimeError("the stream is closed for sending")
+        request = _core.chat_turn(sid, text, turn_id=turn_id, expected_state_version=expected_state_version,
+                                  return_token_ids=return_token_ids, **sampling)
+        await self._write(request)
+        return request.turn.turn_id
+
+    async def cancel(self, turn_id: str = "") -> None:
+        """Cancels the running turn (or the named one); its TurnResult arrives with stop_reason CANCELLED."""
+        if self._sending:
+            await self._write(_core.chat_cancel(turn_id))
+
+    async def done_sending(self) -> None:
+        """Half-closes the stream: the turns already sent still run, then the server ends the stream."""
+        if self._sending:
+            self._sending = False
+            try:
+                await self._call.done_writing()
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+
+    def close(self) -> None:
+        """Ends the stream now, cancelling a running turn."""
+        self._sending = False
+        self._call.cancel()
+
+    def __aiter__(self) -> AsyncIterator[ChatEvent]:
+        return self
+
+    async def __anext__(self) -> ChatEvent:
+        try:
+            pb = await self._call.read()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        if pb is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return self._decoder.decode(pb)
+
+    async def until_turn_end(self) -> AsyncIterator[ChatEvent]:
+        """The events up to and including the next TurnResult."""
+        async for event in self:
+            yield event
+            if isinstance(event, TurnResult):
+                return
+
+    async def __aenter__(self) -> AsyncChatStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRWKVClient:
+    """asyncio client of the rwkv-serve public API; construct it inside the running event loop."""
+
+    def __init__(self, target: str, api_key: str | None = None, *, timeout: float | None = 30.0,
+                 channel: grpc.aio.Channel | None = None, options: Sequence[tuple[str, Any]] | None = None) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target, options=options)
+        self._stub = api_pb2_grpc.RwkvServiceStub(self._channel)
+        self._metadata = _core.call_metadata(api_key)
+        self.timeout = timeout
+
+    async def _unary(self, op: _core.Unary[T], timeout: float | None) -> T:
+        try:
+            response = await getattr(self._stub, op.method)(
+                op.request, metadata=self._metadata, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return op.decode(response)
+
+    # ---- sessions ------------------------------------------------------------------------------------------
+
+    async def create_session(self, model: str, *, template: ChatTemplate | str | None = None,
+                             system_prompt: str = "", preset: str = "", ttl: timedelta | float | None = None,
+                             metadata: Mapping[str, str] | None = None, timeout: float | None = None,
+                             **sampling: Any) -> Session:
+        """Creates a session; sampling keyword arguments become its defaults."""
+        return await self._unary(_core.create_session(model, template=template, system_prompt=system_prompt,
+                                                      preset=preset, ttl=ttl, metadata=metadata, **sampling), timeout)
+
+    async def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
+        """A session's metadata (SessionNotFoundError when unknown)."""
+        return await self._unary(_core.get_session(session_id), timeout)
+
+    async def list_sessions(self, *, model: str = "", page_size: int = 0, page_token: str = "",
+                            timeout: float | None = None) -> SessionPage:
+        """One page of the caller's sessions."""
+        return await self._unary(_core.list_sessions(model=model, page_size=page_size, page_token=page_token),
+                                 timeout)
+
+    async def iter_sessions(self, *, model: str = "", page_size: int = 0) -> AsyncIterator[Session]:
+        """All of the caller's sessions, page after page."""
+        token = ""
+        while True:
+            page = await self.list_sessions(model=model, page_size=page_size, page_token=token)
+            for session in page.sessions:
+                yield session
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    async def delete_session(self, session_id: str, *, timeout: float | None = None) -> None:
+        """Deletes a session and its state."""
+        await self._unary(_core.delete_session(session_id), timeout)
+
+    async def fork_session(self, session_id: str, *, ttl: timedelta | float | None = None,
+                           metadata: Mapping[str, str] | None = None, expected_state_version: int | None = None,
+                           timeout: float | None = None, **sampling: Any) -> Session:
+        """A new session starting from a copy of this one's current state."""
+        return await self._unary(_core.fork_session(session_id, ttl=ttl, metadata=metadata,
+                                                    expected_state_version=expected_state_version, **sampling),
+                                 timeout)
+
+    # ---- models ----------------------------------------------------------------------------------------------
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models with at least one live worker."""
+        return await self._unary(_core.list_models(), timeout)
+
+    async def tokenize(self, model: str, text: str, *, timeout: float | None = None) -> list[int]:
+        """Token ids of `text` under the model's tokenizer."""
+        return await self._unary(_core.tokenize(model, text), timeout)
+
+    # ---- turns -----------------------------------------------------------------------------------------------
+
+    def chat_stream(self, session_id: str | None = None, *, timeout: float | None = None) -> AsyncChatStream:
+        """Opens a bidirectional Chat stream (bound to `session_id` when given)."""
+        return AsyncChatStream(self._stub, self._metadata, session_id, timeout)
+
+    async def chat(self, session_id: str, text: str, *, timeout: float | None = None,
+                   expected_state_version: int | None = None, return_token_ids: bool = False,
+                   **sampling: Any) -> AsyncIterator[str | TurnResult]:
+        """Runs one turn: yields the text deltas as they come, then the TurnResult.
+
+        Stopping the iteration early (aclose) cancels the turn (the session's state is left unchanged)."""
+        stream = self.chat_stream(session_id, timeout=timeout)
+        try:
+            await stream.send(text, expected_state_version=expected_state_version,
+                              return_token_ids=return_token_ids, **sampling)
+            async for event in stream.until_turn_end():
+                if (item := _core.chat_item(event)) is not None:
+                    yield item
+            await stream.done_sending()
+            async for _ in stream:  # the server ends the stream once the half-close arrives
+                pass
+        finally:
+            stream.close()
+
+    async def say(self, session_id: str, text: str, **kwargs: Any) -> TurnResult:
+        """Runs one turn and returns its TurnResult (whole text) without streaming."""
+        return await _last(self.chat(session_id, text, **kwargs))
+
+    async def generate(self, prompt: str, *, model: str = "", session_id: str = "", ephemeral: bool = False,
+                       expected_state_version: int | None = None, return_token_ids: bool = False,
+                       timeout: float | None = None, **sampling: Any) -> AsyncIterator[str | TurnResult]:
+        """Completes a raw prompt: yields text deltas, then the TurnResult. Stateless unless `session_id`."""
+        request = _core.generate(prompt, model=model, session_id=session_id, ephemeral=ephemeral,
+                                 expected_state_version=expected_state_version, return_token_ids=return_token_ids,
+                                 **sampling)
+        call = self._stub.Generate(request, metadata=self._metadata, timeout=timeout)
+        decoder = _core.EventDecoder()
+        try:
+            async for pb in call:
+                if (item := _core.chat_item(decoder.decode(pb))) is not None:
+                    yield item
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def complete(self, prompt: str, **kwargs: Any) -> TurnResult:
+        """Like generate(), returning only the TurnResult (whole text)."""
+        return await _last(self.generate(prompt, **kwargs))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRWKVClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _last(items: AsyncIterator[str | TurnResult]) -> TurnResult:
+    result = None
+    async for item in items:
+        result = item
+    if not isinstance(result, TurnResult):
+        raise RuntimeError("the stream ended without a turn result")
+    return result

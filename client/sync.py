@@ -1,0 +1,229 @@
+"""The blocking client: `RWKVClient` and its bidirectional `ChatStream`."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from client import _core
+from client.errors import from_rpc_error
+from client.types import ChatEvent, ChatTemplate, ModelInfo, Session, SessionPage, TurnResult
+from rwkv_serve.v1 import api_pb2_grpc
+
+T = TypeVar("T")
+
+
+class ChatStream:
+    """One open Chat stream: `send()` turns, iterate the typed events, `cancel()` the running turn.
+
+    Turns sent on one stream run one after another; iterate (or call `until_turn_end()`) to receive their
+    events. Use it as a context manager, or call `close()`, to end the stream (a running turn is cancelled)."""
+
+    def __init__(self, stub: api_pb2_grpc.RwkvServiceStub, metadata: Sequence[tuple[str, str]],
+                 session_id: str | None, timeout: float | None) -> None:
+        self.session_id = session_id
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._decoder = _core.EventDecoder()
+        self._call = stub.Chat(self._requests(), metadata=metadata, timeout=timeout)
+        self._sending = True
+
+    def _requests(self) -> Iterator[Any]:
+        while (request := self._outbox.get()) is not None:
+            yield request
+
+    def send(self, text: str, *, session_id: str | None = None, turn_id: str | None = None,
+             expected_state_version: int | None = None, return_token_ids: bool = False, **sampling: Any) -> str:
+        """Queues a user turn; returns its turn id."""
+        sid = session_id or self.session_id
+        if not sid:
+            raise ValueError("send() needs a session_id (none was given to the stream)")
+        if not self._sending:
+            raise RuntimeError("the stream is closed for sending")
+        request = _core.chat_turn(sid, text, turn_id=turn_id, expected_state_version=expected_state_version,
+                                  return_token_ids=return_token_ids, **sampling)
+        self._outbox.put(request)
+        return request.turn.turn_id
+
+    def cancel(self, turn_id: str = "") -> None:
+        """Cancels the running turn (or the named one); its TurnResult arrives with stop_reason CANCELLED."""
+        if self._sending:
+            self._outbox.put(_core.chat_cancel(turn_id))
+
+    def done_sending(self) -> None:
+        """Half-closes the stream: the turns already sent still run, then the server ends the stream."""
+        if self._sending:
+            self._sending = False
+            self._outbox.put(None)
+
+    def close(self) -> None:
+        """Ends the stream now, cancelling a running turn."""
+        self.done_sending()
+        self._call.cancel()
+
+    def __iter__(self) -> Iterator[ChatEvent]:
+        return self
+
+    def __next__(self) -> ChatEvent:
+        try:
+            pb = next(self._call)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return self._decoder.decode(pb)
+
+    def until_turn_end(self) -> Iterator[ChatEvent]:
+        """The events up to and including the next TurnResult."""
+        for event in self:
+            yield event
+            if isinstance(event, TurnResult):
+                return
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RWKVClient:
+    """Blocking client of the rwkv-serve public API (sessions, chat, generate, models, tokenize)."""
+
+    def __init__(self, target: str, api_key: str | None = None, *, timeout: float | None = 30.0,
+                 channel: grpc.Channel | None = None, options: Sequence[tuple[str, Any]] | None = None) -> None:
+        """`target` is "host:port"; `timeout` is the deadline of unary calls (streams take their own)."""
+        self._channel = channel or grpc.insecure_channel(target, options=options)
+        self._stub = api_pb2_grpc.RwkvServiceStub(self._channel)
+        self._metadata = _core.call_metadata(api_key)
+        self.timeout = timeout
+
+    def _unary(self, op: _core.Unary[T], timeout: float | None) -> T:
+        try:
+            response = getattr(self._stub, op.method)(op.request, metadata=self._metadata,
+                                                      timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return op.decode(response)
+
+    # ---- sessions ------------------------------------------------------------------------------------------
+
+    def create_session(self, model: str, *, template: ChatTemplate | str | None = None, system_prompt: str = "",
+                       preset: str = "", ttl: timedelta | float | None = None,
+                       metadata: Mapping[str, str] | None = None, timeout: float | None = None,
+                       **sampling: Any) -> Session:
+        """Creates a session; sampling keyword arguments become its defaults."""
+        return self._unary(_core.create_session(model, template=template, system_prompt=system_prompt,
+                                                preset=preset, ttl=ttl, metadata=metadata, **sampling), timeout)
+
+    def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
+        """A session's metadata (SessionNotFoundError when unknown)."""
+        return self._unary(_core.get_session(session_id), timeout)
+
+    def list_sessions(self, *, model: str = "", page_size: int = 0, page_token: str = "",
+                      timeout: float | None = None) -> SessionPage:
+        """One page of the caller's sessions."""
+        return self._unary(_core.list_sessions(model=model, page_size=page_size, page_token=page_token), timeout)
+
+    def iter_sessions(self, *, model: str = "", page_size: int = 0) -> Iterator[Session]:
+        """All of the caller's sessions, page after page."""
+        token = ""
+        while True:
+            page = self.list_sessions(model=model, page_size=page_size, page_token=token)
+            yield from page.sessions
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def delete_session(self, session_id: str, *, timeout: float | None = None) -> None:
+        """Deletes a session and its state."""
+        self._unary(_core.delete_session(session_id), timeout)
+
+    def fork_session(self, session_id: str, *, ttl: timedelta | float | None = None,
+                     metadata: Mapping[str, str] | None = None, expected_state_version: int | None = None,
+                     timeout: float | None = None, **sampling: Any) -> Session:
+        """A new session starting from a copy of this one's current state."""
+        return self._unary(_core.fork_session(session_id, ttl=ttl, metadata=metadata,
+                                              expected_state_version=expected_state_version, **sampling), timeout)
+
+    # ---- models ----------------------------------------------------------------------------------------------
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models with at least one live worker."""
+        return self._unary(_core.list_models(), timeout)
+
+    def tokenize(self, model: str, text: str, *, timeout: float | None = None) -> list[int]:
+        """Token ids of `text` under the model's tokenizer."""
+        return self._unary(_core.tokenize(model, text), timeout)
+
+    # ---- turns -----------------------------------------------------------------------------------------------
+
+    def chat_stream(self, session_id: str | None = None, *, timeout: float | None = None) -> ChatStream:
+        """Opens a bidirectional Chat stream (bound to `session_id` when given)."""
+        return ChatStream(self._stub, self._metadata, session_id, timeout)
+
+    def chat(self, session_id: str, text: str, *, timeout: float | None = None,
+             expected_state_version: int | None = None, return_token_ids: bool = False,
+             **sampling: Any) -> Iterator[str | TurnResult]:
+        """Runs one turn: yields the text deltas as they come, then the TurnResult.
+
+        Stopping the iteration early cancels the turn (the session's state is left unchanged)."""
+        stream = self.chat_stream(session_id, timeout=timeout)
+        try:
+            stream.send(text, expected_state_version=expected_state_version, return_token_ids=return_token_ids,
+                        **sampling)
+            yield from _texts(stream.until_turn_end())
+            stream.done_sending()
+            for _ in stream:  # the server ends the stream once the half-close arrives
+                pass
+        finally:
+            stream.close()
+
+    def say(self, session_id: str, text: str, **kwargs: Any) -> TurnResult:
+        """Runs one turn and returns its TurnResult (whole text) without streaming."""
+        return _last(self.chat(session_id, text, **kwargs))
+
+    def generate(self, prompt: str, *, model: str = "", session_id: str = "", ephemeral: bool = False,
+                 expected_state_version: int | None = None, return_token_ids: bool = False,
+                 timeout: float | None = None, **sampling: Any) -> Iterator[str | TurnResult]:
+        """Completes a raw prompt: yields text deltas, then the TurnResult. Stateless unless `session_id`."""
+        request = _core.generate(prompt, model=model, session_id=session_id, ephemeral=ephemeral,
+                                 expected_state_version=expected_state_version, return_token_ids=return_token_ids,
+                                 **sampling)
+        call = self._stub.Generate(request, metadata=self._metadata, timeout=timeout)
+        decoder = _core.EventDecoder()
+        try:
+            yield from _texts(decoder.decode(pb) for pb in call)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def complete(self, prompt: str, **kwargs: Any) -> TurnResult:
+        """Like generate(), returning only the TurnResult (whole text)."""
+        return _last(self.generate(prompt, **kwargs))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RWKVClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _texts(events: Iterator[ChatEvent]) -> Iterator[str | TurnResult]:
+    for event in events:
+        if (item := _core.chat_item(event)) is not None:
+            yield item
+
+
+def _last(items: Iterator[str | TurnResult]) -> TurnResult:
+    result = None
+    for item in items:
+        result = item
+    if not isinstance(result, TurnResult):
+        raise RuntimeError("the stream ended without a turn result")
+    return result

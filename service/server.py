@@ -1,0 +1,174 @@
+"""The front's gRPC server: thin servicers over service.front.Front, health, reflection, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
+from service.convert import session_to_pb
+from service.front import Front
+from service.settings import FrontSettings
+from worker.errors import InvalidArgument, grpc_errors
+
+log = logging.getLogger("rwkv.front")
+SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["RwkvService"].full_name
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline on this process's monotonic clock (propagated to the worker call)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _ttl_ms(message: object, field: str = "ttl") -> int | None:
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    ttl = getattr(message, field)
+    if ttl.seconds < 0 or ttl.nanos < 0:
+        raise InvalidArgument("ttl must be positive")
+    return ttl.ToMilliseconds()
+
+
+class RwkvServicer(api_pb2_grpc.RwkvServiceServicer):
+    """The public API: decode, one domain call, encode."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return self.front.auth.tenant(context.invocation_metadata())
+
+    @grpc_errors
+    async def CreateSession(self, request: api_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext):
+        meta = await self.front.sessions.create(
+            self._tenant(context), model=request.model, template=request.template,
+            system_prompt=request.system_prompt, preset=request.preset, sampling=request.default_sampling,
+            ttl_ms=_ttl_ms(request), metadata=dict(request.metadata))
+        return session_to_pb(meta)
+
+    @grpc_errors
+    async def GetSession(self, request: api_pb2.GetSessionRequest, context: grpc.aio.ServicerContext):
+        return session_to_pb(await self.front.sessions.get(self._tenant(context), request.session_id))
+
+    @grpc_errors
+    async def ListSessions(self, request: api_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext):
+        metas, token = await self.front.sessions.list(
+            self._tenant(context), page_size=request.page_size, page_token=request.page_token, model=request.model)
+        return api_pb2.ListSessionsResponse(sessions=[session_to_pb(m) for m in metas], next_page_token=token)
+
+    @grpc_errors
+    async def DeleteSession(self, request: api_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext):
+        await self.front.sessions.delete(self._tenant(context), request.session_id)
+        return api_pb2.DeleteSessionResponse()
+
+    @grpc_errors
+    async def ForkSession(self, request: api_pb2.ForkSessionRequest, context: grpc.aio.ServicerContext):
+        meta = await self.front.sessions.fork(
+            self._tenant(context), request.session_id, ttl_ms=_ttl_ms(request), metadata=dict(request.metadata),
+            sampling=request.default_sampling if request.HasField("default_sampling") else None,
+            expected_version=request.expected_state_version if request.HasField("expected_state_version") else None)
+        return session_to_pb(meta)
+
+    @grpc_errors
+    async def Chat(self, request_iterator: AsyncIterator[api_pb2.ChatRequest],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.ChatEvent]:
+        async for event in self.front.turns.chat(self._tenant(context), request_iterator, _deadline(context)):
+            yield event
+
+    @grpc_errors
+    async def Generate(self, request: api_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.ChatEvent]:
+        async for event in self.front.turns.generate(self._tenant(context), request, _deadline(context)):
+            yield event
+
+    @grpc_errors
+    async def ListModels(self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
+        self._tenant(context)
+        return api_pb2.ListModelsResponse(models=await self.front.list_models())
+
+    @grpc_errors
+    async def Tokenize(self, request: api_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
+        self._tenant(context)
+        token_ids = await self.front.tokenize(request.model, request.text, _deadline(context))
+        return api_pb2.TokenizeResponse(token_ids=token_ids)
+
+
+class FrontServer:
+    """A started-or-not front: the grpc.aio server, its Front and its health servicer."""
+
+    def __init__(self, server: grpc.aio.Server, front: Front, health_servicer: health.aio.HealthServicer,
+                 port: int) -> None:
+        self.server, self.front, self.health, self.port = server, front, health_servicer, port
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: health says NOT_SERVING, new calls are refused, running ones get `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.front.close()
+
+
+def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[FrontServer, int]:
+    """Builds (but does not start) the front's server; returns it and the bound port."""
+    front = front or Front.from_settings(settings)
+    message_bytes = settings.max_message_mb * 1024 * 1024
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes),
+                                      ("grpc.max_send_message_length", message_bytes),
+                                      ("grpc.so_reuseport", 0)])
+    api_pb2_grpc.add_RwkvServiceServicer_to_server(RwkvServicer(front), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
+    return FrontServer(server, front, health_servicer, port), port
+
+
+async def serve(settings: FrontSettings) -> None:
+    """Runs the front until SIGTERM/SIGINT, then drains."""
+    front_server, port = create_server(settings)
+    await front_server.start()
+    log.info("front listening on %s:%d (redis %s)", settings.host, port, settings.redis_url)
+    print(f"rwkv-front listening on {settings.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (grace %.1fs)", settings.grace_s)
+    await front_server.stop(settings.grace_s)
+
+
+def main() -> None:
+    """Console script `rwkv-front`: settings from RWKV_FRONT_* (and REDIS_URL), then serve."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="rwkv-serve front (public gRPC API)")
+    parser.add_argument("--host", help="bind address (RWKV_FRONT_HOST)")
+    parser.add_argument("--port", type=int, help="port, 0 = any free one (RWKV_FRONT_PORT)")
+    parser.add_argument("--redis-url", help="Redis URL (RWKV_FRONT_REDIS_URL or REDIS_URL)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("redis_url", args.redis_url))
+                 if v is not None}
+    settings = FrontSettings(**overrides)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Session CRUD for the front: validation and tenancy on top of the shared StateStore (worker/store.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rwkv_serve.v1 import common_pb2
+from service.convert import check_metadata, check_sampling, sampling_to_dict, template_name
+from service.router import WorkerDirectory
+from worker.errors import InvalidArgument, ModelNotFound, PermissionDenied, PresetNotFound
+from worker.store import SessionMeta, StateStore
+
+
+class Sessions:
+    """Create, read, list, delete and fork sessions; every call is on behalf of a tenant."""
+
+    def __init__(self, store: StateStore, directory: WorkerDirectory, *, default_ttl_ms: int,
+                 max_ttl_ms: int) -> None:
+        self.store = store
+        self.directory = directory
+        self.default_ttl_ms = default_ttl_ms
+        self.max_ttl_ms = max_ttl_ms
+
+    def _ttl(self, ttl_ms: int | None) -> int | None:
+        if ttl_ms is None:
+            return None
+        if ttl_ms <= 0:
+            raise InvalidArgument("ttl must be positive")
+        if ttl_ms > self.max_ttl_ms:
+            raise InvalidArgument(f"ttl must be at most {self.max_ttl_ms // 1000} s")
+        return ttl_ms
+
+    async def create(self, tenant: str, *, model: str, template: int = 0, system_prompt: str = "",
+                     preset: str = "", sampling: common_pb2.Sampling | None = None, ttl_ms: int | None = None,
+                     metadata: Mapping[str, str] | None = None) -> SessionMeta:
+        """A new session at state version 0; its state is built by the first turn."""
+        if not model:
+            raise InvalidArgument("model is required")
+        if not await self.directory.workers(model) and not await self.directory.workers(model, fresh=True):
+            raise ModelNotFound(f"model {model!r} is not served by any live worker")
+        if preset and not await self.store.has_preset(model, preset):
+            raise PresetNotFound(f"no preset {preset!r} for model {model!r}")
+        sampling = sampling or common_pb2.Sampling()
+        check_sampling(sampling)
+        return await self.store.create_session(
+            tenant=tenant, model=model, template=template_name(template), ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
+            system_prompt=system_prompt, preset=preset, metadata=check_metadata(dict(metadata or {})),
+            sampling=sampling_to_dict(sampling))
+
+    async def get(self, tenant: str, session_id: str) -> SessionMeta:
+        """The session's metadata; PermissionDenied when it belongs to another tenant."""
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        meta = await self.store.get_session(session_id)
+        if meta.tenant != tenant:
+            raise PermissionDenied(f"session {session_id} belongs to another tenant")
+        return meta
+
+    async def list(self, tenant: str, *, page_size: int = 0, page_token: str = "",
+                   model: str = "") -> tuple[list[SessionMeta], str]:
+        if page_size < 0:
+            raise InvalidArgument("page_size must be >= 0")
+        return await self.store.list_sessions(tenant, page_size=page_size, page_token=page_token, model=model)
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        await self.get(tenant, session_id)
+        await self.store.delete_session(session_id)
+
+    async def fork(self, tenant: str, session_id: str, *, ttl_ms: int | None = None,
+                   metadata: Mapping[str, str] | None = None, sampling: common_pb2.Sampling | None = None,
+                   expected_version: int | None = None) -> SessionMeta:
+        """A copy of the session (state copied inside Redis); unset arguments keep the source's values."""
+        await self.get(tenant, session_id)
+        if sampling is not None:
+            check_sampling(sampling)
+        return await self.store.fork_session(
+            session_id, ttl_ms=self._ttl(ttl_ms), metadata=check_metadata(dict(metadata)) if metadata else None,
+            sampling=sampling_to_dict(sampling) if sampling is not None else None, expected_version=expected_version)
