@@ -1,0 +1,245 @@
+"""The worker over real gRPC (port 0) and a real Redis: turns, commits, errors as status codes, cancel, drain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker.errors import ERROR_KEY, RETRY_AFTER_KEY
+from worker.server import SERVICE_NAME, WorkerCore, create_server, shutdown
+from worker.settings import WorkerSettings
+from worker.state import State
+from worker.store import StateStore
+from worker.tokenizer import WorldTokenizer
+from worker.turns import sampling_to_pb
+
+MODEL_ID = "tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> WorldTokenizer:
+    return WorldTokenizer()
+
+
+class Worker:
+    """A started worker, a channel to it and a stub."""
+
+    def __init__(self, core: WorkerCore, server: grpc.aio.Server, channel: grpc.aio.Channel) -> None:
+        self.core, self.server, self.channel = core, server, channel
+        self.stub = worker_pb2_grpc.WorkerServiceStub(channel)
+
+
+@pytest.fixture
+async def worker(redis_url, store, tiny_model, tokenizer) -> AsyncIterator[Worker]:
+    settings = WorkerSettings(
+        redis_url=redis_url, port=0, model_id=MODEL_ID, max_batch=4, max_queued=2, heartbeat_s=0.2,
+        lease_ms=3_000, drain_s=2, grace_s=0.5,
+    )
+    core = WorkerCore(settings, tiny_model, tokenizer, MODEL_ID)
+    server, port = create_server(settings, core)
+    await server.start()
+    await core.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield Worker(core, server, channel)
+    finally:
+        await channel.close()
+        await shutdown(server, core, settings)
+
+
+def greedy(max_tokens: int, **extra) -> common_pb2.Sampling:
+    return sampling_to_pb({"temperature": 0.0, "stop_token_ids": [], "max_tokens": max_tokens, **extra})
+
+
+def chat(session_id: str, text: str, max_tokens: int = 5, **kw) -> worker_pb2.RunTurnRequest:
+    return worker_pb2.RunTurnRequest(session_id=session_id, model=MODEL_ID, kind=worker_pb2.INPUT_KIND_CHAT,
+                                     text=text, sampling=greedy(max_tokens), return_token_ids=True, **kw)
+
+
+async def run(stub, request, **kw) -> tuple[list[int], str, common_pb2.TurnEnd, list[common_pb2.ChatEvent]]:
+    events = [e async for e in stub.RunTurn(request, **kw)]
+    tokens = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
+    text = "".join(e.delta.text for e in events if e.HasField("delta"))
+    return tokens, text, events[-1].turn_end, events
+
+
+def feed(model, state: State | None, tokens: list[int]) -> State:
+    return model.forward(torch.tensor([tokens]), state or model.init_state(1))[1]
+
+
+def direct_greedy(model, state: State | None, tokens: list[int], n: int) -> tuple[list[int], State]:
+    logits, state = model.forward(torch.tensor([tokens]), state or model.init_state(1))
+    out = []
+    for _ in range(n):
+        out.append(int(logits[0].argmax()))
+        logits, state = model.forward(torch.tensor([[out[-1]]]), state)
+    return out, state
+
+
+def status_of(info: pytest.ExceptionInfo) -> tuple[grpc.StatusCode, dict[str, str]]:
+    err = info.value
+    return err.code(), dict(err.trailing_metadata() or ())
+
+
+async def test_health_reflection_and_registry(worker: Worker, store: StateStore) -> None:
+    health = health_pb2_grpc.HealthStub(worker.channel)
+    for service in ("", SERVICE_NAME):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(worker.channel)
+    async for answer in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+        assert SERVICE_NAME in {s.name for s in answer.list_services_response.service}
+    load = await worker.stub.GetLoad(worker_pb2.GetLoadRequest())
+    assert load.model.id == MODEL_ID and load.capacity == 4 and load.serving and load.model.n_layer == 2
+    (record,) = await store.list_workers(MODEL_ID)
+    assert record["address"] == load.address and record["worker_id"] == load.worker_id
+
+
+async def test_chat_turns_commit_and_continue_exactly(worker: Worker, store: StateStore, tiny_model, tokenizer) -> None:
+    sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000)).session_id
+    state = None
+    for i, text in enumerate(["Hello there", "And again", "Third"], start=1):
+        if i == 3:
+            worker.core.cache.pop(sid)  # the third turn reads the state back from Redis, not the local cache
+        prompt = tokenizer.encode(f"User: {text}\n\nAssistant:")
+        expected, _ = direct_greedy(tiny_model, state, prompt, 5)
+        tokens, text_out, end, events = await run(worker.stub, chat(sid, text, turn_id=f"t{i}"))
+        assert events[0].HasField("turn_start") and events[0].turn_start.prompt_tokens == len(prompt)
+        assert all(e.turn_id == f"t{i}" for e in events)
+        assert end.stop_reason == common_pb2.STOP_REASON_MAX_TOKENS and tokens == expected
+        assert text_out == tokenizer.decode(expected) and end.state_version == i
+        state = feed(tiny_model, state, prompt + expected + tokenizer.encode("\n\n"))  # reply closed by "\n\n"
+        assert end.usage.generated_tokens == 5 and end.usage.prompt_tokens == len(prompt) + 1
+    meta = await store.get_session(sid)
+    assert meta.version == 3 and meta.turns == 3 and meta.state_tokens == end.usage.state_tokens
+
+
+async def test_system_prompt_prefix_is_shared(worker: Worker, store: StateStore, tiny_model, tokenizer) -> None:
+    system = "You are terse."
+    sids = [(await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000,
+                                        system_prompt=system)).session_id for _ in range(2)]
+    prefix = tokenizer.encode(f"System: {system}\n\n")
+    prompt = tokenizer.encode("User: Hi\n\nAssistant:")
+    expected, _ = direct_greedy(tiny_model, feed(tiny_model, None, prefix), prompt, 4)
+    for sid in sids:
+        tokens, _, end, _ = await run(worker.stub, chat(sid, "Hi", max_tokens=4))
+        assert tokens == expected and end.usage.state_tokens == len(prefix) + len(prompt) + 4 + 1
+    assert len([k async for k in store.redis.scan_iter(match="rwkv:prefix:tiny:*")]) == 1
+
+
+async def test_stateless_and_ephemeral_generation(worker: Worker, store: StateStore, tiny_model, tokenizer) -> None:
+    prompt = "The quick brown fox"
+    expected, _ = direct_greedy(tiny_model, None, tokenizer.encode(prompt), 6)
+    request = worker_pb2.RunTurnRequest(kind=worker_pb2.INPUT_KIND_RAW, text=prompt, sampling=greedy(6),
+                                        return_token_ids=True)
+    tokens, _, end, _ = await run(worker.stub, request)
+    assert tokens == expected and end.state_version == 0
+    sid = (await store.create_session(tenant="t", model=MODEL_ID, template="raw", ttl_ms=60_000)).session_id
+    request.session_id, request.commit = sid, False
+    tokens, _, end, _ = await run(worker.stub, request)
+    assert tokens == expected and end.state_version == 0 and (await store.get_session(sid)).version == 0
+
+
+async def test_forked_branches_continue_independently(worker: Worker, store: StateStore, tiny_model, tokenizer) -> None:
+    sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000)).session_id
+    await run(worker.stub, chat(sid, "Start"))
+    fork = (await store.fork_session(sid)).session_id
+    a, _, end_a, _ = await run(worker.stub, chat(sid, "Left"))
+    b, _, end_b, _ = await run(worker.stub, chat(fork, "Right"))
+    first = tokenizer.encode("User: Start\n\nAssistant:")
+    gen, _ = direct_greedy(tiny_model, None, first, 5)
+    base = feed(tiny_model, None, first + gen + tokenizer.encode("\n\n"))
+    assert a == direct_greedy(tiny_model, base, tokenizer.encode("User: Left\n\nAssistant:"), 5)[0]
+    assert b == direct_greedy(tiny_model, base, tokenizer.encode("User: Right\n\nAssistant:"), 5)[0]
+    assert end_a.state_version == 2 and end_b.state_version == 2
+
+
+async def test_domain_errors_map_to_status_codes(worker: Worker, store: StateStore) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run(worker.stub, chat("nosuchsession", "hi"))
+    assert status_of(info) == (grpc.StatusCode.NOT_FOUND, {ERROR_KEY: "SessionNotFound"})
+    sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000)).session_id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run(worker.stub, chat(sid, "hi", expected_state_version=3))
+    assert status_of(info) == (grpc.StatusCode.ABORTED, {ERROR_KEY: "VersionConflict"})
+    lease = await store.acquire_lease(sid, 5_000)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run(worker.stub, chat(sid, "hi"))
+    assert status_of(info) == (grpc.StatusCode.ABORTED, {ERROR_KEY: "SessionBusy"})
+    await store.release_lease(lease)
+    bad = chat(sid, "hi")
+    bad.sampling.temperature = -1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run(worker.stub, bad)
+    assert status_of(info)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    await run(worker.stub, chat(sid, "hi"))  # version 1 now exists; corrupt it
+    await store.redis.set(store.session_key(sid, "state"), b"garbage")
+    worker.core.cache.pop(sid)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run(worker.stub, chat(sid, "hi"))
+    assert status_of(info) == (grpc.StatusCode.DATA_LOSS, {ERROR_KEY: "StateCorrupt"})
+
+
+async def test_overload_is_resource_exhausted_with_retry_after(worker: Worker) -> None:
+    long = worker_pb2.RunTurnRequest(kind=worker_pb2.INPUT_KIND_RAW, text="go", sampling=greedy(4000))
+    calls = [worker.stub.RunTurn(long) for _ in range(6)]  # 4 slots + 2 queued
+    for call in calls:
+        await call.read()  # each admitted or queued: turn_start
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run(worker.stub, long)
+    code, meta = status_of(info)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and int(meta[RETRY_AFTER_KEY]) > 0
+    for call in calls:
+        call.cancel()
+    assert await worker.core.engine.drain(5)
+
+
+async def test_client_cancel_frees_the_slot_and_keeps_the_state(worker: Worker, store: StateStore) -> None:
+    sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000)).session_id
+    call = worker.stub.RunTurn(chat(sid, "talk a lot", max_tokens=4000))
+    while not (await call.read()).HasField("delta"):
+        pass
+    assert worker.core.engine.load.active == 1
+    call.cancel()
+    assert await worker.core.engine.drain(2)  # the engine let go of the turn
+    for _ in range(100):  # the handler's cleanup (lease release) runs right after the cancellation
+        if not await store.redis.exists(store.session_key(sid, "lease")):
+            break
+        await asyncio.sleep(0.02)
+    assert (await store.get_session(sid)).version == 0  # nothing committed
+    _, _, end, _ = await run(worker.stub, chat(sid, "short"))
+    assert end.state_version == 1
+
+
+async def test_deadline_cancels_the_turn(worker: Worker, store: StateStore) -> None:
+    sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000)).session_id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run(worker.stub, chat(sid, "talk", max_tokens=4000), timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert await worker.core.engine.drain(2)
+    assert (await store.get_session(sid)).version == 0
+
+
+async def test_drain_stops_new_turns(worker: Worker, store: StateStore) -> None:
+    await worker.core.begin_drain()
+    reply = await health_pb2_grpc.HealthStub(worker.channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await store.list_workers() == []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await run(worker.stub, worker_pb2.RunTurnRequest(kind=worker_pb2.INPUT_KIND_RAW, text="x", sampling=greedy(2)))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE

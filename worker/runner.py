@@ -1,0 +1,271 @@
+"""Runs one turn end to end on a worker: lease -> state -> format -> engine -> stream -> commit -> release.
+
+The plain object behind the WorkerService servicer (which only converts protobuf). Where a session's state
+comes from, in order: the local cache when its version equals the stored one (affinity saves the Redis read),
+the stored state bytes, or, before the first turn, the preset plus the template's opening and system prompt
+(content-addressed in Redis, so every session with the same system prompt shares one prefill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from array import array
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from worker.engine import Delta, Engine, Finished, StateCache, Turn, TurnRequest
+from worker.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, StateCorrupt, VersionConflict
+from worker.sampler import SamplingParams
+from worker.state import State, StateFormatError, state_from_bytes, state_to_bytes
+from worker.store import Lease, SessionMeta, StateStore
+from worker.templates import ChatTemplate, get_template
+from worker.turns import (
+    InputKind,
+    StopReason,
+    TextDelta,
+    TokenLogprob,
+    TurnEnded,
+    TurnEvent,
+    TurnInput,
+    TurnStarted,
+    merge_sampling,
+)
+
+log = logging.getLogger(__name__)
+
+_PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
+_TUPLE_FIELDS = ("banned_tokens", "stop_token_ids", "stop_strings")
+_LONG_TEXT = 4096  # characters; longer texts are tokenized off the event loop
+
+
+def sampling_params(sampling: Mapping[str, Any], extra_stop_strings: tuple[str, ...] = ()) -> SamplingParams:
+    """SamplingParams from a dict of set fields; the template's stop strings are always added."""
+    unknown = set(sampling) - _PARAM_FIELDS
+    if unknown:
+        raise InvalidArgument(f"unknown sampling fields {sorted(unknown)}")
+    values = {k: (tuple(v) if k in _TUPLE_FIELDS else v) for k, v in sampling.items()}
+    if extra_stop_strings:
+        values["stop_strings"] = tuple(dict.fromkeys((*values.get("stop_strings", ()), *extra_stop_strings)))
+    return SamplingParams(**values)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """The runner's knobs (from the worker settings)."""
+
+    model_id: str
+    worker_id: str
+    lease_ms: int = 30_000  # renewed every third of it while a turn runs
+    prefix_ttl_ms: int = 86_400_000
+    default_sampling: Mapping[str, Any] | None = None  # worker defaults under session defaults
+
+
+class TurnRunner:
+    """Runs turns against the store and the engine; yields domain events (TurnStarted, TextDelta, TurnEnded)."""
+
+    def __init__(self, engine: Engine, store: StateStore, tokenizer, config: RunnerConfig, cache: StateCache) -> None:
+        self.engine = engine
+        self.store = store
+        self.tokenizer = tokenizer
+        self.config = config
+        self.cache = cache
+        self.model = engine.model
+
+    # ---- public -----------------------------------------------------------------------------------------
+
+    async def tokenize(self, text: str) -> list[int]:
+        if len(text) > _LONG_TEXT:
+            return await asyncio.to_thread(self.tokenizer.encode, text)
+        return self.tokenizer.encode(text)
+
+    async def run(self, turn: TurnInput, deadline: float | None = None) -> AsyncIterator[TurnEvent]:
+        """Runs one turn; `deadline` is in time.monotonic() seconds. Raises ServeError subclasses."""
+        if turn.model and turn.model != self.config.model_id:
+            raise ModelNotFound(f"this worker serves {self.config.model_id!r}, not {turn.model!r}")
+        if not turn.session_id:
+            if turn.kind is InputKind.CHAT:
+                raise InvalidArgument("a chat turn needs a session")
+            events = self._stateless(turn, deadline)
+        elif not turn.commit:
+            events = self._ephemeral(turn, deadline)
+        else:
+            events = self._session_turn(turn, deadline)
+        async for event in events:
+            yield event
+
+    # ---- the three kinds of turn ------------------------------------------------------------------------
+
+    async def _stateless(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
+        request = await self._request(turn, get_template("raw"), {}, None, 0)
+        async for event in self._generate(request, deadline):
+            if isinstance(event, Finished):
+                yield self._ended(event, 0)
+            else:
+                yield event
+
+    async def _ephemeral(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
+        meta = await self._meta(turn)
+        state, consumed = await self._session_state(meta)
+        request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
+        async for event in self._generate(request, deadline):
+            yield self._ended(event, meta.version, meta.state_tokens) if isinstance(event, Finished) else event
+
+    async def _session_turn(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
+        lease = await self.store.acquire_lease(turn.session_id, self.config.lease_ms)
+        renewal = asyncio.create_task(self._keep_lease(lease))
+        try:
+            meta = await self._meta(turn)
+            state, consumed = await self._session_state(meta)
+            request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
+            async for event in self._generate(request, deadline, renewal):
+                if not isinstance(event, Finished):
+                    yield event
+                elif event.state is None:  # cancelled: the stored state stays as it was
+                    yield self._ended(event, meta.version, meta.state_tokens)
+                else:
+                    version = await self._commit(lease, meta, event)
+                    yield self._ended(event, version)
+        finally:
+            if renewal.done() and not renewal.cancelled():
+                renewal.exception()  # retrieved: it already surfaced through _next as LeaseLost
+            renewal.cancel()
+            try:
+                await self.store.release_lease(lease)
+            except Exception:  # the lease expires on its own; never mask the turn's own outcome
+                log.warning("could not release lease on %s", lease.session_id, exc_info=True)
+
+    # ---- steps ------------------------------------------------------------------------------------------
+
+    async def _meta(self, turn: TurnInput) -> SessionMeta:
+        meta = await self.store.get_session(turn.session_id)
+        if meta.model != self.config.model_id:
+            raise InvalidArgument(f"session {meta.session_id} runs on model {meta.model!r}, "
+                                  f"this worker serves {self.config.model_id!r}")
+        if turn.expected_version is not None and turn.expected_version != meta.version:
+            raise VersionConflict(f"session {meta.session_id} is at version {meta.version}, "
+                                  f"not {turn.expected_version}")
+        return meta
+
+    async def _session_state(self, meta: SessionMeta) -> tuple[State | None, int]:
+        """The session's state at meta.version on the model's device, and the tokens it has consumed."""
+        cached = self.cache.get(meta.session_id, meta.version)
+        if cached is not None:
+            state, consumed = cached
+            return await asyncio.to_thread(state.to, self.model.device), consumed
+        if meta.version == 0:
+            return await self._initial_state(meta)
+        stored, data = await self.store.load_state(meta.session_id)
+        if stored.version != meta.version:
+            raise VersionConflict(f"session {meta.session_id} moved to version {stored.version}")
+        if data is None:
+            raise StateCorrupt(f"session {meta.session_id} is at version {meta.version} but its state is missing")
+        return await self._decode(data, f"session {meta.session_id}")
+
+    async def _initial_state(self, meta: SessionMeta) -> tuple[State | None, int]:
+        """A new session's state: its preset (or zeros) plus the template's opening and the system prompt."""
+        base: State | None = None
+        if meta.preset:
+            base, _ = await self._decode(await self.store.get_preset(meta.model, meta.preset), f"preset {meta.preset}")
+        tokens = await self.tokenize(get_template(meta.template).prefix(meta.system_prompt))
+        if not tokens:
+            return base, 0
+        key = hashlib.sha256(meta.preset.encode() + b"\0" + array("i", tokens).tobytes()).hexdigest()
+        data = await self.store.get_prefix(meta.model, key, self.config.prefix_ttl_ms)
+        if data is not None:
+            try:
+                return await self._decode(data, "prefix")
+            except StateCorrupt:  # another model's or a damaged entry: rebuild it
+                log.warning("ignoring unreadable prefix-cache entry %s", key)
+        finished = None
+        async for event in self._generate(TurnRequest(tokens, state=base, prefill_only=True), None):
+            finished = event
+        assert isinstance(finished, Finished) and finished.state is not None
+        state = finished.state
+        data = await asyncio.to_thread(state_to_bytes, state, self.model.fingerprint, finished.tokens_consumed)
+        await self.store.put_prefix(meta.model, key, data, self.config.prefix_ttl_ms)
+        return state, finished.tokens_consumed
+
+    async def _decode(self, data: bytes, what: str) -> tuple[State, int]:
+        try:
+            return await asyncio.to_thread(state_from_bytes, data, self.model.fingerprint, self.model.device)
+        except StateFormatError as exc:
+            raise StateCorrupt(f"{what}: {exc}") from exc
+
+    async def _request(
+        self, turn: TurnInput, template: ChatTemplate, session_sampling: Mapping[str, Any],
+        state: State | None, consumed: int,
+    ) -> TurnRequest:
+        chat = turn.kind is InputKind.CHAT
+        text = template.user_turn(turn.text) if chat else turn.text
+        tokens = [*(await self.tokenize(text) if text else []), *turn.token_ids]
+        sampling = merge_sampling(self.config.default_sampling, session_sampling, turn.sampling)
+        params = sampling_params(sampling, template.stop_strings if chat else ())
+        epilogue = await self.tokenize(template.epilogue()) if chat and template.epilogue() else []
+        if not tokens:
+            raise InvalidArgument("the turn has no input (empty text and no token ids)")
+        return TurnRequest(tokens, params, state=state, tokens_consumed=consumed, epilogue=epilogue)
+
+    async def _generate(
+        self, request: TurnRequest, deadline: float | None, renewal: asyncio.Task[None] | None = None
+    ) -> AsyncIterator[TurnEvent | Finished]:
+        """Submits to the engine and relays its events; cancels the engine turn if the caller goes away."""
+        turn: Turn = self.engine.submit(request)
+        try:
+            if not request.prefill_only:
+                yield TurnStarted(len(request.tokens), self.config.worker_id)
+            while True:
+                event = await self._next(turn, deadline, renewal)
+                if isinstance(event, Finished):
+                    yield event
+                    return
+                yield _delta(event)
+        finally:
+            turn.cancel()  # no-op once finished; otherwise frees the batch slot within one step
+
+    async def _next(self, turn: Turn, deadline: float | None, renewal: asyncio.Task[None] | None) -> Delta | Finished:
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(turn.next_event())}
+        if renewal is not None:
+            waiters.add(renewal)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        (getter,) = [w for w in waiters if w is not renewal]
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if renewal is not None and renewal in done:
+            renewal.result()  # raises LeaseLost
+        raise DeadlineExceeded("the turn's deadline passed")
+
+    async def _keep_lease(self, lease: Lease) -> None:
+        """Renews the lease every third of its TTL; raises LeaseLost (ending the turn) when it was taken."""
+        while True:
+            await asyncio.sleep(lease.ttl_ms / 3000)
+            await self.store.renew_lease(lease)
+
+    async def _commit(self, lease: Lease, meta: SessionMeta, finished: Finished) -> int:
+        state = finished.state
+        assert state is not None
+        host = await asyncio.to_thread(state.to, "cpu")
+        data = await asyncio.to_thread(state_to_bytes, host, self.model.fingerprint, finished.tokens_consumed)
+        version = await self.store.commit_state(lease, meta.version, data, state_tokens=finished.tokens_consumed)
+        self.cache.put(meta.session_id, version, host, finished.tokens_consumed)
+        return version
+
+    @staticmethod
+    def _ended(finished: Finished, version: int, state_tokens: int | None = None) -> TurnEnded:
+        """The domain event; state_tokens overrides the engine's count when the state was not kept."""
+        return TurnEnded(
+            StopReason(finished.reason.value), finished.prompt_tokens, finished.generated_tokens,
+            finished.tokens_consumed if state_tokens is None else state_tokens, version,
+            finished.stop_string, finished.stop_token_id,
+        )
+
+
+def _delta(event: Delta) -> TextDelta:
+    logprobs = tuple(TokenLogprob(s.token_id, s.logprob, tuple(s.top_logprobs)) for s in event.logprobs)
+    return TextDelta(event.text, event.token_ids, logprobs)
+

@@ -1,0 +1,206 @@
+"""The worker process: loads one model, runs the engine, serves WorkerService over grpc.aio, heartbeats to Redis.
+
+`create_server(settings, core)` builds the gRPC server (WorkerService, health, reflection) on a bound port;
+`serve(settings)` runs it until SIGTERM/SIGINT, then drains: health NOT_SERVING, leave the registry (the front
+stops routing here), let running turns finish, stop the server with a grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
+from worker.engine import Engine, StateCache
+from worker.model import RWKV5
+from worker.runner import RunnerConfig, TurnRunner
+from worker.servicer import WorkerServicer
+from worker.settings import WorkerSettings
+from worker.store import StateStore
+from worker.tokenizer import load_tokenizer
+from worker.turns import ModelDescription, WorkerLoad
+
+log = logging.getLogger("rwkv.worker")
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_model(settings: WorkerSettings) -> tuple[RWKV5, str, bool]:
+    """The model, its id, and whether it is a random-init one (no model_path given)."""
+    path, random_init = settings.model_path, settings.model_path is None
+    if path is None:
+        from worker.checkpoint import make_random_checkpoint
+
+        directory = settings.random_dir or Path(tempfile.gettempdir()) / "rwkv-serve"
+        path = directory / f"rwkv5-random-L{settings.random_n_layer}-D{settings.random_n_embd}.pth"
+        if not path.exists():
+            make_random_checkpoint(path, n_layer=settings.random_n_layer, n_embd=settings.random_n_embd, seed=0)
+        log.warning("no model given: serving a RANDOM-INIT RWKV-5 model (%s); its output is gibberish", path)
+    model = RWKV5.from_checkpoint(path, device=settings.device, dtype=_DTYPES[settings.dtype])
+    model_id = settings.model_id or ("rwkv5-random" if random_init else Path(path).stem)
+    return model, model_id, random_init
+
+
+class WorkerCore:
+    """The worker's parts (model, engine, store, runner) and its state (serving or draining), without gRPC."""
+
+    def __init__(
+        self, settings: WorkerSettings, model: RWKV5, tokenizer, model_id: str, random_init: bool = False,
+        store: StateStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.tokenizer = tokenizer
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.store = store or StateStore.from_url(settings.redis_url)
+        self.engine = Engine(
+            model, tokenizer, max_batch=settings.max_batch, max_queued=settings.max_queued,
+            prefill_chunk=settings.prefill_chunk, max_tokens_limit=settings.max_tokens_limit,
+        )
+        self.cache = StateCache(settings.cache_bytes)
+        self.runner = TurnRunner(
+            self.engine, self.store, tokenizer,
+            RunnerConfig(model_id, self.worker_id, lease_ms=settings.lease_ms, prefix_ttl_ms=settings.prefix_ttl_ms,
+                         default_sampling={"max_tokens": settings.default_max_tokens}),
+            self.cache,
+        )
+        cfg = model.config
+        self.description = ModelDescription(
+            id=model_id, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
+            state_bytes=cfg.state_bytes, fingerprint=model.fingerprint.hex(), random_init=random_init,
+        )
+        self.health = health_aio.HealthServicer()
+        self.address = ""
+        self.serving = False
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> WorkerCore:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        model, model_id, random_init = load_model(settings)
+        return cls(settings, model, load_tokenizer(settings.vocab_path), model_id, random_init)
+
+    def load(self) -> WorkerLoad:
+        engine = self.engine.load
+        return WorkerLoad(self.worker_id, self.address, self.description, engine.capacity, engine.active,
+                          engine.queued, engine.max_queued, self.serving)
+
+    async def start(self) -> None:
+        """Starts the engine, marks the worker serving and starts heartbeating into the registry."""
+        presets = await self.store.list_presets(self.description.id)
+        self.description = replace(self.description, presets=tuple(presets))
+        self.engine.start()
+        self.serving = True
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._beat()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="rwkv-heartbeat")
+
+    async def _beat(self) -> None:
+        await self.store.register_worker(self.worker_id, self.load().to_record(), self.settings.registry_ttl_ms)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self._beat()
+            except Exception:  # Redis hiccup: the next beat retries; the record's TTL covers a few misses
+                log.warning("heartbeat to Redis failed", exc_info=True)
+
+    async def begin_drain(self) -> None:
+        """Stops taking turns: health NOT_SERVING and out of the registry; running turns go on."""
+        self.serving = False
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        try:
+            await self.store.unregister_worker(self.worker_id)
+        except Exception:
+            log.warning("could not leave the registry; the record expires on its own", exc_info=True)
+
+    async def close(self) -> None:
+        await self.engine.close()
+        await self.store.close()
+
+
+def create_server(settings: WorkerSettings, core: WorkerCore) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with WorkerService, health and reflection, bound to settings.host:settings.port."""
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(core.runner, core.load), server)
+    health_pb2_grpc.add_HealthServicer_to_server(core.health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    core.address = f"{settings.advertise_host or settings.host}:{port}"
+    return server, port
+
+
+async def shutdown(server: grpc.aio.Server, core: WorkerCore, settings: WorkerSettings) -> None:
+    """Drains (no new turns, running ones finish within drain_s), then stops the server and the engine."""
+    await core.begin_drain()
+    if not await core.engine.drain(settings.drain_s):
+        log.warning("turns still running after %.0fs of draining; cancelling them", settings.drain_s)
+    await server.stop(settings.grace_s)
+    await core.close()
+
+
+async def serve(settings: WorkerSettings) -> None:
+    """Runs a worker until SIGTERM or SIGINT."""
+    core = await asyncio.to_thread(WorkerCore.from_settings, settings)
+    server, port = create_server(settings, core)
+    await server.start()
+    await core.start()
+    log.info("worker %s serving %s on %s (batch %d)", core.worker_id, core.description.id, core.address,
+             settings.max_batch)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker %s draining", core.worker_id)
+    await shutdown(server, core, settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`rwkv-worker`: flags override RWKV_WORKER_* environment variables."""
+    parser = argparse.ArgumentParser(description="Serve one RWKV-5 model as an rwkv-serve worker.")
+    parser.add_argument("--model", dest="model_path", type=Path, help="RWKV-5 .pth (default: a random-init model)")
+    parser.add_argument("--model-id", help="model id clients use (default: the file name)")
+    parser.add_argument("--vocab", dest="vocab_path", type=Path, help="vocab .txt or tokenizer .json")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES))
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--advertise-host")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--max-batch", type=int)
+    parser.add_argument("--worker-id")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(WorkerSettings(**overrides)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The worker process's settings (environment variables prefixed RWKV_WORKER_, or constructed directly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    """Everything a worker needs; built once in main() and passed down (tests construct it directly)."""
+
+    model_config = SettingsConfigDict(env_prefix="RWKV_WORKER_", extra="ignore")
+
+    # The model. No path: a random-init checkpoint (it produces gibberish; the worker says so).
+    model_path: Path | None = None
+    model_id: str = ""  # '' = the checkpoint's file stem, or "rwkv5-random" for the random model
+    vocab_path: Path | None = None  # World vocab .txt or HF tokenizer .json; None = the standard World vocab
+    device: str = "cpu"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    random_n_layer: int = 2  # shape of the random-init model
+    random_n_embd: int = 128
+    random_dir: Path | None = None  # where the random checkpoint is written (None = a temporary directory)
+    torch_threads: int | None = None  # intra-op threads; None = torch's default
+
+    # Network. port 0 = an ephemeral port; advertise_host is what goes into the registry for the front to dial.
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str | None = None
+    worker_id: str = ""  # '' = generated (host-pid-random)
+
+    # Redis.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    heartbeat_s: float = Field(2.0, gt=0)
+    registry_ttl_ms: int = Field(6_000, gt=0)  # a worker that stops heartbeating vanishes after this
+    lease_ms: int = Field(30_000, gt=0)
+    prefix_ttl_ms: int = Field(86_400_000, gt=0)
+
+    # Engine.
+    max_batch: int = Field(16, ge=1)
+    max_queued: int = Field(64, ge=0)
+    prefill_chunk: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+    cache_bytes: int = Field(1 << 30, ge=0)  # local LRU of recent session states (host memory)
+
+    # Shutdown: stop taking turns, let running ones finish for drain_s, then stop the server with grace_s.
+    drain_s: float = Field(30.0, ge=0)
+    grace_s: float = Field(5.0, ge=0)

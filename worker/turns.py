@@ -1,0 +1,271 @@
+"""The worker API's domain types (a turn's input, its events, the worker's load) and their protobuf conversion.
+
+Imports neither torch nor redis, so the servicer and the front can use it. Sampling travels as a dict of the
+fields that were set (`{"temperature": 0.0}`), which keeps "unset" distinct from 0 through every layer:
+request override over session default over worker default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from rwkv_serve.v1 import common_pb2, worker_pb2
+from worker.errors import InvalidArgument
+
+_SAMPLING_SCALARS = (
+    "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "penalty_decay",
+    "max_tokens", "seed", "logprobs",
+)
+_SAMPLING_ID_LISTS = ("banned_tokens", "stop_token_ids")
+
+
+def sampling_from_pb(pb: common_pb2.Sampling) -> dict[str, Any]:
+    """The fields set in a Sampling message."""
+    out: dict[str, Any] = {name: getattr(pb, name) for name in _SAMPLING_SCALARS if pb.HasField(name)}
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
+        if name in out:  # float32 on the wire: 0.3 arrives as 0.30000001192...; keep what the caller wrote
+            out[name] = float(f"{out[name]:.7g}")
+    for name in _SAMPLING_ID_LISTS:
+        if pb.HasField(name):
+            out[name] = list(getattr(pb, name).ids)
+    if pb.HasField("stop_strings"):
+        out["stop_strings"] = list(pb.stop_strings.values)
+    return out
+
+
+def sampling_to_pb(fields: Mapping[str, Any]) -> common_pb2.Sampling:
+    """A Sampling message with exactly the given fields set."""
+    pb = common_pb2.Sampling()
+    for name, value in fields.items():
+        if name in _SAMPLING_SCALARS:
+            setattr(pb, name, value)
+        elif name in _SAMPLING_ID_LISTS:
+            getattr(pb, name).ids.extend(value)
+        elif name == "stop_strings":
+            pb.stop_strings.values.extend(value)
+        else:
+            raise InvalidArgument(f"unknown sampling field {name!r}")
+    return pb
+
+
+def merge_sampling(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Later layers override earlier ones field by field (defaults first, per-turn overrides last)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer or {})
+    return merged
+
+
+class InputKind(str, Enum):
+    """How a turn's text becomes tokens."""
+
+    CHAT = "chat"  # a user message, formatted with the session's template
+    RAW = "raw"  # fed as is
+
+
+class StopReason(str, Enum):
+    """Why a turn ended (values match the engine's)."""
+
+    STOP_TOKEN = "stop_token"
+    STOP_STRING = "stop_string"
+    MAX_TOKENS = "max_tokens"
+    CANCELLED = "cancelled"
+
+
+_KIND_FROM_PB = {worker_pb2.INPUT_KIND_CHAT: InputKind.CHAT, worker_pb2.INPUT_KIND_RAW: InputKind.RAW}
+_KIND_TO_PB = {v: k for k, v in _KIND_FROM_PB.items()}
+_REASON_TO_PB = {
+    StopReason.STOP_TOKEN: common_pb2.STOP_REASON_STOP_TOKEN,
+    StopReason.STOP_STRING: common_pb2.STOP_REASON_STOP_STRING,
+    StopReason.MAX_TOKENS: common_pb2.STOP_REASON_MAX_TOKENS,
+    StopReason.CANCELLED: common_pb2.STOP_REASON_CANCELLED,
+}
+_REASON_FROM_PB = {v: k for k, v in _REASON_TO_PB.items()}
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    """One turn for a worker: where its state comes from, its input, and how to sample."""
+
+    session_id: str = ""  # '' = stateless (model's initial state, nothing stored)
+    kind: InputKind = InputKind.RAW
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    sampling: Mapping[str, Any] = field(default_factory=dict)  # overrides over the session's defaults
+    expected_version: int | None = None
+    commit: bool = True  # False: read the session's state, never write it
+    model: str = ""  # the model the caller expects ('' = whatever this worker serves)
+    turn_id: str = ""
+    return_token_ids: bool = False
+
+    @classmethod
+    def from_pb(cls, pb: worker_pb2.RunTurnRequest) -> TurnInput:
+        if pb.kind not in _KIND_FROM_PB:
+            raise InvalidArgument("RunTurnRequest.kind must be INPUT_KIND_CHAT or INPUT_KIND_RAW")
+        return cls(
+            session_id=pb.session_id,
+            kind=_KIND_FROM_PB[pb.kind],
+            text=pb.text,
+            token_ids=tuple(pb.token_ids),
+            sampling=sampling_from_pb(pb.sampling),
+            expected_version=pb.expected_state_version if pb.HasField("expected_state_version") else None,
+            commit=pb.commit if pb.HasField("commit") else True,
+            model=pb.model,
+            turn_id=pb.turn_id,
+            return_token_ids=pb.return_token_ids,
+        )
+
+    def to_pb(self) -> worker_pb2.RunTurnRequest:
+        pb = worker_pb2.RunTurnRequest(
+            session_id=self.session_id, model=self.model, kind=_KIND_TO_PB[self.kind], text=self.text,
+            token_ids=list(self.token_ids), sampling=sampling_to_pb(self.sampling), commit=self.commit,
+            turn_id=self.turn_id, return_token_ids=self.return_token_ids,
+        )
+        if self.expected_version is not None:
+            pb.expected_state_version = self.expected_version
+        return pb
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    """The turn was admitted: its input size and where it runs."""
+
+    prompt_tokens: int
+    worker_id: str
+
+    def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
+        return common_pb2.ChatEvent(
+            turn_id=turn_id,
+            turn_start=common_pb2.TurnStart(prompt_tokens=self.prompt_tokens, worker_id=self.worker_id),
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and its most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text (UTF-8 complete, possibly empty) and the tokens that produced it."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
+        delta = common_pb2.TextDelta(text=self.text)
+        if return_token_ids:
+            delta.token_ids.extend(self.token_ids)
+        for lp in self.logprobs:
+            delta.logprobs.append(common_pb2.TokenLogprob(
+                token_id=lp.token_id, logprob=lp.logprob,
+                top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+            ))
+        return common_pb2.ChatEvent(turn_id=turn_id, delta=delta)
+
+
+@dataclass(frozen=True)
+class TurnEnded:
+    """The last event of a turn."""
+
+    reason: StopReason
+    prompt_tokens: int
+    generated_tokens: int
+    state_tokens: int
+    state_version: int  # after the turn (unchanged when cancelled or not committed; 0 when stateless)
+    stop_string: str = ""
+    stop_token_id: int = -1
+
+    def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
+        return common_pb2.ChatEvent(turn_id=turn_id, turn_end=common_pb2.TurnEnd(
+            stop_reason=_REASON_TO_PB[self.reason],
+            usage=common_pb2.Usage(prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
+                                   state_tokens=self.state_tokens),
+            state_version=self.state_version,
+            stop_string=self.stop_string,
+            stop_token_id=max(self.stop_token_id, 0),
+        ))
+
+
+TurnEvent = TurnStarted | TextDelta | TurnEnded
+
+
+def event_from_pb(pb: common_pb2.ChatEvent) -> TurnEvent:
+    """The domain event of a ChatEvent (the front reads a worker's stream with this)."""
+    kind = pb.WhichOneof("event")
+    if kind == "turn_start":
+        return TurnStarted(pb.turn_start.prompt_tokens, pb.turn_start.worker_id)
+    if kind == "delta":
+        d = pb.delta
+        logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                         for lp in d.logprobs)
+        return TextDelta(d.text, tuple(d.token_ids), logprobs)
+    if kind == "turn_end":
+        e = pb.turn_end
+        return TurnEnded(
+            _REASON_FROM_PB.get(e.stop_reason, StopReason.CANCELLED), e.usage.prompt_tokens,
+            e.usage.generated_tokens, e.usage.state_tokens, e.state_version, e.stop_string,
+            e.stop_token_id if e.stop_reason == common_pb2.STOP_REASON_STOP_TOKEN else -1,
+        )
+    raise InvalidArgument("empty ChatEvent")
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """The model a worker serves."""
+
+    id: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    state_bytes: int
+    fingerprint: str  # hex
+    random_init: bool
+    presets: tuple[str, ...] = ()
+
+    def to_pb(self) -> common_pb2.ModelInfo:
+        return common_pb2.ModelInfo(
+            id=self.id, n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, vocab_size=self.vocab_size,
+            state_bytes=self.state_bytes, fingerprint=self.fingerprint, random_init=self.random_init,
+            presets=list(self.presets),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A worker's identity and load: its GetLoad answer and its Redis registry record."""
+
+    worker_id: str
+    address: str
+    model: ModelDescription
+    capacity: int
+    active: int
+    queued: int
+    max_queued: int
+    serving: bool
+
+    def to_pb(self) -> worker_pb2.LoadInfo:
+        return worker_pb2.LoadInfo(
+            worker_id=self.worker_id, address=self.address, model=self.model.to_pb(), capacity=self.capacity,
+            active=self.active, queued=self.queued, max_queued=self.max_queued, serving=self.serving,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON-able registry record (what the front's router reads)."""
+        return {
+            "worker_id": self.worker_id, "address": self.address, "model": self.model.id,
+            "fingerprint": self.model.fingerprint, "random_init": self.model.random_init,
+            "capacity": self.capacity, "active": self.active, "queued": self.queued,
+            "max_queued": self.max_queued, "serving": self.serving,
+            "n_layer": self.model.n_layer, "n_embd": self.model.n_embd, "n_head": self.model.n_head,
+            "vocab_size": self.model.vocab_size, "state_bytes": self.model.state_bytes,
+        }
