@@ -1,13 +1,15 @@
-"""Protobuf <-> domain conversion for the front: templates, sampling (as stored in session metadata), sessions."""
+"""Protobuf <-> domain conversion for the front: templates, sessions, validation of what CreateSession stores.
+
+Session default sampling is stored as the worker reads it (worker.turns.sampling_from_pb: the set fields as a
+dict); the worker merges a turn's overrides over it, so the front passes overrides through untouched."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from google.protobuf import json_format
+from typing import TYPE_CHECKING
 
 from rwkv_serve.v1 import api_pb2, common_pb2
 from worker.errors import InvalidArgument
+from worker.turns import sampling_from_pb, sampling_to_pb
 
 if TYPE_CHECKING:
     from worker.store import SessionMeta
@@ -39,27 +41,6 @@ def template_enum(name: str) -> int:
     return _TEMPLATE_ENUMS.get(name, common_pb2.CHAT_TEMPLATE_UNSPECIFIED)
 
 
-def sampling_to_dict(pb: common_pb2.Sampling) -> dict[str, Any]:
-    """The set fields of a Sampling message, JSON-safe (how the session's defaults are stored)."""
-    return json_format.MessageToDict(pb, preserving_proto_field_name=True)
-
-
-def sampling_from_dict(fields: dict[str, Any]) -> common_pb2.Sampling:
-    return json_format.ParseDict(fields or {}, common_pb2.Sampling())
-
-
-def merge_sampling(base: common_pb2.Sampling, override: common_pb2.Sampling) -> common_pb2.Sampling:
-    """Fields set in `override` replace those of `base`, whole lists included (MergeFrom would append them)."""
-    merged = common_pb2.Sampling()
-    merged.CopyFrom(base)
-    for field, value in override.ListFields():
-        if field.message_type is not None:
-            getattr(merged, field.name).CopyFrom(value)
-        else:
-            setattr(merged, field.name, value)
-    return merged
-
-
 def check_sampling(pb: common_pb2.Sampling) -> None:
     """Rejects values that no worker would accept, so bad session defaults fail at creation, not at turn 1."""
     if pb.HasField("temperature") and not pb.temperature >= 0:
@@ -68,8 +49,8 @@ def check_sampling(pb: common_pb2.Sampling) -> None:
         raise InvalidArgument("top_p must be in (0, 1]")
     if pb.HasField("top_k") and pb.top_k < 0:
         raise InvalidArgument("top_k must be >= 0")
-    if pb.HasField("max_tokens") and pb.max_tokens < 0:
-        raise InvalidArgument("max_tokens must be >= 0")
+    if pb.HasField("max_tokens") and pb.max_tokens < 1:
+        raise InvalidArgument("max_tokens must be >= 1")
     if pb.HasField("logprobs") and pb.logprobs < 0:
         raise InvalidArgument("logprobs must be >= 0")
     if pb.HasField("penalty_decay") and not 0 <= pb.penalty_decay <= 1:
@@ -90,7 +71,7 @@ def session_to_pb(meta: SessionMeta) -> api_pb2.Session:
         session_id=meta.session_id,
         model=meta.model,
         template=template_enum(meta.template),
-        default_sampling=sampling_from_dict(meta.sampling),
+        default_sampling=sampling_to_pb(meta.sampling),
         state_version=meta.version,
         state_tokens=meta.state_tokens,
         turns=meta.turns,

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from rwkv_serve.v1 import common_pb2
-from service.convert import check_metadata, check_sampling, sampling_to_dict, template_name
+from service.convert import check_metadata, check_sampling, template_name
 from service.router import WorkerDirectory
 from worker.errors import InvalidArgument, ModelNotFound, PermissionDenied, PresetNotFound
 from worker.store import SessionMeta, StateStore
+from worker.turns import sampling_from_pb
 
 
 class Sessions:
@@ -45,7 +46,7 @@ class Sessions:
         return await self.store.create_session(
             tenant=tenant, model=model, template=template_name(template), ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
             system_prompt=system_prompt, preset=preset, metadata=check_metadata(dict(metadata or {})),
-            sampling=sampling_to_dict(sampling))
+            sampling=sampling_from_pb(sampling))
 
     async def get(self, tenant: str, session_id: str) -> SessionMeta:
         """The session's metadata; PermissionDenied when it belongs to another tenant."""
@@ -75,4 +76,4 @@ class Sessions:
             check_sampling(sampling)
         return await self.store.fork_session(
             session_id, ttl_ms=self._ttl(ttl_ms), metadata=check_metadata(dict(metadata)) if metadata else None,
-            sampling=sampling_to_dict(sampling) if sampling is not None else None, expected_version=expected_version)
+            sampling=sampling_from_pb(sampling) if sampling is not None else None, expected_version=expected_version)

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
-from service.convert import merge_sampling, sampling_from_dict
 from service.router import Router, WorkerDirectory, WorkerInfo
 from service.sessions import Sessions
 from worker.errors import InvalidArgument, ModelNotFound, SessionBusy, SessionNotFound, Unavailable
@@ -56,23 +55,21 @@ class Turns:
 
     async def plan_chat(self, tenant: str, turn: api_pb2.ChatTurn) -> TurnPlan:
         meta = await self.sessions.get(tenant, turn.session_id)
-        sampling = merge_sampling(sampling_from_dict(meta.sampling), turn.sampling)
-        request = worker_pb2.RunTurnRequest(
+        request = worker_pb2.RunTurnRequest(  # sampling: the turn's overrides; the worker applies the defaults
             session_id=meta.session_id, model=meta.model, kind=worker_pb2.INPUT_KIND_CHAT, text=turn.text,
-            sampling=sampling, turn_id=turn.turn_id, return_token_ids=True,
+            sampling=turn.sampling, turn_id=turn.turn_id, return_token_ids=True,
             expected_state_version=turn.expected_state_version if turn.HasField("expected_state_version") else None)
         return TurnPlan(request, await self._session_candidates(meta.session_id, meta.model), meta.version,
                         meta.state_tokens, client_wants_ids=turn.return_token_ids)
 
     async def plan_generate(self, tenant: str, req: api_pb2.GenerateRequest) -> TurnPlan:
         request = worker_pb2.RunTurnRequest(kind=worker_pb2.INPUT_KIND_RAW, text=req.prompt, turn_id=req.turn_id,
-                                            return_token_ids=True)
+                                            sampling=req.sampling, return_token_ids=True)
         if req.session_id:
             meta = await self.sessions.get(tenant, req.session_id)
             if req.model and req.model != meta.model:
                 raise InvalidArgument(f"session {meta.session_id} runs model {meta.model!r}, not {req.model!r}")
             request.session_id, request.model = meta.session_id, meta.model
-            request.sampling.CopyFrom(merge_sampling(sampling_from_dict(meta.sampling), req.sampling))
             request.commit = not req.ephemeral
             if req.HasField("expected_state_version"):
                 request.expected_state_version = req.expected_state_version
@@ -83,7 +80,6 @@ class Turns:
         if req.ephemeral or req.HasField("expected_state_version"):
             raise InvalidArgument("ephemeral and expected_state_version need a session_id")
         request.model = req.model
-        request.sampling.CopyFrom(req.sampling)
         candidates = await self.directory.least_loaded(req.model)
         if not candidates:
             raise ModelNotFound(f"model {req.model!r} is not served by any live worker")

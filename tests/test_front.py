@@ -12,10 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
-from service.convert import merge_sampling, sampling_from_dict, sampling_to_dict
 from service.router import WorkerDirectory, WorkerInfo, rendezvous_order
 from tests.e2e_fixtures import fakes, front_factory  # noqa: F401  (fixtures)
 from worker.errors import ERROR_KEY, Overloaded, SessionBusy
+from worker.turns import ModelDescription, WorkerLoad
 
 # ---- plain objects ------------------------------------------------------------------------------------------
 
@@ -62,16 +62,16 @@ async def test_directory_ranks_suspect_and_saturated_workers_last() -> None:
     assert (await directory.for_session("s1", "m"))[0] == first
 
 
-def test_sampling_merge_replaces_lists_and_keeps_unset_fields() -> None:
-    base = common_pb2.Sampling(temperature=0.7, top_k=5, stop_strings=common_pb2.StringList(values=["a", "b"]))
-    override = common_pb2.Sampling(temperature=0.0, stop_strings=common_pb2.StringList(values=["c"]))
-    merged = merge_sampling(base, override)
-    assert merged.temperature == 0.0 and merged.HasField("temperature")
-    assert merged.top_k == 5
-    assert list(merged.stop_strings.values) == ["c"]
-    stored = sampling_to_dict(common_pb2.Sampling(seed=2**63, top_p=0.9, banned_tokens=common_pb2.TokenIdList()))
-    assert sampling_from_dict(stored) == common_pb2.Sampling(seed=2**63, top_p=0.9,
-                                                             banned_tokens=common_pb2.TokenIdList())
+def test_worker_registry_records_are_understood() -> None:
+    description = ModelDescription("m", n_layer=2, n_embd=128, n_head=2, vocab_size=65536, state_bytes=1234,
+                                   fingerprint="ab", random_init=True)
+    load = WorkerLoad("w9", "10.0.0.1:7000", description, capacity=8, active=3, queued=5, max_queued=5,
+                      serving=True)
+    info = WorkerInfo.from_record(load.to_record())
+    assert (info.worker_id, info.address, info.model, info.capacity) == ("w9", "10.0.0.1:7000", "m", 8)
+    assert info.load == 1.0 and info.saturated
+    pb = info.model_info_pb()
+    assert (pb.id, pb.n_layer, pb.state_bytes, pb.fingerprint, pb.random_init) == ("m", 2, 1234, "ab", True)
 
 
 # ---- the gRPC front ---------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ async def test_api_keys_separate_tenants(fakes, front_factory) -> None:  # noqa:
         assert [s.session_id for s in listed.sessions] == [session.session_id]
 
 
-async def test_chat_goes_to_the_rendezvous_home_with_merged_sampling(fakes, front_factory) -> None:  # noqa: F811
+async def test_chat_goes_to_the_rendezvous_home(fakes, front_factory, store) -> None:  # noqa: F811
     workers = {w: await fakes(w) for w in ("w1", "w2", "w3")}
     _, target = await front_factory()
     channel, stub = _stub(target)
@@ -193,7 +193,10 @@ async def test_chat_goes_to_the_rendezvous_home_with_merged_sampling(fakes, fron
             assert all(not e.delta.token_ids for e in events)  # the front asked for ids; the client did not
         request = workers[home].servicer.requests[-1]
         assert request.session_id == session.session_id and request.model == "tiny"
-        assert request.sampling.temperature == 0.0 and request.sampling.top_k == 3  # turn over session default
+        # The turn's overrides only: the worker applies them over the session's stored defaults.
+        assert request.sampling == common_pb2.Sampling(temperature=0.0)
+        stored = await store.get_session(session.session_id)
+        assert stored.sampling == {"temperature": 0.5, "top_k": 3}
         assert sum(len(f.servicer.requests) for f in workers.values()) == 3
 
 
