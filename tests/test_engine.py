@@ -261,3 +261,24 @@ def test_state_cache_is_lru_by_bytes_and_version_checked(tiny_model) -> None:
     assert cache.get("b", 1) is None and cache.get("c", 3) == (one, 30)
     assert cache.get("a", 2) is None and cache.get("a", 1) is None  # a stale version is dropped
     assert len(cache) == 1
+
+
+async def test_failed_step_fails_its_turns_and_the_engine_goes_on(tiny_model, tokenizer, monkeypatch) -> None:
+    engine = Engine(tiny_model, tokenizer)
+    engine.start()
+    original = engine._decode
+
+    def broken(lane, out):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    try:
+        monkeypatch.setattr(engine, "_decode", broken)
+        doomed = engine.submit(TurnRequest([1, 2], GREEDY))
+        with pytest.raises(RuntimeError, match="engine step failed"):
+            async for _ in doomed:
+                pass
+        monkeypatch.setattr(engine, "_decode", original)
+        events = [e async for e in engine.submit(TurnRequest([1, 2], GREEDY))]
+        assert isinstance(events[-1], Finished) and events[-1].reason is StopReason.MAX_TOKENS
+    finally:
+        await engine.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +32,7 @@ from worker.model import RWKV5
 from worker.sampler import SampleResult, SamplerState, SamplingParams, StopChecker, sample_batch
 from worker.state import State
 
+log = logging.getLogger(__name__)
 
 class StopReason(str, Enum):
     """Why a turn ended."""
@@ -91,7 +93,7 @@ class Turn:
     def __init__(self, turn_id: int, engine: Engine) -> None:
         self.id = turn_id
         self._engine = engine
-        self._events: asyncio.Queue[TurnEvent] = asyncio.Queue()
+        self._events: asyncio.Queue[TurnEvent | Exception] = asyncio.Queue()
         self.cancelled = False  # read by the engine thread at step boundaries
         self.done = False
 
@@ -102,11 +104,15 @@ class Turn:
             self._engine._wake()
 
     async def next_event(self) -> TurnEvent:
-        return await self._events.get()
+        """The next event; raises the engine's exception if the step running this turn failed."""
+        event = await self._events.get()
+        if isinstance(event, BaseException):
+            raise event
+        return event
 
     async def __aiter__(self) -> AsyncIterator[TurnEvent]:
         while True:
-            event = await self._events.get()
+            event = await self.next_event()
             yield event
             if isinstance(event, Finished):
                 return
@@ -250,12 +256,22 @@ class Engine:
             await self._wakeup.wait()
             self._wakeup.clear()
             while not self.idle:
-                deliveries = await loop.run_in_executor(self._executor, self.step_sync)
+                try:
+                    deliveries = await loop.run_in_executor(self._executor, self.step_sync)
+                except Exception as exc:  # a bug or e.g. out of device memory: fail this batch, keep serving
+                    log.exception("engine step failed; failing the %d turns in the batch", len(self._slots))
+                    deliveries = self._fail_batch(exc)
                 self._deliver(deliveries)
 
-    def _deliver(self, deliveries: list[tuple[Turn, TurnEvent]]) -> None:
+    def _fail_batch(self, exc: Exception) -> list[tuple[Turn, TurnEvent | Exception]]:
+        """Drops every admitted turn (the engine thread is idle: its step raised); waiting turns go on."""
+        failed, self._slots, self._lane = self._slots, [], _Lane()
+        error = RuntimeError(f"engine step failed: {exc!r}")
+        return [(slot.turn, error) for slot in failed]
+
+    def _deliver(self, deliveries: list[tuple[Turn, TurnEvent | Exception]]) -> None:
         for turn, event in deliveries:
-            if isinstance(event, Finished):
+            if isinstance(event, (Finished, Exception)):
                 turn.done = True
             turn._events.put_nowait(event)
 
