@@ -243,3 +243,24 @@ async def test_drain_stops_new_turns(worker: Worker, store: StateStore) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await run(worker.stub, worker_pb2.RunTurnRequest(kind=worker_pb2.INPUT_KIND_RAW, text="x", sampling=greedy(2)))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_long_turn_renews_its_lease_and_a_lost_lease_aborts(worker: Worker, store: StateStore) -> None:
+    from dataclasses import replace
+
+    worker.core.runner.config = replace(worker.core.runner.config, lease_ms=150)  # renewed every 50 ms
+    sid = (await store.create_session(tenant="t", model=MODEL_ID, template="raw", ttl_ms=60_000)).session_id
+    long = worker_pb2.RunTurnRequest(session_id=sid, kind=worker_pb2.INPUT_KIND_RAW, text="go", sampling=greedy(60))
+    started = asyncio.get_running_loop().time()
+    _, _, end, _ = await run(worker.stub, long)
+    assert asyncio.get_running_loop().time() - started > 0.3 and end.state_version == 1  # outlived 2 lease TTLs
+    call = worker.stub.RunTurn(worker_pb2.RunTurnRequest(session_id=sid, kind=worker_pb2.INPUT_KIND_RAW, text="go",
+                                                         sampling=greedy(4000)))
+    await call.read()
+    await store.redis.set(store.session_key(sid, "lease"), "someone-else")  # expired and taken over
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    assert status_of(info) == (grpc.StatusCode.ABORTED, {ERROR_KEY: "LeaseLost"})
+    assert await worker.core.engine.drain(2)
+    assert (await store.get_session(sid)).version == 1
