@@ -1,0 +1,439 @@
+"""Batched token sampling with per-request parameters, as the RWKV tools do it, and stop detection for streams.
+
+Per row, in the order of the reference `PIPELINE.sample_logits` / chat tools:
+penalties (presence + decayed frequency) and bans on the logits -> softmax -> top-p cut -> top-k cut ->
+probs ** (1 / temperature) -> draw. Temperature 0 (or top_k 1) is greedy: argmax of the penalised logits.
+
+Two deliberate differences from the reference: top_p = 1 means "no cut" (the reference's float cumsum can
+stay just below 1.0 and then keeps only the top token), and the draw is an inverse-CDF lookup with one
+uniform number from the request's own generator, so a seed gives the same tokens whatever else is batched.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+__all__ = [
+    "MAX_LOGPROBS",
+    "SamplingParams",
+    "SamplerState",
+    "SampleResult",
+    "sample_batch",
+    "StopStringMatcher",
+    "StopChecker",
+    "StopStep",
+]
+
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for; each costs a top-k over the vocab
+_SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+# Top-p/top-k need the head of each sorted row. A full sort of 65536 floats costs ~20x a top-64, and real
+# models put the top_p mass in a few dozen tokens, so widen only for the rows that need it.
+_HEAD_SIZES = (64, 1024, 16384)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and stopping parameters."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = no nucleus cut
+    top_k: int = 0  # 0 = off
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per (decayed) occurrence
+    penalty_decay: float = 0.996  # occurrence counts are multiplied by this after every step
+    banned_tokens: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = (0,)  # id 0 is end of text in the World vocab
+    stop_strings: tuple[str, ...] = ()
+    max_tokens: int = 256
+    seed: int | None = None  # None = a fresh random seed per request
+    logprobs: int = 0  # top alternatives to report per token; the chosen token's logprob is always given
+
+    def validate(self, vocab_size: int, max_tokens_limit: int | None = None) -> None:
+        """Raise ValueError naming the first invalid field."""
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+        for name in ("top_k", "max_tokens", "logprobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.penalty_decay <= 1:
+            raise ValueError(f"penalty_decay must be in [0, 1], got {self.penalty_decay}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
+            raise ValueError(f"max_tokens must be <= {max_tokens_limit}, got {self.max_tokens}")
+        if not 0 <= self.logprobs <= min(MAX_LOGPROBS, vocab_size):
+            raise ValueError(f"logprobs must be in [0, {min(MAX_LOGPROBS, vocab_size)}], got {self.logprobs}")
+        for name in ("banned_tokens", "stop_token_ids"):
+            for token_id in getattr(self, name):
+                if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+                    raise ValueError(f"{name} contains {token_id!r}, not a token id in [0, {vocab_size})")
+        if len(set(self.banned_tokens)) >= vocab_size:
+            raise ValueError("banned_tokens bans the whole vocabulary")
+        for text in self.stop_strings:
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"stop_strings must be non-empty strings, got {text!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < _SEED_LIMIT
+        ):
+            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
+
+
+class SamplerState:
+    """One request's sampling state: its parameters, its random generator and its decayed token counts."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(self.seed)  # CPU: one uniform per step, any device
+        # count(n) = _raw[n] * _scale. Decaying every count each step would be O(distinct tokens) of Python
+        # per request per step; decaying the shared scale is O(1). Renormalised before it underflows.
+        self._raw: dict[int, float] = {}
+        self._scale = 1.0
+
+    def counts(self) -> dict[int, float]:
+        """Current decayed occurrence count per generated token."""
+        return {token: raw * self._scale for token, raw in self._raw.items()}
+
+    def penalties(self) -> tuple[list[int], list[float]]:
+        """(token ids, amount to subtract from their logits) for this step."""
+        p = self.params
+        if not self._raw or (p.presence_penalty == 0 and p.frequency_penalty == 0):
+            return [], []
+        scaled_freq = p.frequency_penalty * self._scale
+        return list(self._raw), [p.presence_penalty + raw * scaled_freq for raw in self._raw.values()]
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated token: decay all counts, then count this one."""
+        decay = self.params.penalty_decay
+        if decay == 0:
+            self._raw.clear()
+            self._scale = 1.0
+        else:
+            self._scale *= decay
+            if self._scale < 1e-150:
+                self._raw = {t: r * self._scale for t, r in self._raw.items()}
+                self._scale = 1.0
+        self._raw[token_id] = self._raw.get(token_id, 0.0) + 1.0 / self._scale
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """One sampled token with its log-probability and, if asked, the top alternatives."""
+
+    token_id: int
+    # log P(token) under softmax of the logits after penalties and bans, before temperature, top-p and top-k.
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = field(default=())  # (id, logprob), most likely first
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor, n_total: int) -> torch.Tensor:
+    """t[rows], without the copy when rows is every row in order."""
+    return t if rows.numel() == n_total else t.index_select(0, rows)
+
+
+def _draw(gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """One uniform in [0, 1) per request, each from that request's own generator."""
+    return torch.tensor([torch.rand((), dtype=torch.float64, generator=g).item() for g in gens], dtype=torch.float64)
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the index whose cumulative weight first exceeds u * total; weights >= 0, each row > 0."""
+    cdf = torch.cumsum(weights, dim=-1)  # (R, K)
+    target = (u.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (R, 1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (R,)
+    idx = idx.clamp_(max=weights.shape[1] - 1)
+    # u * total can round up to total: then the clamp may land on a zero-weight tail; take the last real one.
+    picked = weights.gather(1, idx.unsqueeze(1)).squeeze(1)
+    bad = (picked <= 0).nonzero().flatten().tolist()
+    for r in bad:
+        idx[r] = int((weights[r] > 0).nonzero().max())
+    return idx
+
+
+def _sorted_head(
+    x: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the descending head of the vocab that holds every token kept by top-p/top-k.
+
+    Returns (head logits (R, K), head ids (R, K), kept count per row (R,)), kept tokens being the first
+    `kept` of the head: all tokens with prob >= the top-p cutoff value (ties included, as in the reference),
+    then at most top_k of them.
+    """
+    n_rows, vocab = x.shape
+    need_k = int(top_k.max()) if n_rows else 0
+    out_vals: list[torch.Tensor | None] = [None] * n_rows
+    out_ids: list[torch.Tensor | None] = [None] * n_rows
+    kept = torch.zeros(n_rows, dtype=torch.long)
+    pending = torch.arange(n_rows)
+    for size in (*_HEAD_SIZES, vocab):
+        size = min(vocab, max(size, need_k))
+        xs = _rows(x, pending.to(x.device), n_rows)
+        vals, ids = torch.topk(xs, size, dim=-1, sorted=True)  # (P, size), descending
+        probs = torch.exp(vals - lse.index_select(0, pending.to(x.device)).unsqueeze(1))
+        p_col = top_p.index_select(0, pending).to(x.device).unsqueeze(1)
+        cum = torch.cumsum(probs, dim=-1)
+        reached = cum >= p_col
+        any_reached = reached.any(dim=1)
+        first = reached.to(torch.int8).argmax(dim=1)  # first position where the mass reaches top_p
+        cutoff = probs.gather(1, first.unsqueeze(1))
+        n_p = (probs >= cutoff).sum(dim=1)
+        # Mass not reached inside this head: the cutoff lies further on (or, over the whole vocab, float
+        # rounding kept the total just under top_p: no cut then). top_p == 1: no cut.
+        cut_here = any_reached & (p_col.squeeze(1) < 1)
+        n_p = torch.where(cut_here, n_p, torch.full_like(n_p, vocab))
+        k_col = top_k.index_select(0, pending).to(x.device)
+        n = torch.where(k_col > 0, torch.minimum(n_p, k_col), n_p)
+        # Resolved when the kept set ends inside this head (if it fills the head, ties or more tokens may
+        # follow beyond it), or when the head is already the whole vocab.
+        done = (n < size) | (size == vocab)
+        done_cpu = done.cpu()
+        n_cpu = n.clamp(max=size).cpu()
+        for j, r in enumerate(pending.tolist()):
+            if done_cpu[j]:
+                out_vals[r], out_ids[r], kept[r] = vals[j], ids[j], n_cpu[j]
+        pending = pending[~done_cpu]
+        if pending.numel() == 0:
+            break
+    width = max(int(v.shape[0]) for v in out_vals)  # type: ignore[union-attr]
+    head_vals = x.new_full((n_rows, width), -math.inf)
+    head_ids = torch.zeros((n_rows, width), dtype=torch.long, device=x.device)
+    for r in range(n_rows):
+        v, i = out_vals[r], out_ids[r]
+        head_vals[r, : v.shape[0]] = v  # type: ignore[union-attr]
+        head_ids[r, : i.shape[0]] = i  # type: ignore[union-attr]
+    return head_vals, head_ids, kept
+
+
+def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[SampleResult]:
+    """Sample one token per row of `logits` (B, V) with each row's own parameters, and record it in its state.
+
+    The reported logprob is log softmax of the logits after penalties and bans, before temperature, top-p
+    and top-k: the model's own probability for the token, comparable across sampling settings.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(states):
+        raise ValueError(f"logits must be (B, V) with B = {len(states)} states, got {tuple(logits.shape)}")
+    n_rows, vocab = logits.shape
+    if n_rows == 0:
+        return []
+    device = logits.device
+    x = logits.float()
+
+    # Penalties and bans as one sparse edit on a copy (the caller's logits stay untouched).
+    pen_rows: list[int] = []
+    pen_cols: list[int] = []
+    pen_vals: list[float] = []
+    ban_rows: list[int] = []
+    ban_cols: list[int] = []
+    for r, state in enumerate(states):
+        cols, vals = state.penalties()
+        pen_rows += [r] * len(cols)
+        pen_cols += cols
+        pen_vals += vals
+        banned = state.params.banned_tokens
+        ban_rows += [r] * len(banned)
+        ban_cols += banned
+    if pen_cols or ban_cols:
+        x = x.clone()
+        if pen_cols:
+            idx = (torch.tensor(pen_rows, device=device), torch.tensor(pen_cols, device=device))
+            x.index_put_(idx, -torch.tensor(pen_vals, dtype=torch.float32, device=device), accumulate=True)
+        if ban_cols:
+            idx = (torch.tensor(ban_rows, device=device), torch.tensor(ban_cols, device=device))
+            x.index_put_(idx, torch.tensor(-math.inf, device=device))
+
+    lse = torch.logsumexp(x, dim=-1)  # (B,) log partition of the penalised logits
+    tokens = torch.empty(n_rows, dtype=torch.long, device=device)
+
+    greedy, full, cut = [], [], []
+    for r, state in enumerate(states):
+        p = state.params
+        if p.temperature == 0 or p.top_k == 1:
+            greedy.append(r)
+        elif p.top_p < 1 or 0 < p.top_k < vocab:
+            cut.append(r)
+        else:
+            full.append(r)
+
+    if greedy:
+        rows = torch.tensor(greedy, device=device)
+        tokens[rows] = _rows(x, rows, n_rows).argmax(dim=-1)
+
+    if full:
+        # probs ** (1/T) is proportional to exp((logit - max) / T); subtracting the max rather than the log
+        # partition keeps the top weight at 1 so a small T cannot underflow a whole row to zero.
+        rows = torch.tensor(full, device=device)
+        temp = torch.tensor([states[r].params.temperature for r in full], device=device).unsqueeze(1)
+        xs = _rows(x, rows, n_rows)
+        weights = torch.exp((xs - xs.max(dim=1, keepdim=True).values) / temp)  # (R, V)
+        tokens[rows] = _inverse_cdf(weights, _draw([states[r].generator for r in full]))
+
+    if cut:
+        rows = torch.tensor(cut, device=device)
+        params = [states[r].params for r in cut]
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        top_k = torch.tensor([p.top_k if p.top_k < vocab else 0 for p in params], dtype=torch.long)
+        head_vals, head_ids, kept = _sorted_head(_rows(x, rows, n_rows), lse[rows], top_p, top_k)
+        temp = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        pos = torch.arange(head_vals.shape[1], device=device).unsqueeze(0)
+        weights = torch.exp((head_vals - head_vals[:, :1]) / temp)  # (R, K); column 0 is the row max
+        weights = torch.where(pos < kept.to(device).unsqueeze(1), weights, torch.zeros_like(weights))
+        picked = _inverse_cdf(weights, _draw([states[r].generator for r in cut]))
+        tokens[rows] = head_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+
+    chosen_logprob = (x.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse).tolist()
+    token_list = tokens.tolist()
+
+    alternatives: dict[int, tuple[tuple[int, float], ...]] = {}
+    want = [r for r, s in enumerate(states) if s.params.logprobs > 0]
+    if want:
+        rows = torch.tensor(want, device=device)
+        k = max(states[r].params.logprobs for r in want)
+        vals, ids = torch.topk(_rows(x, rows, n_rows), k, dim=-1)
+        vals = (vals - lse[rows].unsqueeze(1)).tolist()
+        ids = ids.tolist()
+        for j, r in enumerate(want):
+            n = states[r].params.logprobs
+            alternatives[r] = tuple(zip(ids[j][:n], vals[j][:n]))
+
+    results = []
+    for r, state in enumerate(states):
+        state.observe(token_list[r])
+        results.append(SampleResult(token_list[r], chosen_logprob[r], alternatives.get(r, ())))
+    return results
+
+
+class StopStringMatcher:
+    """Streams text, holding back anything that may still become a stop string; cuts at the first one."""
+
+    def __init__(self, stop_strings: Sequence[str]) -> None:
+        if any(not s for s in stop_strings):
+            raise ValueError("stop strings must be non-empty")
+        self._stops = tuple(dict.fromkeys(stop_strings))
+        self._held = ""
+        self.stopped = False
+
+    def _earliest_partial(self, text: str) -> int:
+        """Smallest i such that text[i:] is a proper prefix of some stop string (len(text) if none)."""
+        best = len(text)
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    best = min(best, len(text) - n)
+                    break
+        return best
+
+    def push(self, text: str) -> str:
+        """Text that can safely be shown; sets `stopped` once a stop string is certain to come first."""
+        if self.stopped:
+            raise RuntimeError("push after a stop string was found")
+        held = self._held + text
+        found = [i for i in (held.find(s) for s in self._stops) if i >= 0]
+        partial = self._earliest_partial(held)
+        if found:
+            first = min(found)
+            # A longer stop string that started earlier and is still incomplete could yet match first (stop
+            # strings "abc" and "b" on "ab"): the cut point is only certain when no such prefix is pending.
+            if partial >= first:
+                self._held = ""
+                self.stopped = True
+                return held[:first]
+        self._held = held[partial:]
+        return held[:partial]
+
+    def flush(self) -> str:
+        """The held text at the end of generation, cut at a stop string if one is complete in it."""
+        held, self._held = self._held, ""
+        found = [i for i in (held.find(s) for s in self._stops) if i >= 0]
+        if found:
+            self.stopped = True
+            return held[: min(found)]
+        return held
+
+
+class _Tokenizer(Protocol):
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class StopStep:
+    """What one generated token adds to the stream, and whether generation ends here."""
+
+    text: str
+    reason: str | None = None  # 'stop_token', 'stop_string', 'max_tokens' or None (go on)
+
+    @property
+    def finished(self) -> bool:
+        return self.reason is not None
+
+
+class StopChecker:
+    """Per request: turns generated ids into stream text and decides when and why generation stops."""
+
+    def __init__(
+        self,
+        tokenizer: _Tokenizer,
+        *,
+        stop_token_ids: Sequence[int] = (0,),
+        stop_strings: Sequence[str] = (),
+        max_tokens: int = 256,
+    ) -> None:
+        from worker.tokenizer import IncrementalDecoder  # noqa: PLC0415 - keeps the sampler importable alone
+
+        self._decoder = IncrementalDecoder(tokenizer)  # type: ignore[arg-type]
+        self._matcher = StopStringMatcher(stop_strings)
+        self._stop_ids = frozenset(stop_token_ids)
+        self._max_tokens = max_tokens
+        self.tokens_seen = 0
+        self.reason: str | None = None
+
+    @classmethod
+    def from_params(cls, params: SamplingParams, tokenizer: _Tokenizer) -> StopChecker:
+        return cls(tokenizer, stop_token_ids=params.stop_token_ids, stop_strings=params.stop_strings,
+                   max_tokens=params.max_tokens)
+
+    def _end(self, text: str, reason: str) -> StopStep:
+        # Generation is over: release held bytes and held text, still cutting at a stop string in them.
+        if not self._matcher.stopped:
+            text += self._matcher.push(self._decoder.flush())
+        if not self._matcher.stopped:
+            text += self._matcher.flush()
+        self.reason = "stop_string" if self._matcher.stopped else reason
+        return StopStep(text, self.reason)
+
+    def step(self, token_id: int) -> StopStep:
+        """Account for one generated token."""
+        if self.reason is not None:
+            raise RuntimeError(f"generation already stopped ({self.reason})")
+        self.tokens_seen += 1
+        if token_id in self._stop_ids:  # the stop token itself is not part of the text
+            return self._end("", "stop_token")
+        text = self._matcher.push(self._decoder.push(token_id))
+        if self._matcher.stopped:
+            self.reason = "stop_string"
+            return StopStep(text, self.reason)
+        if self.tokens_seen >= self._max_tokens:
+            return self._end(text, "max_tokens")
+        return StopStep(text)
+
+    def finish(self, reason: str = "cancelled") -> StopStep:
+        """End early for a reason outside the checker (cancelled, context full): emit what is held."""
+        if self.reason is not None:
+            return StopStep("", self.reason)
+        return self._end("", reason)
