@@ -95,3 +95,7 @@ def main(
 
 def cli() -> None:
     typer.run(main)
+
+
+if __name__ == "__main__":
+    cli()

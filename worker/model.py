@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from worker.state import State
 
 HEAD_SIZE_DIVISOR = 8  # RWKV-5 trains with head_size_divisor 8: GroupNorm eps 1e-5 on y/8 == eps 64e-5 on y
-WKV_CHUNK = 32  # tokens per chunk of the parallel WKV; any size is exact, this one keeps (T, T, N) small
+WKV_CHUNK = 16  # tokens per chunk of the parallel WKV; any size is exact, small ones keep (c, c, N) small
 
 
 class CheckpointError(ValueError):
@@ -41,6 +41,43 @@ class RWKV5Config:
         return 4 * self.n_layer * (2 * self.n_embd + self.n_head * self.head_size**2)
 
 
+class Linear:
+    """y = x W^T in the weight's dtype, returned in fp32. On CPU the weight is prepacked for oneDNN, which reads it
+    at close to memory bandwidth for one token (1.3-2x `F.linear` here: see bench/); elsewhere plain `F.linear`."""
+
+    def __init__(self, weight: torch.Tensor):  # (out, in), nn.Linear layout as in the checkpoint
+        self.dtype, self.shape = weight.dtype, tuple(weight.shape)
+        self.weight, self.packed = weight, None
+        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok(weight.dtype):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+            self.weight = None  # the packed copy replaces it: one copy of the weights in RAM
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        else:
+            y = F.linear(x, self.weight)
+        return y.float().view(*lead, self.shape[0])
+
+
+_ONEDNN: dict[torch.dtype, bool] = {}
+
+
+def _onednn_ok(dtype: torch.dtype) -> bool:
+    """Whether this torch build's oneDNN linear runs and agrees with F.linear for `dtype` (checked once)."""
+    if dtype not in _ONEDNN:
+        try:
+            g = torch.Generator().manual_seed(0)
+            w, x = torch.randn(96, 64, generator=g).to(dtype), torch.randn(3, 64, generator=g).to(dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            _ONEDNN[dtype] = bool(torch.allclose(y.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2))
+        except (RuntimeError, AttributeError):
+            _ONEDNN[dtype] = False
+    return _ONEDNN[dtype]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Time mixing: token shift, r/k/v/g projections, the WKV recurrence, GroupNorm, gated output
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,29 +92,44 @@ def wkv_step(r, k, v, w, u, s):
 
 
 def wkv_chunked(r, k, v, log_w, u, s, chunk: int = WKV_CHUNK):
-    """The WKV recurrence over T tokens, exactly, chunk by chunk. r, k, v: (B, H, T, N); log_w, u: (H, N); s fp32.
+    """The WKV recurrence over T tokens, exactly, in parallel chunks. r, k, v: (B, H, T, N); log_w, u: (H, N); s fp32.
 
-    Within a chunk every decay power is formed as exp(exponent * log_w) with exponent >= 0 for the factor that is
-    applied, so nothing overflows and the decay is never clamped: y_t = sum_{s<t} (r_t . w^(t-s-1) k_s) v_s +
-    (r_t . u k_t) v_t + (r_t w^t) S0, and S_T = w^T S0 + sum_s (w^(T-1-s) k_s) v_s^T."""
+    y_t = sum_{s<t} (r_t . w^(t-s-1) k_s) v_s + (r_t . u k_t) v_t + (r_t w^t) S0 and S_T = w^T S0 + sum_s (w^(T-1-s) k_s) v_s^T,
+    with positions counted from the chunk's start. Every decay power is exp(exponent * log_w) with exponent >= 0, so
+    nothing overflows and w is never clamped (dividing by powers of w, the usual trick, overflows for small w)."""
     B, H, T, N = r.shape
+    full = T - T % chunk
     ys = []
-    for c0 in range(0, T, chunk):
-        rc, kc, vc = r[:, :, c0 : c0 + chunk], k[:, :, c0 : c0 + chunk], v[:, :, c0 : c0 + chunk]
-        c = rc.shape[2]
-        t = torch.arange(c, device=r.device, dtype=torch.float32)
-        # decay[t, s, :] = w^(t-s-1) for s < t (0 elsewhere): (H, c, c, N)
-        gap = (t.view(c, 1) - t.view(1, c) - 1).clamp(min=0)
-        decay = torch.exp(gap.view(1, c, c, 1) * log_w.view(H, 1, 1, N))
-        decay = decay * torch.tril(torch.ones(c, c, device=r.device), diagonal=-1).view(1, c, c, 1)
-        att = torch.einsum("bhta,htsa,bhsa->bhts", rc, decay, kc)  # (B, H, c, c)
-        att = att + torch.diag_embed((rc * u.view(1, H, 1, N) * kc).sum(-1))  # the current token's bonus u
-        w_t = torch.exp(t.view(c, 1) * log_w.view(H, 1, N))  # (H, c, N): w^t, decay of the incoming state
-        y = att @ vc + (rc * w_t) @ s  # (B, H, c, N)
-        w_rest = torch.exp((c - 1 - t).view(c, 1) * log_w.view(H, 1, N))  # (H, c, N): w^(c-1-s)
-        s = torch.exp(c * log_w).view(1, H, N, 1) * s + (kc * w_rest).transpose(-1, -2) @ vc  # (B, H, N, N)
-        ys.append(y)
-    return torch.cat(ys, dim=2), s
+    if full:
+        y, s = _wkv_chunks(*(z[:, :, :full].reshape(B, H, full // chunk, chunk, N) for z in (r, k, v)), log_w, u, s)
+        ys.append(y.reshape(B, H, full, N))
+    if T > full:
+        y, s = _wkv_chunks(*(z[:, :, full:].unsqueeze(2) for z in (r, k, v)), log_w, u, s)
+        ys.append(y.squeeze(2))
+    return torch.cat(ys, dim=2) if len(ys) > 1 else ys[0], s
+
+
+def _wkv_chunks(r, k, v, log_w, u, s):
+    """WKV over C chunks of c tokens: all intra-chunk work at once, then a short loop that carries the state.
+    r, k, v: (B, H, C, c, N); log_w, u: (H, N); s: (B, H, N, N)."""
+    B, H, C, c, N = r.shape
+    t = torch.arange(c, device=r.device, dtype=torch.float32)
+    lw = log_w.view(H, 1, N)
+    # Inside a chunk: att[t, s] = r_t . (w^(t-s-1) * k_s) for s < t, plus the bonus u on the diagonal.
+    gap = (t.view(c, 1) - t.view(1, c) - 1).clamp(min=0)
+    decay = torch.exp(gap.view(1, c, c, 1) * log_w.view(H, 1, 1, N)) * torch.tril(torch.ones(c, c, device=r.device), -1).view(1, c, c, 1)
+    att = torch.einsum("bhjta,htsa,bhjsa->bhjts", r, decay, k)  # (B, H, C, c, c)
+    att = att + torch.diag_embed((r * u.view(1, H, 1, 1, N) * k).sum(-1))
+    y = att @ v  # (B, H, C, c, N)
+    # Across chunks: each chunk reads the state left by the ones before it, decayed by w^t.
+    kv = (k * torch.exp((c - 1 - t).view(c, 1) * lw).unsqueeze(1)).transpose(-1, -2) @ v  # (B, H, C, N, N)
+    w_chunk = torch.exp(c * log_w).view(1, H, N, 1)
+    states = []
+    for j in range(C):
+        states.append(s)
+        s = w_chunk * s + kv[:, :, j]
+    y = y + (r * torch.exp(t.view(c, 1) * lw).unsqueeze(1)) @ torch.stack(states, dim=2)
+    return y, s
 
 
 class TimeMix:
@@ -86,8 +138,8 @@ class TimeMix:
     def __init__(self, p: dict[str, torch.Tensor], i: int, cfg: RWKV5Config, scale: float):
         a = f"blocks.{i}.att."
         self.mix = torch.stack([p[a + f"time_mix_{c}"].reshape(-1) for c in "rkvg"]).float()  # (4, D)
-        self.rkvg = torch.stack([p[a + f"{n}.weight"] for n in ("receptance", "key", "value", "gate")])  # (4, D, D)
-        self.output = p[a + "output.weight"]  # (D, D), pre-divided by `scale` in fp16 (see RWKV5.__init__)
+        self.rkvg = [Linear(p[a + f"{n}.weight"]) for n in ("receptance", "key", "value", "gate")]  # 4 x (D, D)
+        self.output = Linear(p[a + "output.weight"])  # (D, D), pre-divided by `scale` in fp16 (see RWKV5.__init__)
         self.log_w = -torch.exp(p[a + "time_decay"].float())  # (H, N): log of the per-channel decay w in (0, 1)
         self.w = torch.exp(self.log_w)
         self.u = p[a + "time_faaaa"].float().reshape(cfg.n_head, cfg.head_size)  # (H, N): bonus of the current token
@@ -99,8 +151,7 @@ class TimeMix:
         B, T, D = xx.shape
         prev = torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)  # (B, T, D): the token shift
         mixed = torch.lerp(prev.unsqueeze(0), xx.unsqueeze(0), self.mix.view(4, 1, 1, D))  # (4, B, T, D)
-        wdt = self.rkvg.dtype
-        r, k, v, g = torch.bmm(mixed.view(4, B * T, D).to(wdt), self.rkvg.transpose(1, 2)).float()  # 4 x (B*T, D)
+        r, k, v, g = (lin(m.view(B * T, D)) for lin, m in zip(self.rkvg, mixed))  # 4 x (B*T, D) fp32
         g = F.silu(g)
         heads = lambda z: z.view(B, T, self.H, self.N).transpose(1, 2)  # noqa: E731 - (B, H, T, N)
         if T == 1:
@@ -110,7 +161,7 @@ class TimeMix:
             y, s = wkv_chunked(heads(r), heads(k), heads(v), self.log_w, self.u, s)
             y = y.transpose(1, 2).reshape(B * T, D)
         y = F.group_norm(y, self.H, *self.ln_x, eps=1e-5 * HEAD_SIZE_DIVISOR**2)  # (B*T, D)
-        out = F.linear((y * g).to(wdt), self.output).float() * self.scale
+        out = self.output(y * g) * self.scale
         return out.view(B, T, D), xx[:, -1], s
 
 
@@ -126,17 +177,14 @@ class ChannelMix:
         f = f"blocks.{i}.ffn."
         self.mix_k = p[f + "time_mix_k"].reshape(-1).float()  # (D,)
         self.mix_r = p[f + "time_mix_r"].reshape(-1).float()  # (D,)
-        self.key, self.value, self.receptance = (p[f + n + ".weight"] for n in ("key", "value", "receptance"))
+        self.key, self.value, self.receptance = (Linear(p[f + n + ".weight"]) for n in ("key", "value", "receptance"))
         self.scale = scale
 
     def __call__(self, xx, shift):
         """xx: (B, T, D) fp32 ln2 output; shift: (B, D)."""
         prev = torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)  # (B, T, D)
-        wdt = self.key.dtype
-        xk = torch.lerp(prev, xx, self.mix_k).to(wdt)
-        xr = torch.lerp(prev, xx, self.mix_r).to(wdt)
-        k = torch.relu(F.linear(xk, self.key)).square()  # (B, T, F)
-        out = torch.sigmoid(F.linear(xr, self.receptance).float()) * (F.linear(k, self.value).float() * self.scale)
+        k = torch.relu(self.key(torch.lerp(prev, xx, self.mix_k))).square()  # (B, T, F)
+        out = torch.sigmoid(self.receptance(torch.lerp(prev, xx, self.mix_r))) * (self.value(k) * self.scale)
         return out, xx[:, -1]
 
 
@@ -174,7 +222,7 @@ class RWKV5:
         self.att = [TimeMix(p, i, cfg, scales[i]) for i in range(cfg.n_layer)]
         self.ffn = [ChannelMix(p, i, scales[i]) for i in range(cfg.n_layer)]
         self.ln_out = (p["ln_out.weight"], p["ln_out.bias"])
-        self.head = p["head.weight"]  # (V, D)
+        self.head = Linear(p["head.weight"])  # (V, D)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -217,7 +265,7 @@ class RWKV5:
         if not all_logits:
             x = x[:, -1:]
         x = F.layer_norm(x, (D,), *self.ln_out)
-        logits = F.linear(x.to(self.head.dtype), self.head).float()  # (B, T', V)
+        logits = self.head(x)  # (B, T', V)
         new_state = State(torch.stack(att_shift), torch.stack(wkv), torch.stack(ffn_shift))
         return (logits if all_logits else logits[:, 0]), new_state
 
