@@ -145,7 +145,7 @@ def test_wkv_chunked_exact_for_tiny_decays():
     y, s = wkv_chunked(r, k, v, log_w, u, s0, chunk=32)
     ys, st = [], s0
     for t in range(T):
-        yt, st = wkv_step(r[:, :, t], k[:, :, t], v[:, :, t], torch.exp(log_w), u, st)
+        yt, st = wkv_step(r[:, :, t].contiguous(), k[:, :, t].contiguous(), v[:, :, t].contiguous(), torch.exp(log_w), u, st)
         ys.append(yt)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
     assert torch.allclose(y, torch.stack(ys, dim=2), rtol=1e-4, atol=1e-3)

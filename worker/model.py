@@ -83,12 +83,16 @@ def _onednn_ok(dtype: torch.dtype) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def wkv_step(r, k, v, w, u, s):
-    """One token of the WKV recurrence for B sessions. r, k, v: (B, H, N); w, u: (H, N); s: (B, H, N, N) [key, value]."""
-    kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, N, N)
-    y = (r.unsqueeze(-2) @ (u.unsqueeze(-1) * kv + s)).squeeze(-2)  # (B, H, N)
-    s = w.unsqueeze(-1) * s + kv
-    return y, s
+def wkv_step(r, k, v, w, u, s, out=None):
+    """One token of the WKV recurrence for B sessions. r, k, v: (B, H, N); w, u: (H, N); s: (B, H, N, N) [key, value].
+
+    Returns y (B, H, N) and the new state, written into `out` when given (the state is the big tensor at large B:
+    it is read and written once, never materialised as k v^T separately)."""
+    B, H, N = r.shape
+    y = (r.unsqueeze(-2) @ s).squeeze(-2) + (r * u * k).sum(-1, keepdim=True) * v  # r.(u k v^T + S)
+    out = torch.mul(s, w.unsqueeze(-1), out=out)  # w S ...
+    out.view(B * H, N, N).baddbmm_(k.reshape(B * H, N, 1), v.reshape(B * H, 1, N))  # ... + k v^T
+    return y, out
 
 
 def wkv_chunked(r, k, v, log_w, u, s, chunk: int = WKV_CHUNK):
@@ -146,8 +150,9 @@ class TimeMix:
         self.ln_x = (p[a + "ln_x.weight"].float(), p[a + "ln_x.bias"].float())
         self.H, self.N, self.scale = cfg.n_head, cfg.head_size, scale
 
-    def __call__(self, xx, shift, s):
-        """xx: (B, T, D) fp32 ln1 output; shift: (B, D) last xx of the previous call; s: (B, H, N, N) fp32."""
+    def __call__(self, xx, shift, s, s_out):
+        """xx: (B, T, D) fp32 ln1 output; shift: (B, D) last xx of the previous call; s: (B, H, N, N) fp32 state,
+        whose successor is written into s_out."""
         B, T, D = xx.shape
         prev = torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)  # (B, T, D): the token shift
         mixed = torch.lerp(prev.unsqueeze(0), xx.unsqueeze(0), self.mix.view(4, 1, 1, D))  # (4, B, T, D)
@@ -155,14 +160,15 @@ class TimeMix:
         g = F.silu(g)
         heads = lambda z: z.view(B, T, self.H, self.N).transpose(1, 2)  # noqa: E731 - (B, H, T, N)
         if T == 1:
-            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s)
+            y, _ = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s, s_out)
             y = y.view(B * T, D)
         else:
             y, s = wkv_chunked(heads(r), heads(k), heads(v), self.log_w, self.u, s)
+            s_out.copy_(s)
             y = y.transpose(1, 2).reshape(B * T, D)
         y = F.group_norm(y, self.H, *self.ln_x, eps=1e-5 * HEAD_SIZE_DIVISOR**2)  # (B*T, D)
         out = self.output(y * g) * self.scale
-        return out.view(B, T, D), xx[:, -1], s
+        return out.view(B, T, D), xx[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,23 +257,21 @@ class RWKV5:
             raise ValueError("tokens must hold at least one position")
         D = self.config.n_embd
         x = self.emb[tokens.to(self.emb.device)].to(self.device, torch.float32)  # (B, T, D) residual stream, fp32
-        att_shift, wkv, ffn_shift = [], [], []
+        new = State(*(torch.empty_like(t) for t in state.tensors()))  # written layer by layer, no stacking copy
         for i in range(self.config.n_layer):
             xx = F.layer_norm(x, (D,), *self.ln1[i])
-            dx, sh, s = self.att[i](xx, state.att_shift[i], state.wkv[i])
+            dx, sh = self.att[i](xx, state.att_shift[i], state.wkv[i], new.wkv[i])
             x = x + dx
-            att_shift.append(sh)
-            wkv.append(s)
+            new.att_shift[i].copy_(sh)
             xx = F.layer_norm(x, (D,), *self.ln2[i])
             dx, sh = self.ffn[i](xx, state.ffn_shift[i])
             x = x + dx
-            ffn_shift.append(sh)
+            new.ffn_shift[i].copy_(sh)
         if not all_logits:
             x = x[:, -1:]
         x = F.layer_norm(x, (D,), *self.ln_out)
         logits = self.head(x)  # (B, T', V)
-        new_state = State(torch.stack(att_shift), torch.stack(wkv), torch.stack(ffn_shift))
-        return (logits if all_logits else logits[:, 0]), new_state
+        return (logits if all_logits else logits[:, 0]), new
 
     __call__ = forward
 
