@@ -25,6 +25,6 @@ class FrontSettings(BaseSettings):
     discovery_interval_s: float = 1.0  # a registry read is reused this long (routing reads it per turn)
     suspect_s: float = 5.0  # a worker that refused a connection is skipped this long, registry or not
     max_attempts: int = 3  # workers tried for one turn before UNAVAILABLE / RESOURCE_EXHAUSTED is returned
-    busy_retry_s: float = 2.0  # after a cancel, the next turn waits this long for the worker to drop the lease
+    busy_retry_s: float = 1.0  # a turn on a leased session waits this long for the lease before ABORTED
     grace_s: float = 10.0  # on SIGTERM, running turns get this long to finish
     max_message_mb: int = 16  # gRPC message size limit

@@ -134,8 +134,11 @@ class Stack:
     random_n_embd: int = RANDOM_N_EMBD
     ready_timeout_s: float = 180.0
     quiet: bool = False  # children's logs to /dev/null (tests)
+    extra_env: dict[str, str] = field(default_factory=dict)  # for every child (e.g. RWKV_WORKER_TORCH_THREADS)
     redis: EmbeddedRedis | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
+    worker_procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # by worker id
+    url: str = ""  # the Redis in use, once started
 
     def say(self, text: str) -> None:
         print(f"[rwkv-stack] {text}", flush=True)
@@ -143,7 +146,8 @@ class Stack:
     def _spawn(self, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         out = subprocess.DEVNULL if self.quiet else None
         # A session of its own: Ctrl-C reaches only this process, which then stops the children in order.
-        proc = subprocess.Popen([sys.executable, *args], env={**os.environ, **env}, stdout=out, stderr=out,
+        proc = subprocess.Popen([sys.executable, *args], env={**os.environ, **self.extra_env, **env}, stdout=out,
+                                stderr=out,
                                 start_new_session=True)
         self.procs.append(proc)
         return proc
@@ -157,6 +161,7 @@ class Stack:
             self.redis = EmbeddedRedis.start()
             url = self.redis.url
             self.say(f"embedded Redis at {url} (temporary, no persistence)")
+        self.url = url
 
         worker_env = {"RWKV_WORKER_REDIS_URL": url, "RWKV_WORKER_DEVICE": self.device}
         if self.model is None:
@@ -174,16 +179,20 @@ class Stack:
         tag = f"stack{os.getpid()}"
         worker_ids = [f"{tag}-w{i}" for i in range(self.workers)]
         for worker_id in worker_ids:
-            self._spawn(["-m", "worker.server", "--host", "127.0.0.1", "--port", "0", "--worker-id", worker_id],
-                        worker_env)
+            self.worker_procs[worker_id] = self._spawn(
+                ["-m", "worker.server", "--host", "127.0.0.1", "--port", "0", "--worker-id", worker_id], worker_env)
         self.say(f"starting {self.workers} worker(s) (loading the model)...")
         _wait(lambda: self._registered(url, worker_ids), "workers", self.ready_timeout_s, self.procs)
 
         front = self._spawn(["-m", "service.server", "--host", self.host, "--port", str(self.port)],
                             {"RWKV_FRONT_REDIS_URL": url})
-        target = f"{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
-        _wait(lambda: _serving(target), "front", 60.0, [front])
-        self.say(f"front listening on {self.host}:{self.port}; chat with:  rwkv-chat --target {target}")
+        _wait(lambda: _serving(self.target), "front", 60.0, [front])
+        self.say(f"front listening on {self.host}:{self.port}; chat with:  rwkv-chat --target {self.target}")
+
+    @property
+    def target(self) -> str:
+        """Where a client on this machine reaches the front."""
+        return f"{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
 
     @staticmethod
     def _registered(url: str, worker_ids: list[str]) -> bool:
@@ -218,6 +227,7 @@ class Stack:
                     proc.kill()
                     proc.wait()
         self.procs.clear()
+        self.worker_procs.clear()
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

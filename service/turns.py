@@ -26,7 +26,6 @@ class TurnPlan:
     base_version: int = 0  # the session's state version when the turn was planned
     base_tokens: int = 0
     client_wants_ids: bool = False  # the front always asks the worker for ids, to count tokens exactly
-    after_cancel: bool = False  # the previous turn on the stream was cancelled: its lease may linger briefly
     started: bool = False
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -40,7 +39,7 @@ class Turns:
     """Chat turns and completions on behalf of a tenant."""
 
     def __init__(self, store: StateStore, sessions: Sessions, directory: WorkerDirectory, router: Router, *,
-                 busy_retry_s: float = 2.0) -> None:
+                 busy_retry_s: float = 1.0) -> None:
         self.store = store
         self.sessions = sessions
         self.directory = directory
@@ -86,8 +85,13 @@ class Turns:
         return TurnPlan(request, candidates, client_wants_ids=req.return_token_ids)
 
     async def run(self, plan: TurnPlan, deadline: float | None) -> AsyncIterator[common_pb2.ChatEvent]:
-        """Relays the turn's events from the worker (closing this generator cancels the worker's turn)."""
-        retry_until = time.monotonic() + self.busy_retry_s if plan.after_cancel else 0.0
+        """Relays the turn's events from the worker (closing this generator cancels the worker's turn).
+
+        A session whose lease is still held is retried for a moment before ABORTED is returned: a worker drops
+        the lease just after it sends turn_end (or one engine step after a cancel), so a client that sends its
+        next turn at once would otherwise race it. A turn that really runs elsewhere still gets ABORTED."""
+        retry_until = time.monotonic() + self.busy_retry_s
+        pause = 0.005
         while True:
             try:
                 async for event in self.router.run_turn(plan.request, plan.candidates, deadline):
@@ -95,11 +99,10 @@ class Turns:
                     yield self._observe(plan, event)
                 return
             except SessionBusy:
-                # Only right after a cancel on this stream: the worker drops the cancelled turn's lease within
-                # one engine step, so a short wait beats failing the next turn.
-                if plan.started or time.monotonic() >= retry_until:
+                if plan.started or time.monotonic() + pause >= retry_until:
                     raise
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.1)
 
     @staticmethod
     def _observe(plan: TurnPlan, event: common_pb2.ChatEvent) -> common_pb2.ChatEvent:
@@ -135,22 +138,17 @@ class Turns:
         """The Chat stream: runs the client's turns in order, relays their events, honours cancels."""
         relay = _ChatInbox()
         reader = asyncio.create_task(relay.read(requests))
-        after_cancel = False
         try:
             while (queued := await relay.next_turn()) is not None:
                 plan = await self.plan_chat(tenant, queued.turn)
-                plan.after_cancel = after_cancel
                 if queued.cancel.is_set():  # cancelled while waiting behind another turn
-                    after_cancel = False
                     yield await self.cancelled_end(plan)
                     continue
                 relay.running = queued
                 try:
                     async for event in _until(self.run(plan, deadline), queued.cancel):
                         yield event
-                    after_cancel = False
                 except _Stopped:
-                    after_cancel = True
                     yield await self.cancelled_end(plan)
                 finally:
                     relay.running = None

@@ -25,7 +25,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
         self.time_remaining: list[float | None] = []
         self.cancelled = 0
         self.finished = 0
-        self.error: ServeError | None = None  # every RunTurn fails with this before any event
+        self.error: ServeError | None = None  # RunTurn fails with this before any event...
+        self.error_times = -1  # ...this many times (-1: always)
         self.delay_s = 0.0  # before each delta
         self.endless = False  # keep producing deltas until max_tokens or cancellation (also: "endless" in the text)
         self.version = 0
@@ -36,7 +37,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
     async def RunTurn(self, request: worker_pb2.RunTurnRequest, context: grpc.aio.ServicerContext):
         self.requests.append(request)
         self.time_remaining.append(context.time_remaining())
-        if self.error is not None:
+        if self.error is not None and self.error_times != 0:
+            self.error_times -= 1
             await abort(context, self.error)
         tid = request.turn_id
         words = self.words(request)

@@ -202,7 +202,7 @@ async def test_chat_goes_to_the_rendezvous_home(fakes, front_factory, store) -> 
 
 async def test_failover_when_the_home_worker_is_down_or_overloaded(fakes, front_factory) -> None:  # noqa: F811
     workers = {w: await fakes(w) for w in ("w1", "w2", "w3")}
-    _, target = await front_factory()
+    _, target = await front_factory(busy_retry_s=0.3)
     channel, stub = _stub(target)
     async with channel:
         session = await stub.CreateSession(api_pb2.CreateSessionRequest(model="tiny"))
@@ -219,10 +219,18 @@ async def test_failover_when_the_home_worker_is_down_or_overloaded(fakes, front_
             await _chat(stub, _turn(session.session_id, "nobody"))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert dict(err.value.trailing_metadata())["retry-after-ms"] == "500"  # the soonest of the refusals
-        # A non-retryable domain error is relayed as is, with its class name.
-        workers[second].servicer.error = SessionBusy("busy")
+        # A session whose lease is held is retried on the same worker for a moment (busy_retry_s), then
+        # ABORTED is relayed as is, with its class name.
+        home = workers[second].servicer
+        home.error, home.error_times = SessionBusy("busy"), 2
+        before = len(home.requests)
+        events = await _chat(stub, _turn(session.session_id, "x"))
+        assert events[0].turn_start.worker_id == second and len(home.requests) - before == 3
+        home.error, home.error_times = SessionBusy("busy"), -1
+        start = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _chat(stub, _turn(session.session_id, "x"))
+        assert 0.2 <= time.monotonic() - start < 2.0
         assert err.value.code() == grpc.StatusCode.ABORTED
         assert dict(err.value.trailing_metadata())[ERROR_KEY] == "SessionBusy"
 
