@@ -230,3 +230,43 @@ def test_loads_with_mmap_not_two_copies(tmp_path):
     emb_fp32 = 65536 * 1024 * 4
     assert grew < 1.5 * size + emb_fp32, f"peak RSS grew {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
     del resource
+
+
+# --- the same model code trains ----------------------------------------------------------------------------------
+
+
+def test_trainable_forward_equals_inference_and_has_gradients(checkpoint):
+    inference = RWKV5.from_checkpoint(checkpoint)
+    model = RWKV5.from_checkpoint(checkpoint, trainable=True)
+    tokens = torch.tensor([_tokens(40, 8)])
+    want, want_state = inference.forward(tokens, inference.init_state(1), all_logits=True)
+    for m in model.params.values():
+        m.requires_grad_(True)
+    init = model.init_state(1)
+    init.wkv.requires_grad_(True)
+    got, state = model.forward(tokens, init, all_logits=True)
+    assert (got - want).abs().max().item() / logits_scale(want) < 1e-5
+    assert torch.allclose(state.wkv, want_state.wkv, rtol=1e-4, atol=1e-4)
+    loss = torch.nn.functional.cross_entropy(got[0, :-1], tokens[0, 1:])
+    loss.backward()
+    for name in ("blocks.0.att.time_decay", "blocks.0.att.time_faaaa", "blocks.0.ln0.weight", "emb.weight", "head.weight",
+                 f"blocks.{model.config.n_layer - 1}.ffn.value.weight"):
+        g = model.params[name].grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+    assert init.wkv.grad is not None and init.wkv.grad.abs().sum() > 0  # state tuning trains this
+    sd = model.state_dict()
+    assert set(sd) == set(torch.load(checkpoint, weights_only=True))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    path = make_random_checkpoint(tmp_path / "g.pth", 2, 64, seed=5)
+    grads = []
+    for ckpt in (False, True):
+        model = RWKV5.from_checkpoint(path, trainable=True)
+        model.grad_checkpoint = ckpt
+        w = model.params["blocks.1.att.key.weight"].requires_grad_(True)
+        tokens = torch.tensor([_tokens(20, 1)])
+        logits, _ = model.forward(tokens, model.init_state(1), all_logits=True)
+        torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:]).backward()
+        grads.append(w.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)

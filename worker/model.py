@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from worker.state import State
 
@@ -45,10 +46,10 @@ class Linear:
     """y = x W^T in the weight's dtype, returned in fp32. On CPU the weight is prepacked for oneDNN, which reads it
     at close to memory bandwidth for one token (1.3-2x `F.linear` here: see bench/); elsewhere plain `F.linear`."""
 
-    def __init__(self, weight: torch.Tensor):  # (out, in), nn.Linear layout as in the checkpoint
+    def __init__(self, weight: torch.Tensor, pack: bool = True):  # (out, in), nn.Linear layout as in the checkpoint
         self.dtype, self.shape = weight.dtype, tuple(weight.shape)
         self.weight, self.packed = weight, None
-        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok(weight.dtype):
+        if pack and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
             self.weight = None  # the packed copy replaces it: one copy of the weights in RAM
 
@@ -139,20 +140,24 @@ def _wkv_chunks(r, k, v, log_w, u, s):
 class TimeMix:
     """RWKV-5.2 attention ("time mixing") of one block."""
 
-    def __init__(self, p: dict[str, torch.Tensor], i: int, cfg: RWKV5Config, scale: float):
-        a = f"blocks.{i}.att."
+    def __init__(self, p: dict[str, torch.Tensor], i: int, cfg: RWKV5Config, scale: float, pack: bool = True):
+        self.p, self.a = p, f"blocks.{i}.att."
+        self.rkvg = [Linear(p[self.a + f"{n}.weight"], pack) for n in ("receptance", "key", "value", "gate")]  # 4 x (D, D)
+        self.output = Linear(p[self.a + "output.weight"], pack)  # (D, D), pre-divided by `scale` in fp16 (see RWKV5)
+        self.H, self.N, self.scale = cfg.n_head, cfg.head_size, scale
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Derive the per-channel tensors from the parameters (once for inference; every step when training)."""
+        p, a = self.p, self.a
         self.mix = torch.stack([p[a + f"time_mix_{c}"].reshape(-1) for c in "rkvg"]).float()  # (4, D)
-        self.rkvg = [Linear(p[a + f"{n}.weight"]) for n in ("receptance", "key", "value", "gate")]  # 4 x (D, D)
-        self.output = Linear(p[a + "output.weight"])  # (D, D), pre-divided by `scale` in fp16 (see RWKV5.__init__)
         self.log_w = -torch.exp(p[a + "time_decay"].float())  # (H, N): log of the per-channel decay w in (0, 1)
         self.w = torch.exp(self.log_w)
-        self.u = p[a + "time_faaaa"].float().reshape(cfg.n_head, cfg.head_size)  # (H, N): bonus of the current token
-        self.ln_x = (p[a + "ln_x.weight"].float(), p[a + "ln_x.bias"].float())
-        self.H, self.N, self.scale = cfg.n_head, cfg.head_size, scale
+        self.u = p[a + "time_faaaa"].float().reshape(self.H, self.N)  # (H, N): bonus of the current token
 
-    def __call__(self, xx, shift, s, s_out):
+    def __call__(self, xx, shift, s, s_out=None):
         """xx: (B, T, D) fp32 ln1 output; shift: (B, D) last xx of the previous call; s: (B, H, N, N) fp32 state,
-        whose successor is written into s_out."""
+        whose successor is returned (written into s_out when given)."""
         B, T, D = xx.shape
         prev = torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)  # (B, T, D): the token shift
         mixed = torch.lerp(prev.unsqueeze(0), xx.unsqueeze(0), self.mix.view(4, 1, 1, D))  # (4, B, T, D)
@@ -160,15 +165,17 @@ class TimeMix:
         g = F.silu(g)
         heads = lambda z: z.view(B, T, self.H, self.N).transpose(1, 2)  # noqa: E731 - (B, H, T, N)
         if T == 1:
-            y, _ = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s, s_out)
+            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s, s_out)
             y = y.view(B * T, D)
         else:
             y, s = wkv_chunked(heads(r), heads(k), heads(v), self.log_w, self.u, s)
-            s_out.copy_(s)
+            if s_out is not None:
+                s_out.copy_(s)
             y = y.transpose(1, 2).reshape(B * T, D)
-        y = F.group_norm(y, self.H, *self.ln_x, eps=1e-5 * HEAD_SIZE_DIVISOR**2)  # (B*T, D)
+        y = F.group_norm(y, self.H, self.p[self.a + "ln_x.weight"], self.p[self.a + "ln_x.bias"],
+                         eps=1e-5 * HEAD_SIZE_DIVISOR**2)  # (B*T, D)
         out = self.output(y * g) * self.scale
-        return out.view(B, T, D), xx[:, -1]
+        return out.view(B, T, D), xx[:, -1], s
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,12 +186,16 @@ class TimeMix:
 class ChannelMix:
     """RWKV-5 feed-forward ("channel mixing") of one block."""
 
-    def __init__(self, p: dict[str, torch.Tensor], i: int, scale: float):
-        f = f"blocks.{i}.ffn."
-        self.mix_k = p[f + "time_mix_k"].reshape(-1).float()  # (D,)
-        self.mix_r = p[f + "time_mix_r"].reshape(-1).float()  # (D,)
-        self.key, self.value, self.receptance = (Linear(p[f + n + ".weight"]) for n in ("key", "value", "receptance"))
+    def __init__(self, p: dict[str, torch.Tensor], i: int, scale: float, pack: bool = True):
+        self.p, self.f = p, f"blocks.{i}.ffn."
+        self.key, self.value, self.receptance = (Linear(p[self.f + n + ".weight"], pack) for n in ("key", "value", "receptance"))
         self.scale = scale
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Derive the per-channel tensors from the parameters."""
+        self.mix_k = self.p[self.f + "time_mix_k"].reshape(-1).float()  # (D,)
+        self.mix_r = self.p[self.f + "time_mix_r"].reshape(-1).float()  # (D,)
 
     def __call__(self, xx, shift):
         """xx: (B, T, D) fp32 ln2 output; shift: (B, D)."""
@@ -203,9 +214,13 @@ class RWKV5:
     """An RWKV-5.2 language model: pure `forward(tokens, state) -> (logits, state)`, B sessions at a time."""
 
     def __init__(self, params: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, fingerprint: bytes | None = None):
+                 dtype: torch.dtype = torch.float32, fingerprint: bytes | None = None, trainable: bool = False):
+        """`trainable`: keep every weight as a plain fp32 tensor in `self.params` (the checkpoint's names) that
+        autograd can reach, and derive nothing from them ahead of time; the same forward then trains."""
         self.config = config_from_params(params)
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.trainable = torch.device(device), dtype, trainable
+        if trainable and dtype != torch.float32:
+            raise ValueError("a trainable model keeps fp32 master weights; use torch.autocast for bf16")
         self.fingerprint = fingerprint or weights_fingerprint(params)
         cfg = self.config
         # Weights in `dtype` on `device`; small per-channel vectors and norms in fp32 (the residual stream is fp32).
@@ -216,26 +231,40 @@ class RWKV5:
         # fp16 overflows past 65504: like the reference, divide the outputs that feed the residual stream by
         # 2^(layer // 6) in the weights and multiply back in fp32 (exact in powers of two).
         scales = [float(2 ** (i // 6)) if dtype == torch.float16 else 1.0 for i in range(cfg.n_layer)]
+        self.params = p  # the (possibly rescaled) tensors by checkpoint name
         for i, sc in enumerate(scales):
             if sc != 1.0:
                 for n in ("att.output.weight", "ffn.value.weight"):
                     p[f"blocks.{i}.{n}"] = p[f"blocks.{i}.{n}"] / sc
-        # ln0 acts on the embedding alone, so it is applied once to the whole table (as the reference does).
-        self.emb = F.layer_norm(p["emb.weight"].float(), (cfg.n_embd,), p["blocks.0.ln0.weight"], p["blocks.0.ln0.bias"])
-        self.emb = self.emb.to(dtype if self.device.type == "cuda" else torch.float32)
+        # ln0 acts on the embedding alone, so for inference it is applied once to the whole table (as the reference does).
+        if trainable:
+            self.emb = p["emb.weight"]
+        else:
+            self.emb = F.layer_norm(p["emb.weight"].float(), (cfg.n_embd,), p["blocks.0.ln0.weight"], p["blocks.0.ln0.bias"])
+            self.emb = self.emb.to(dtype if self.device.type == "cuda" else torch.float32)
+        self.ln0 = (p["blocks.0.ln0.weight"], p["blocks.0.ln0.bias"])
         self.ln1 = [(p[f"blocks.{i}.ln1.weight"], p[f"blocks.{i}.ln1.bias"]) for i in range(cfg.n_layer)]
         self.ln2 = [(p[f"blocks.{i}.ln2.weight"], p[f"blocks.{i}.ln2.bias"]) for i in range(cfg.n_layer)]
-        self.att = [TimeMix(p, i, cfg, scales[i]) for i in range(cfg.n_layer)]
-        self.ffn = [ChannelMix(p, i, scales[i]) for i in range(cfg.n_layer)]
+        self.att = [TimeMix(p, i, cfg, scales[i], pack=not trainable) for i in range(cfg.n_layer)]
+        self.ffn = [ChannelMix(p, i, scales[i], pack=not trainable) for i in range(cfg.n_layer)]
         self.ln_out = (p["ln_out.weight"], p["ln_out.bias"])
-        self.head = Linear(p["head.weight"])  # (V, D)
+        self.head = Linear(p["head.weight"], pack=not trainable)  # (V, D)
+        self.grad_checkpoint = False  # trainable only: recompute each block in backward to save activation memory
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> RWKV5:
+                        dtype: torch.dtype = torch.float32, trainable: bool = False) -> RWKV5:
         """Load an official BlinkDL RWKV-5.2 `.pth` (fp32/fp16/bf16) without holding two full copies in RAM."""
         params = read_checkpoint(path)
-        return cls(params, device=device, dtype=dtype)
+        if trainable:  # own, writable fp32 copies (not views of the read-only mapping)
+            params = {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in params.items()}
+        return cls(params, device=device, dtype=dtype, trainable=trainable)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under their official names and shapes (a trainable model's current values), for saving."""
+        if not self.trainable:
+            raise RuntimeError("state_dict() is for trainable models (inference weights may be packed or rescaled)")
+        return {k: v.detach().clone() for k, v in self.params.items()}
 
     def init_state(self, batch_size: int = 1) -> State:
         """The zero state of `batch_size` fresh sessions."""
@@ -244,10 +273,15 @@ class RWKV5:
         return State(z(c.n_layer, batch_size, c.n_embd), z(c.n_layer, batch_size, c.n_head, c.head_size, c.head_size),
                      z(c.n_layer, batch_size, c.n_embd))
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, state: State, *, all_logits: bool = False) -> tuple[torch.Tensor, State]:
         """Run B sessions over T tokens each. tokens: (B, T) int64; returns fp32 logits (B, V), or (B, T, V) with
-        `all_logits`, and the new state (the input state is not modified)."""
+        `all_logits`, and the new state (the input state is not modified). A trainable model records autograd."""
+        if self.trainable:
+            return self._forward(tokens, state, all_logits)
+        with torch.inference_mode():
+            return self._forward(tokens, state, all_logits)
+
+    def _forward(self, tokens: torch.Tensor, state: State, all_logits: bool) -> tuple[torch.Tensor, State]:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -257,21 +291,44 @@ class RWKV5:
             raise ValueError("tokens must hold at least one position")
         D = self.config.n_embd
         x = self.emb[tokens.to(self.emb.device)].to(self.device, torch.float32)  # (B, T, D) residual stream, fp32
-        new = State(*(torch.empty_like(t) for t in state.tensors()))  # written layer by layer, no stacking copy
-        for i in range(self.config.n_layer):
-            xx = F.layer_norm(x, (D,), *self.ln1[i])
-            dx, sh = self.att[i](xx, state.att_shift[i], state.wkv[i], new.wkv[i])
-            x = x + dx
-            new.att_shift[i].copy_(sh)
-            xx = F.layer_norm(x, (D,), *self.ln2[i])
-            dx, sh = self.ffn[i](xx, state.ffn_shift[i])
-            x = x + dx
-            new.ffn_shift[i].copy_(sh)
+        if self.trainable:
+            for m in (*self.att, *self.ffn):
+                m.refresh()
+            x = F.layer_norm(x, (D,), *self.ln0)
+            x, new = self._blocks_autograd(x, state)
+        else:
+            new = State(*(torch.empty_like(t) for t in state.tensors()))  # written layer by layer, no stacking copy
+            for i in range(self.config.n_layer):
+                x, *_ = self._block(i, x, state, new)
         if not all_logits:
             x = x[:, -1:]
         x = F.layer_norm(x, (D,), *self.ln_out)
         logits = self.head(x)  # (B, T', V)
         return (logits if all_logits else logits[:, 0]), new
+
+    def _block(self, i: int, x, state: State, new: State | None = None):
+        """Block i: x += time mixing, x += channel mixing; returns x and the block's new (shift, wkv, shift)."""
+        D = self.config.n_embd
+        xx = F.layer_norm(x, (D,), *self.ln1[i])
+        dx, att_shift, wkv = self.att[i](xx, state.att_shift[i], state.wkv[i], None if new is None else new.wkv[i])
+        x = x + dx
+        xx = F.layer_norm(x, (D,), *self.ln2[i])
+        dx, ffn_shift = self.ffn[i](xx, state.ffn_shift[i])
+        if new is not None:
+            new.att_shift[i].copy_(att_shift)
+            new.ffn_shift[i].copy_(ffn_shift)
+        return x + dx, att_shift, wkv, ffn_shift
+
+    def _blocks_autograd(self, x, state: State):
+        """The blocks without in-place writes, optionally checkpointed, so gradients reach weights and state."""
+        outs = []
+        for i in range(self.config.n_layer):
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                x, *o = torch.utils.checkpoint.checkpoint(self._block, i, x, state, use_reentrant=False)
+            else:
+                x, *o = self._block(i, x, state)
+            outs.append(o)
+        return x, State(*(torch.stack(t) for t in zip(*outs)))
 
     __call__ = forward
 
