@@ -156,10 +156,10 @@ def main(
                 return
         except SessionNotFoundError:
             console.print(f"[red]session {escape(session or '')} does not exist (deleted or expired)[/]")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         except RWKVError as e:
             console.print(f"[red]{escape(target)}: {escape(str(e))}[/]")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         repl.loop()
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from rwkv_serve.v1 import api_pb2, common_pb2
 from worker.errors import InvalidArgument
-from worker.turns import sampling_from_pb, sampling_to_pb
+from worker.turns import sampling_to_pb
 
 if TYPE_CHECKING:
     from worker.store import SessionMeta

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class FrontSettings(BaseSettings):
     """Everything the front can be told; tests construct it directly."""
 
-    model_config = SettingsConfigDict(env_prefix="RWKV_FRONT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RWKV_FRONT_", extra="ignore", env_ignore_empty=True)
 
     host: str = "0.0.0.0"  # bind address of the public gRPC port
     port: int = 50051  # 0 picks a free port (create_server returns it)

@@ -178,11 +178,15 @@ class Stack:
                 worker_env["RWKV_WORKER_MODEL_ID"] = self.model_id
         tag = f"stack{os.getpid()}"
         worker_ids = [f"{tag}-w{i}" for i in range(self.workers)]
-        for worker_id in worker_ids:
-            self.worker_procs[worker_id] = self._spawn(
-                ["-m", "worker.server", "--host", "127.0.0.1", "--port", "0", "--worker-id", worker_id], worker_env)
         self.say(f"starting {self.workers} worker(s) (loading the model)...")
-        _wait(lambda: self._registered(url, worker_ids), "workers", self.ready_timeout_s, self.procs)
+        # With the random model the first worker writes the cached checkpoint; the others start once it exists.
+        batches = [worker_ids[:1], worker_ids[1:]] if self.model is None else [worker_ids]
+        for batch in batches:
+            for worker_id in batch:
+                self.worker_procs[worker_id] = self._spawn(
+                    ["-m", "worker.server", "--host", "127.0.0.1", "--port", "0", "--worker-id", worker_id],
+                    worker_env)
+            _wait(lambda batch=batch: self._registered(url, batch), "workers", self.ready_timeout_s, self.procs)
 
         front = self._spawn(["-m", "service.server", "--host", self.host, "--port", str(self.port)],
                             {"RWKV_FRONT_REDIS_URL": url})
