@@ -9,7 +9,7 @@ import re
 import struct
 import textwrap
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
@@ -291,19 +291,25 @@ def _humanize(title: str) -> str:
     )
 
 
-def pydoc_dialogues(seed: int = 0, max_chars: int = 600, min_chars: int = 40) -> Iterator[Dialogue]:
-    """Question/answer dialogues from the stdlib `pydoc_data.topics`, one per documentation section."""
-    from pydoc_data.topics import topics  # stdlib, but a large module: import only when asked for
+def pydoc_dialogues(
+    seed: int = 0, max_chars: int = 600, min_chars: int = 40, topics: Collection[str] | None = None
+) -> Iterator[Dialogue]:
+    """Question/answer dialogues from the stdlib `pydoc_data.topics`, one per documentation section.
+
+    `topics` keeps only those topic names (e.g. to hold whole topics out for validation)."""
+    from pydoc_data.topics import topics as all_topics  # stdlib, but a large module: import only when asked for
 
     # The text depends on the Python version that ships pydoc_data; for one version the output is fixed.
     rng = random.Random(seed)
-    for name in sorted(topics):
-        for title, body in _doc_sections(topics[name]):
+    for name in sorted(all_topics):
+        for title, body in _doc_sections(all_topics[name]):
             answer = _trim(_doc_paragraphs(body), max_chars)
             if len(answer) < min_chars:
                 continue
+            # Drawn for every section, kept or not, so a dialogue reads the same whatever `topics` selects.
             question = rng.choice(_QUESTIONS).format(_humanize(title))
-            yield [Turn("user", question), Turn("assistant", answer)]
+            if topics is None or name in topics:
+                yield [Turn("user", question), Turn("assistant", answer)]
 
 
 # --------------------------------------------------------------------------------------------------
