@@ -183,25 +183,34 @@ def test_session_memory_in_redis_is_constant(stack: Stack) -> None:
     store.close()
 
 
+def _worker_loads(stack: Stack) -> list[worker_pb2.LoadInfo]:
+    registry = redis.Redis.from_url(stack.url)
+    loads = []
+    for worker_id, proc in stack.worker_procs.items():
+        record = registry.get(f"rwkv:worker:{worker_id}")
+        if proc.poll() is not None or record is None:
+            continue
+        with grpc.insecure_channel(WorkerInfo.from_record(json.loads(record)).address) as channel:
+            loads.append(worker_pb2_grpc.WorkerServiceStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5))
+    registry.close()
+    return loads
+
+
 def test_disconnect_stops_generation_and_leaves_the_state(stack: Stack) -> None:
     with RWKVClient(stack.target) as rwkv:
         session = rwkv.create_session(MODEL, temperature=0)
         stream = rwkv.chat(session.session_id, "Write forever.", max_tokens=4000)
         for _ in range(5):
             next(stream)
+        assert sum(load.active for load in _worker_loads(stack)) == 1
+        closed = time.monotonic()
         stream.close()  # the client goes away mid-turn
-        # The worker's batch empties and the session's lease is free again: the next turn runs at once.
+        while sum(load.active + load.queued for load in _worker_loads(stack)) and time.monotonic() - closed < 5:
+            time.sleep(0.01)
+        assert time.monotonic() - closed < 1.0  # the worker dropped the turn within a few engine steps
+        assert rwkv.get_session(session.session_id).state_version == 0  # nothing was committed
         result = rwkv.say(session.session_id, "Short one.", max_tokens=2)
         assert result.state_version == 1 and result.stop_reason is StopReason.MAX_TOKENS
-        workers = redis.Redis.from_url(stack.url)
-        for worker_id in stack.worker_procs:
-            record = workers.get(f"rwkv:worker:{worker_id}")
-            assert record is not None
-            address = WorkerInfo.from_record(json.loads(record)).address
-            with grpc.insecure_channel(address) as channel:
-                load = worker_pb2_grpc.WorkerServiceStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
-            assert load.active == 0 and load.queued == 0
-        workers.close()
 
 
 def test_cli_chats_through_the_stack(stack: Stack) -> None:
