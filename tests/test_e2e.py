@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -242,3 +244,37 @@ def test_second_turn_survives_the_loss_of_its_worker(stack: Stack, twin_model) -
         second = rwkv.say(session.session_id, "What is my name?", return_token_ids=True)
         assert second.worker_id == other and second.state_version == 2
         assert (second.text, second.token_ids) == twin.turn("What is my name?", 16)
+
+
+def test_rwkv_stack_command_starts_everything_and_stops_on_sigterm(checkpoint: Path, tmp_path: Path) -> None:
+    """What `./run.sh` runs, with no Redis reachable: it starts its own redis-server, and SIGTERM stops all."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.stack", "--model", str(checkpoint), "--model-id", MODEL, "--port", str(port),
+         "--redis-url", "redis://127.0.0.1:1/0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "RWKV_WORKER_TORCH_THREADS": "1", "REDIS_URL": ""})
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "front listening" in line:
+                break
+        embedded = [ln for ln in lines if "embedded Redis at" in ln]
+        assert embedded, "".join(lines)
+        redis_port = int(embedded[0].split("redis://127.0.0.1:")[1].split("/")[0])
+        with RWKVClient(f"127.0.0.1:{port}") as rwkv:
+            session = rwkv.create_session(MODEL, temperature=0, max_tokens=3)
+            assert rwkv.say(session.session_id, "Hi").usage.generated_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for closed_port in (port, redis_port):  # the front and the embedded Redis are gone with it
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", closed_port)) != 0
