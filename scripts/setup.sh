@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ]; then
     # A CPU build: GPU users install their CUDA torch into .venv before running this.
     python -m pip install -q "torch==2.13.0"
   fi
-  python -m pip install -q -e ".[dev,tune]"
+  python -m pip install -q -e ".[dev,tune]" 2>&1 | grep -vE "ignored|^ *$|!!|\*\*\*|editable|Please be careful|name as your package|take precedence|WheelFile" || true
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
