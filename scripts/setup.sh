@@ -14,7 +14,11 @@ if [ ! -f "$stamp" ]; then
     # A CPU build: GPU users install their CUDA torch into .venv before running this.
     python -m pip install -q "torch==2.13.0"
   fi
-  python -m pip install -q -e ".[dev,tune]" 2>&1 | grep -vE "ignored|^ *$|!!|\*\*\*|editable|Please be careful|name as your package|take precedence|WheelFile" || true
+  # pip's build chatter goes to a log; a failure prints it and stops the set-up.
+  if ! python -m pip install -q -e ".[dev,tune]" > .venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    exit 1
+  fi
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
