@@ -137,6 +137,13 @@ def _wkv_chunks(r, k, v, log_w, u, s):
     return y, s
 
 
+def token_shift(xx, shift):
+    """Each position's previous ln output: the carried `shift` (B, D) for the first, then xx shifted by one."""
+    if xx.shape[1] == 1:
+        return shift.unsqueeze(1)
+    return torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)
+
+
 class TimeMix:
     """RWKV-5.2 attention ("time mixing") of one block."""
 
@@ -159,7 +166,7 @@ class TimeMix:
         """xx: (B, T, D) fp32 ln1 output; shift: (B, D) last xx of the previous call; s: (B, H, N, N) fp32 state,
         whose successor is returned (written into s_out when given)."""
         B, T, D = xx.shape
-        prev = torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)  # (B, T, D): the token shift
+        prev = token_shift(xx, shift)  # (B, T, D)
         mixed = torch.lerp(prev.unsqueeze(0), xx.unsqueeze(0), self.mix.view(4, 1, 1, D))  # (4, B, T, D)
         r, k, v, g = (lin(m.view(B * T, D)) for lin, m in zip(self.rkvg, mixed))  # 4 x (B*T, D) fp32
         g = F.silu(g)
@@ -174,7 +181,9 @@ class TimeMix:
             y = y.transpose(1, 2).reshape(B * T, D)
         y = F.group_norm(y, self.H, self.p[self.a + "ln_x.weight"], self.p[self.a + "ln_x.bias"],
                          eps=1e-5 * HEAD_SIZE_DIVISOR**2)  # (B*T, D)
-        out = self.output(y * g) * self.scale
+        out = self.output(y * g)
+        if self.scale != 1.0:
+            out = out * self.scale
         return out.view(B, T, D), xx[:, -1], s
 
 
@@ -199,9 +208,12 @@ class ChannelMix:
 
     def __call__(self, xx, shift):
         """xx: (B, T, D) fp32 ln2 output; shift: (B, D)."""
-        prev = torch.cat([shift.unsqueeze(1), xx[:, :-1]], dim=1)  # (B, T, D)
+        prev = token_shift(xx, shift)  # (B, T, D)
         k = torch.relu(self.key(torch.lerp(prev, xx, self.mix_k))).square()  # (B, T, F)
-        out = torch.sigmoid(self.receptance(torch.lerp(prev, xx, self.mix_r))) * (self.value(k) * self.scale)
+        v = self.value(k)
+        if self.scale != 1.0:
+            v = v * self.scale
+        out = torch.sigmoid(self.receptance(torch.lerp(prev, xx, self.mix_r))) * v
         return out, xx[:, -1]
 
 
