@@ -239,6 +239,9 @@ class RWKV5:
         p = {}
         for name, t in params.items():
             small = t.dim() < 2 or "time_" in name or ".ln" in name or name.startswith("ln_out")
+            if name == "emb.weight" and not trainable:
+                p[name] = t  # stays in host memory, see below
+                continue
             p[name] = t.to(device=self.device, dtype=torch.float32 if small else dtype)
         # fp16 overflows past 65504: like the reference, divide the outputs that feed the residual stream by
         # 2^(layer // 6) in the weights and multiply back in fp32 (exact in powers of two).
@@ -248,12 +251,16 @@ class RWKV5:
             if sc != 1.0:
                 for n in ("att.output.weight", "ffn.value.weight"):
                     p[f"blocks.{i}.{n}"] = p[f"blocks.{i}.{n}"] / sc
-        # ln0 acts on the embedding alone, so for inference it is applied once to the whole table (as the reference does).
+        # ln0 acts on the embedding alone, so for inference it is applied once to the whole table (as the reference
+        # does). The table stays in host memory like the reference's: a step only gathers B x T rows, and a 24 GB GPU
+        # holding a 12B fp16 model has no room for another 0.7 GB (nor for the fp32 temporary of the norm).
         if trainable:
             self.emb = p["emb.weight"]
         else:
-            self.emb = F.layer_norm(p["emb.weight"].float(), (cfg.n_embd,), p["blocks.0.ln0.weight"], p["blocks.0.ln0.bias"])
-            self.emb = self.emb.to(dtype if self.device.type == "cuda" else torch.float32)
+            ln0 = [p[f"blocks.0.ln0.{n}"].cpu() for n in ("weight", "bias")]
+            self.emb = F.layer_norm(p["emb.weight"].float(), (cfg.n_embd,), *ln0)
+            if self.device.type != "cpu":
+                self.emb = self.emb.to(dtype)
         self.ln0 = (p["blocks.0.ln0.weight"], p["blocks.0.ln0.bias"])
         self.ln1 = [(p[f"blocks.{i}.ln1.weight"], p[f"blocks.{i}.ln1.bias"]) for i in range(cfg.n_layer)]
         self.ln2 = [(p[f"blocks.{i}.ln2.weight"], p[f"blocks.{i}.ln2.bias"]) for i in range(cfg.n_layer)]
