@@ -264,3 +264,16 @@ async def test_long_turn_renews_its_lease_and_a_lost_lease_aborts(worker: Worker
     assert status_of(info) == (grpc.StatusCode.ABORTED, {ERROR_KEY: "LeaseLost"})
     assert await worker.core.engine.drain(2)
     assert (await store.get_session(sid)).version == 1
+
+
+async def test_lease_is_released_before_turn_end(worker: Worker, store: StateStore) -> None:
+    """A client that sends its next turn the moment it reads turn_end finds the session free (no ABORTED)."""
+    sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000)).session_id
+    lease_key = store.session_key(sid, "lease")
+    for i in range(1, 4):
+        call = worker.stub.RunTurn(chat(sid, f"turn {i}", max_tokens=3))
+        while not (event := await call.read()).HasField("turn_end"):
+            assert await store.redis.exists(lease_key)  # held while the turn runs
+        assert event.turn_end.state_version == i
+        assert not await store.redis.exists(lease_key)  # already released when turn_end arrives
+        assert await call.read() is grpc.aio.EOF

@@ -117,6 +117,7 @@ class TurnRunner:
     async def _session_turn(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
         lease = await self.store.acquire_lease(turn.session_id, self.config.lease_ms)
         renewal = asyncio.create_task(self._keep_lease(lease))
+        released = False
         try:
             meta = await self._meta(turn)
             state, consumed = await self._session_state(meta)
@@ -124,19 +125,29 @@ class TurnRunner:
             async for event in self._generate(request, deadline, renewal):
                 if not isinstance(event, Finished):
                     yield event
-                elif event.state is None:  # cancelled: the stored state stays as it was
-                    yield self._ended(event, meta.version, meta.state_tokens)
+                    continue
+                if event.state is None:  # cancelled: the stored state stays as it was
+                    ended = self._ended(event, meta.version, meta.state_tokens)
                 else:
-                    version = await self._commit(lease, meta, event)
-                    yield self._ended(event, version)
+                    ended = self._ended(event, await self._commit(lease, meta, event))
+                # Commit, release, and only then turn_end: a client that sends its next turn the moment it
+                # sees this one end must find the session free.
+                released = True
+                await self._release(lease, renewal)
+                yield ended
         finally:
-            if renewal.done() and not renewal.cancelled():
-                renewal.exception()  # retrieved: it already surfaced through _next as LeaseLost
-            renewal.cancel()
-            try:
-                await self.store.release_lease(lease)
-            except Exception:  # the lease expires on its own; never mask the turn's own outcome
-                log.warning("could not release lease on %s", lease.session_id, exc_info=True)
+            if not released:
+                await self._release(lease, renewal)
+
+    async def _release(self, lease: Lease, renewal: asyncio.Task[None]) -> None:
+        """Stops renewing the lease and releases it (it expires on its own if Redis cannot be reached)."""
+        if renewal.done() and not renewal.cancelled():
+            renewal.exception()  # retrieved: it already surfaced through _next as LeaseLost
+        renewal.cancel()
+        try:
+            await self.store.release_lease(lease)
+        except Exception:  # never mask the turn's own outcome
+            log.warning("could not release lease on %s", lease.session_id, exc_info=True)
 
     # ---- steps ------------------------------------------------------------------------------------------
 
