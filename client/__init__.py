@@ -12,6 +12,7 @@ from client.errors import (
     NotFoundError,
     PermissionDeniedError,
     PresetNotFoundError,
+    QuotaExceededError,
     RequestCancelledError,
     ResourceExhaustedError,
     RWKVError,
@@ -37,7 +38,8 @@ from client.types import (
 __all__ = [
     "AsyncChatStream", "AsyncRWKVClient", "AuthenticationError", "ChatStream", "ChatTemplate", "ConflictError",
     "DataLossError", "DeadlineExceededError", "InternalError", "InvalidArgumentError", "ModelInfo",
-    "ModelNotFoundError", "NotFoundError", "PermissionDeniedError", "PresetNotFoundError", "RequestCancelledError",
+    "ModelNotFoundError", "NotFoundError", "PermissionDeniedError", "PresetNotFoundError", "QuotaExceededError",
+    "RequestCancelledError",
     "ResourceExhaustedError", "RWKVError", "RWKVClient", "Session", "SessionBusyError", "SessionNotFoundError",
     "SessionPage", "StopReason", "TextDelta", "TokenLogprob", "TurnResult", "TurnStarted", "UnavailableError",
     "Usage", "VersionConflictError",

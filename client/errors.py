@@ -63,6 +63,10 @@ class ResourceExhaustedError(RWKVError):
         self.retry_after_s = retry_after_s
 
 
+class QuotaExceededError(ResourceExhaustedError):
+    """The API key's tenant reached a limit (live sessions, or tokens in the current window)."""
+
+
 class UnavailableError(RWKVError):
     """No server or worker can take the request now (UNAVAILABLE); retrying later may succeed."""
 
@@ -116,6 +120,7 @@ _REFINED: dict[str, type[RWKVError]] = {
     "SessionBusy": SessionBusyError,
     "VersionConflict": VersionConflictError,
     "LeaseLost": VersionConflictError,
+    "QuotaExceeded": QuotaExceededError,
 }
 
 
@@ -128,13 +133,13 @@ def error_from_status(code: grpc.StatusCode, details: str | None,
     if refined is not None and issubclass(refined, cls):
         cls = refined
     message = details or ""
-    if cls is ResourceExhaustedError:
+    if issubclass(cls, ResourceExhaustedError):
         retry_ms = meta.get(RETRY_AFTER_KEY)
         try:
             retry_after = float(retry_ms) / 1000 if retry_ms is not None else None
         except ValueError:
             retry_after = None
-        return ResourceExhaustedError(message, code, retry_after_s=retry_after)
+        return cls(message, code, retry_after_s=retry_after)
     return cls(message, code)
 
 

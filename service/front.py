@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from rwkv_serve.v1 import common_pb2, worker_pb2
-from service.auth import Auth
+from service.auth import Auth, load_key_entries
+from service.quotas import Quotas
 from service.router import ChannelPool, Router, WorkerDirectory
 from service.sessions import Sessions
 from service.settings import FrontSettings
 from service.turns import Turns
 from worker.errors import ModelNotFound
 from worker.store import StateStore
+from worker.tls import channel_credentials
 
 
 class Front:
@@ -18,20 +20,32 @@ class Front:
     def __init__(self, store: StateStore, settings: FrontSettings) -> None:
         self.settings = settings
         self.store = store
-        self.auth = Auth(settings.api_keys, settings.default_tenant)
+        pepper = settings.api_key_pepper.get_secret_value() if settings.api_key_pepper else None
+        self.auth = Auth(settings.auth_mode, load_key_entries(settings.api_key_hashes, settings.api_keys_file),
+                         pepper=pepper, lookup=store.get_api_key if settings.api_keys_in_redis else None,
+                         cache_s=settings.api_key_cache_s, default_tenant=settings.default_tenant)
+        self.quotas = Quotas(store, max_sessions=settings.tenant_max_sessions, max_tokens=settings.tenant_max_tokens,
+                             window_s=settings.tenant_token_window_s, per_tenant=settings.tenant_limits)
         self.directory = WorkerDirectory(store.list_workers, refresh_s=settings.discovery_interval_s,
                                          suspect_s=settings.suspect_s)
         message_bytes = settings.max_message_mb * 1024 * 1024
-        self.channels = ChannelPool([("grpc.max_receive_message_length", message_bytes),
-                                     ("grpc.max_send_message_length", message_bytes)])
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", message_bytes),
+                                                ("grpc.max_send_message_length", message_bytes)]
+        if settings.worker_tls_server_name:
+            options.append(("grpc.ssl_target_name_override", settings.worker_tls_server_name))
+        self.channels = ChannelPool(options, channel_credentials(settings.worker_ca, settings.worker_client_cert,
+                                                                 settings.worker_client_key))
         self.router = Router(self.directory, self.channels, max_attempts=settings.max_attempts)
         self.sessions = Sessions(store, self.directory, default_ttl_ms=round(settings.default_ttl_s * 1000),
-                                 max_ttl_ms=round(settings.max_ttl_s * 1000))
-        self.turns = Turns(store, self.sessions, self.directory, self.router, busy_retry_s=settings.busy_retry_s)
+                                 max_ttl_ms=round(settings.max_ttl_s * 1000), quotas=self.quotas)
+        self.turns = Turns(store, self.sessions, self.directory, self.router, busy_retry_s=settings.busy_retry_s,
+                           quotas=self.quotas)
 
     @classmethod
     def from_settings(cls, settings: FrontSettings) -> Front:
-        return cls(StateStore.from_url(settings.redis_url, prefix=settings.redis_prefix), settings)
+        store = StateStore.from_url(settings.redis_url, prefix=settings.redis_prefix, ca_cert=settings.redis_ca_cert,
+                                    client_cert=settings.redis_client_cert, client_key=settings.redis_client_key)
+        return cls(store, settings)
 
     async def list_models(self) -> list[common_pb2.ModelInfo]:
         """Served models (with their live worker counts and the presets stored for them)."""

@@ -173,14 +173,20 @@ class WorkerDirectory:
 class ChannelPool:
     """One grpc.aio channel per worker address, reused across turns."""
 
-    def __init__(self, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(self, options: Sequence[tuple[str, Any]] = (),
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """`credentials`: TLS (or mutual TLS) to the workers; None: plaintext."""
         self._options = list(options)
+        self._credentials = credentials
         self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceStub]] = {}
 
     def stub(self, address: str) -> worker_pb2_grpc.WorkerServiceStub:
         entry = self._stubs.get(address)
         if entry is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             entry = self._stubs[address] = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
         return entry[1]
 

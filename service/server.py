@@ -17,6 +17,8 @@ from service.convert import session_to_pb
 from service.front import Front
 from service.settings import FrontSettings
 from worker.errors import InvalidArgument, grpc_errors
+from worker.store import StoreConfigError, redact_url
+from worker.tls import add_port, server_credentials
 
 log = logging.getLogger("rwkv.front")
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["RwkvService"].full_name
@@ -43,36 +45,36 @@ class RwkvServicer(api_pb2_grpc.RwkvServiceServicer):
     def __init__(self, front: Front) -> None:
         self.front = front
 
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        return self.front.auth.tenant(context.invocation_metadata())
+    async def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return await self.front.auth.tenant(context.invocation_metadata())
 
     @grpc_errors
     async def CreateSession(self, request: api_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext):
         meta = await self.front.sessions.create(
-            self._tenant(context), model=request.model, template=request.template,
+            await self._tenant(context), model=request.model, template=request.template,
             system_prompt=request.system_prompt, preset=request.preset, sampling=request.default_sampling,
             ttl_ms=_ttl_ms(request), metadata=dict(request.metadata))
         return session_to_pb(meta)
 
     @grpc_errors
     async def GetSession(self, request: api_pb2.GetSessionRequest, context: grpc.aio.ServicerContext):
-        return session_to_pb(await self.front.sessions.get(self._tenant(context), request.session_id))
+        return session_to_pb(await self.front.sessions.get(await self._tenant(context), request.session_id))
 
     @grpc_errors
     async def ListSessions(self, request: api_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext):
         metas, token = await self.front.sessions.list(
-            self._tenant(context), page_size=request.page_size, page_token=request.page_token, model=request.model)
+            await self._tenant(context), page_size=request.page_size, page_token=request.page_token, model=request.model)
         return api_pb2.ListSessionsResponse(sessions=[session_to_pb(m) for m in metas], next_page_token=token)
 
     @grpc_errors
     async def DeleteSession(self, request: api_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext):
-        await self.front.sessions.delete(self._tenant(context), request.session_id)
+        await self.front.sessions.delete(await self._tenant(context), request.session_id)
         return api_pb2.DeleteSessionResponse()
 
     @grpc_errors
     async def ForkSession(self, request: api_pb2.ForkSessionRequest, context: grpc.aio.ServicerContext):
         meta = await self.front.sessions.fork(
-            self._tenant(context), request.session_id, ttl_ms=_ttl_ms(request), metadata=dict(request.metadata),
+            await self._tenant(context), request.session_id, ttl_ms=_ttl_ms(request), metadata=dict(request.metadata),
             sampling=request.default_sampling if request.HasField("default_sampling") else None,
             expected_version=request.expected_state_version if request.HasField("expected_state_version") else None)
         return session_to_pb(meta)
@@ -80,23 +82,23 @@ class RwkvServicer(api_pb2_grpc.RwkvServiceServicer):
     @grpc_errors
     async def Chat(self, request_iterator: AsyncIterator[api_pb2.ChatRequest],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.ChatEvent]:
-        async for event in self.front.turns.chat(self._tenant(context), request_iterator, _deadline(context)):
+        async for event in self.front.turns.chat(await self._tenant(context), request_iterator, _deadline(context)):
             yield event
 
     @grpc_errors
     async def Generate(self, request: api_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.ChatEvent]:
-        async for event in self.front.turns.generate(self._tenant(context), request, _deadline(context)):
+        async for event in self.front.turns.generate(await self._tenant(context), request, _deadline(context)):
             yield event
 
     @grpc_errors
     async def ListModels(self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
-        self._tenant(context)
+        await self._tenant(context)
         return api_pb2.ListModelsResponse(models=await self.front.list_models())
 
     @grpc_errors
     async def Tokenize(self, request: api_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
-        self._tenant(context)
+        await self._tenant(context)
         token_ids = await self.front.tokenize(request.model, request.text, _deadline(context))
         return api_pb2.TokenizeResponse(token_ids=token_ids)
 
@@ -132,7 +134,8 @@ def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    port = add_port(server, f"{settings.host}:{settings.port}", credentials)
     if port == 0:
         raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
     return FrontServer(server, front, health_servicer, port), port
@@ -141,8 +144,13 @@ def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[
 async def serve(settings: FrontSettings) -> None:
     """Runs the front until SIGTERM/SIGINT, then drains."""
     front_server, port = create_server(settings)
+    await front_server.front.store.verify()  # a wrong Redis password stops the start with a clear message
     await front_server.start()
-    log.info("front listening on %s:%d (redis %s)", settings.host, port, settings.redis_url)
+    log.info("front listening on %s:%d (%s; redis %s)", settings.host, port,
+             "TLS" + (", client certificates required" if settings.tls_client_ca else "") if settings.tls_cert
+             else "plaintext", redact_url(settings.redis_url))
+    log.log(logging.INFO if front_server.front.auth.enabled else logging.WARNING, "%s",
+            front_server.front.auth.describe())
     print(f"rwkv-front listening on {settings.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -167,7 +175,10 @@ def main() -> None:
                  if v is not None}
     settings = FrontSettings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StoreConfigError as exc:
+        parser.exit(2, f"rwkv-front: {exc}\n")
 
 
 if __name__ == "__main__":

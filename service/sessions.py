@@ -6,8 +6,9 @@ from collections.abc import Mapping
 
 from rwkv_serve.v1 import common_pb2
 from service.convert import check_metadata, check_sampling, template_name
+from service.quotas import Quotas
 from service.router import WorkerDirectory
-from worker.errors import InvalidArgument, ModelNotFound, PermissionDenied, PresetNotFound
+from worker.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
 from worker.store import SessionMeta, StateStore
 from worker.turns import sampling_from_pb
 
@@ -16,9 +17,10 @@ class Sessions:
     """Create, read, list, delete and fork sessions; every call is on behalf of a tenant."""
 
     def __init__(self, store: StateStore, directory: WorkerDirectory, *, default_ttl_ms: int,
-                 max_ttl_ms: int) -> None:
+                 max_ttl_ms: int, quotas: Quotas | None = None) -> None:
         self.store = store
         self.directory = directory
+        self.quotas = quotas or Quotas(store)  # no limits by default
         self.default_ttl_ms = default_ttl_ms
         self.max_ttl_ms = max_ttl_ms
 
@@ -43,18 +45,24 @@ class Sessions:
             raise PresetNotFound(f"no preset {preset!r} for model {model!r}")
         sampling = sampling or common_pb2.Sampling()
         check_sampling(sampling)
-        return await self.store.create_session(
+        await self.quotas.check_session(tenant)
+        meta = await self.store.create_session(
             tenant=tenant, model=model, template=template_name(template), ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
             system_prompt=system_prompt, preset=preset, metadata=check_metadata(dict(metadata or {})),
             sampling=sampling_from_pb(sampling))
+        await self.quotas.confirm_session(tenant, meta.session_id)
+        return meta
 
     async def get(self, tenant: str, session_id: str) -> SessionMeta:
-        """The session's metadata; PermissionDenied when it belongs to another tenant."""
+        """The session's metadata; SessionNotFound when it belongs to another tenant.
+
+        Another tenant's session answers exactly like a missing one (same error, same message), so a caller
+        learns nothing about ids outside its tenant."""
         if not session_id:
             raise InvalidArgument("session_id is required")
         meta = await self.store.get_session(session_id)
         if meta.tenant != tenant:
-            raise PermissionDenied(f"session {session_id} belongs to another tenant")
+            raise SessionNotFound(f"session {session_id} not found")
         return meta
 
     async def list(self, tenant: str, *, page_size: int = 0, page_token: str = "",
@@ -74,6 +82,9 @@ class Sessions:
         await self.get(tenant, session_id)
         if sampling is not None:
             check_sampling(sampling)
-        return await self.store.fork_session(
+        await self.quotas.check_session(tenant)
+        meta = await self.store.fork_session(
             session_id, ttl_ms=self._ttl(ttl_ms), metadata=check_metadata(dict(metadata)) if metadata else None,
             sampling=sampling_from_pb(sampling) if sampling is not None else None, expected_version=expected_version)
+        await self.quotas.confirm_session(tenant, meta.session_id)
+        return meta

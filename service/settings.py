@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TenantLimits(BaseModel):
+    """One tenant's limits; None: the front-wide default (tenant_max_*), 0: unlimited."""
+
+    max_sessions: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0)
 
 
 class FrontSettings(BaseSettings):
@@ -17,9 +27,40 @@ class FrontSettings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            validation_alias=AliasChoices("RWKV_FRONT_REDIS_URL", "REDIS_URL", "redis_url"))
     redis_prefix: str = "rwkv"  # key prefix; must equal the workers' prefix
-    # API key -> tenant (JSON in the environment). Empty: no authentication, every caller is default_tenant.
-    api_keys: dict[str, str] = Field(default_factory=dict)
+    # Redis TLS (rediss:// URLs): the CA that signed the server's certificate, and a client certificate for servers
+    # that require one. A password goes in the URL: redis://:PASSWORD@host:port/db.
+    redis_ca_cert: Path | None = None
+    redis_client_cert: Path | None = None
+    redis_client_key: Path | None = None
+
+    # Authentication. "keys": every call needs an API key whose hash is configured here (api_key_hashes,
+    # api_keys_file) or stored in Redis (`python -m service.admin keys create --tenant T`). "dev": none at all,
+    # every caller is default_tenant (the one-machine stack; the front logs a warning at start).
+    auth_mode: Literal["keys", "dev"] = "keys"
+    api_key_hashes: list[str] = Field(default_factory=list)  # "tenant:sha256hex" entries (a JSON list in the env)
+    api_keys_file: Path | None = None  # one "tenant:sha256hex" entry per line, '#' comments
+    api_key_pepper: SecretStr | None = None  # HMAC key of the hashes (give the admin CLI the same); None: SHA-256
+    api_keys_in_redis: bool = True  # also accept keys stored in Redis (rwkv:apikey:<hash>)
+    api_key_cache_s: float = Field(5.0, ge=0)  # Redis answers reused this long: a revoked key dies within it
     default_tenant: str = "default"
+
+    # Per-tenant limits, enforced by the front (0 = unlimited); tenant_limits overrides them per tenant.
+    tenant_max_sessions: int = Field(0, ge=0)  # live sessions; CreateSession/ForkSession past it: RESOURCE_EXHAUSTED
+    tenant_max_tokens: int = Field(0, ge=0)  # prompt + generated tokens per window; turns past it are refused
+    tenant_token_window_s: float = Field(3600.0, gt=0)
+    tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict)  # JSON {"t": {"max_sessions": 5}}
+
+    # TLS on the public port (PEM files). tls_client_ca also requires client certificates signed by that CA.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # To the workers: TLS when worker_ca (the CA of the workers' certificates) is set; a client certificate adds
+    # mTLS, for workers started with tls_client_ca. worker_tls_server_name: the name their certificates carry
+    # when it differs from the registered address (e.g. one certificate for every worker).
+    worker_ca: Path | None = None
+    worker_client_cert: Path | None = None
+    worker_client_key: Path | None = None
+    worker_tls_server_name: str = ""
     default_ttl_s: float = 24 * 3600  # a session's idle TTL when CreateSession sets none
     max_ttl_s: float = 30 * 24 * 3600  # longer TTLs are refused: Redis RAM bounds the live sessions
     discovery_interval_s: float = 1.0  # a registry read is reused this long (routing reads it per turn)

@@ -189,7 +189,9 @@ class Stack:
             _wait(lambda batch=batch: self._registered(url, batch), "workers", self.ready_timeout_s, self.procs)
 
         front = self._spawn(["-m", "service.server", "--host", self.host, "--port", str(self.port)],
-                            {"RWKV_FRONT_REDIS_URL": url})
+                            {"RWKV_FRONT_REDIS_URL": url,
+                             # One machine, loopback by default: no API keys unless the environment sets a mode.
+                             "RWKV_FRONT_AUTH_MODE": os.environ.get("RWKV_FRONT_AUTH_MODE", "dev")})
         _wait(lambda: _serving(self.target), "front", 60.0, [front])
         self.say(f"front listening on {self.host}:{self.port}; chat with:  rwkv-chat --target {self.target}")
 

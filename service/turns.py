@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
+from service.quotas import Quotas
 from service.router import Router, WorkerDirectory, WorkerInfo
 from service.sessions import Sessions
 from worker.errors import InvalidArgument, ModelNotFound, SessionBusy, SessionNotFound, Unavailable
@@ -39,12 +40,13 @@ class Turns:
     """Chat turns and completions on behalf of a tenant."""
 
     def __init__(self, store: StateStore, sessions: Sessions, directory: WorkerDirectory, router: Router, *,
-                 busy_retry_s: float = 1.0) -> None:
+                 busy_retry_s: float = 1.0, quotas: Quotas | None = None) -> None:
         self.store = store
         self.sessions = sessions
         self.directory = directory
         self.router = router
         self.busy_retry_s = busy_retry_s
+        self.quotas = quotas or Quotas(store)  # no limits by default
 
     async def _session_candidates(self, session_id: str, model: str) -> list[WorkerInfo]:
         candidates = await self.directory.for_session(session_id, model)
@@ -104,6 +106,19 @@ class Turns:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.1)
 
+    async def _metered(self, tenant: str, plan: TurnPlan,
+                       deadline: float | None) -> AsyncIterator[common_pb2.ChatEvent]:
+        """run() within the tenant's token budget: checked before the turn, charged with what it used after
+        (also when it failed or was cancelled part way)."""
+        await self.quotas.check_tokens(tenant)
+        try:
+            async for event in self.run(plan, deadline):
+                yield event
+        finally:
+            if plan.prompt_tokens or plan.generated_tokens:
+                with contextlib.suppress(Exception):  # a Redis hiccup must not turn a served turn into an error
+                    await self.quotas.charge(tenant, plan.prompt_tokens + plan.generated_tokens)
+
     @staticmethod
     def _observe(plan: TurnPlan, event: common_pb2.ChatEvent) -> common_pb2.ChatEvent:
         kind = event.WhichOneof("event")
@@ -130,7 +145,7 @@ class Turns:
     async def generate(self, tenant: str, req: api_pb2.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[common_pb2.ChatEvent]:
         plan = await self.plan_generate(tenant, req)
-        async for event in self.run(plan, deadline):
+        async for event in self._metered(tenant, plan, deadline):
             yield event
 
     async def chat(self, tenant: str, requests: AsyncIterator[api_pb2.ChatRequest],
@@ -146,7 +161,7 @@ class Turns:
                     continue
                 relay.running = queued
                 try:
-                    async for event in _until(self.run(plan, deadline), queued.cancel):
+                    async for event in _until(self._metered(tenant, plan, deadline), queued.cancel):
                         yield event
                 except _Stopped:
                     yield await self.cancelled_end(plan)

@@ -18,8 +18,11 @@ async def front_factory(redis_url: str, store: Any) -> AsyncIterator[Callable[..
     started: list[FrontServer] = []
 
     async def start(**overrides: Any) -> tuple[FrontServer, str]:
+        # No keys given: the dev mode (every caller is the default tenant), as on the one-machine stack.
+        auth_mode = "keys" if "api_key_hashes" in overrides or "api_keys_file" in overrides else "dev"
         settings = FrontSettings(host="127.0.0.1", port=0, redis_url=redis_url,
-                                 **{"discovery_interval_s": 0.0, "suspect_s": 5.0, **overrides})
+                                 **{"discovery_interval_s": 0.0, "suspect_s": 5.0, "auth_mode": auth_mode,
+                                    **overrides})
         server, port = create_server(settings)
         await server.start()
         started.append(server)
@@ -28,6 +31,13 @@ async def front_factory(redis_url: str, store: Any) -> AsyncIterator[Callable[..
     yield start
     for server in started:
         await server.stop(0)
+
+
+def key_entry(tenant: str, key: str) -> str:
+    """A front's api_key_hashes entry for `key` (what `python -m service.admin keys create --no-store` prints)."""
+    from service.auth import hash_api_key
+
+    return f"{tenant}:{hash_api_key(key)}"
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from client import (
     TurnStarted,
 )
 from client.errors import ERRORS_BY_CODE, error_from_status
-from tests.e2e_fixtures import fakes, front_factory  # noqa: F401  (fixtures)
+from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
 from worker import errors as server_errors
 
 
@@ -35,6 +35,7 @@ def test_every_server_error_becomes_its_typed_exception() -> None:
         "Overloaded": client.ResourceExhaustedError, "Unavailable": client.UnavailableError,
         "DeadlineExceeded": client.DeadlineExceededError, "Cancelled": client.RequestCancelledError,
         "Unauthenticated": client.AuthenticationError, "PermissionDenied": client.PermissionDeniedError,
+        "QuotaExceeded": client.QuotaExceededError,
     }
     for cls in server_errors.STATUS_CODES:  # what the server sends for each domain error
         exc = cls("boom")
@@ -130,7 +131,7 @@ async def test_sync_client(fakes, front_factory) -> None:  # noqa: F811
 
 async def test_async_client(fakes, front_factory) -> None:  # noqa: F811
     worker = await fakes("w1")
-    _, target = await front_factory(api_keys={"secret": "team"})
+    _, target = await front_factory(api_key_hashes=[key_entry("team", "secret")])
     async with AsyncRWKVClient(target, api_key="secret") as rwkv:
         session = await rwkv.create_session("tiny", template=ChatTemplate.RAW)
         assert session.template is ChatTemplate.RAW

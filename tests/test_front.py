@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from service.router import WorkerDirectory, WorkerInfo, rendezvous_order
-from tests.e2e_fixtures import fakes, front_factory  # noqa: F401  (fixtures)
+from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
 from worker.errors import ERROR_KEY, Overloaded, SessionBusy
 from worker.turns import ModelDescription, WorkerLoad
 
@@ -153,7 +153,7 @@ async def test_session_crud_and_errors(fakes, front_factory) -> None:  # noqa: F
 
 async def test_api_keys_separate_tenants(fakes, front_factory) -> None:  # noqa: F811
     await fakes("w1")
-    _, target = await front_factory(api_keys={"key-a": "alice", "key-b": "bob"})
+    _, target = await front_factory(api_key_hashes=[key_entry("alice", "key-a"), key_entry("bob", "key-b")])
     channel, stub = _stub(target)
     a = (("authorization", "Bearer key-a"),)
     b = (("x-api-key", "key-b"),)
@@ -165,10 +165,10 @@ async def test_api_keys_separate_tenants(fakes, front_factory) -> None:  # noqa:
         session = await stub.CreateSession(api_pb2.CreateSessionRequest(model="tiny"), metadata=a)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.GetSession(api_pb2.GetSessionRequest(session_id=session.session_id), metadata=b)
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # exactly like a missing session: no existence leak
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _chat(stub, _turn(session.session_id, "hi"), metadata=b)
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert (await stub.ListSessions(api_pb2.ListSessionsRequest(), metadata=b)).sessions == []
         listed = await stub.ListSessions(api_pb2.ListSessionsRequest(), metadata=a)
         assert [s.session_id for s in listed.sessions] == [session.session_id]

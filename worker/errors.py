@@ -84,7 +84,15 @@ class Unauthenticated(ServeError):
 
 
 class PermissionDenied(ServeError):
-    """The caller may not access this resource (e.g. another tenant's session)."""
+    """The caller may not access this resource (another tenant's session answers SessionNotFound instead)."""
+
+
+class QuotaExceeded(ServeError):
+    """The tenant reached one of its limits (live sessions, or tokens in the current window)."""
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # when the limit lifts by itself (a token window ends); None: never
 
 
 # The one table. Order matters only for subclasses listed before their bases (looked up by MRO anyway).
@@ -103,6 +111,7 @@ STATUS_CODES: dict[type[ServeError], grpc.StatusCode] = {
     Cancelled: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,  # after Overloaded: a bare code still means overload
 }
 
 # For codes that several classes share, the class a bare status code (no rwkv-error metadata) becomes.
@@ -124,8 +133,9 @@ def status_code(exc: ServeError) -> grpc.StatusCode:
 def trailing_metadata(exc: ServeError) -> tuple[tuple[str, str], ...]:
     """Trailing metadata that lets the caller rebuild the exception (class name, retry-after)."""
     metadata: list[tuple[str, str]] = [(ERROR_KEY, type(exc).__name__)]
-    if isinstance(exc, Overloaded):
-        metadata.append((RETRY_AFTER_KEY, str(max(0, round(exc.retry_after_s * 1000)))))
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        metadata.append((RETRY_AFTER_KEY, str(max(0, round(retry_after_s * 1000)))))
     return tuple(metadata)
 
 
@@ -145,6 +155,9 @@ def from_status(
     if cls is Overloaded:
         retry_ms = meta.get(RETRY_AFTER_KEY)
         return Overloaded(message, retry_after_s=float(retry_ms) / 1000 if retry_ms else 1.0)
+    if cls is QuotaExceeded:
+        retry_ms = meta.get(RETRY_AFTER_KEY)
+        return QuotaExceeded(message, retry_after_s=float(retry_ms) / 1000 if retry_ms else None)
     return cls(message)
 
 

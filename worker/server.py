@@ -30,7 +30,8 @@ from worker.model import RWKV5
 from worker.runner import RunnerConfig, TurnRunner
 from worker.servicer import WorkerServicer
 from worker.settings import WorkerSettings
-from worker.store import StateStore
+from worker.store import StateStore, StoreConfigError
+from worker.tls import add_port, server_credentials
 from worker.tokenizer import load_tokenizer
 from worker.turns import ModelDescription, WorkerLoad
 
@@ -67,7 +68,9 @@ class WorkerCore:
         self.model = model
         self.tokenizer = tokenizer
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.store = store or StateStore.from_url(settings.redis_url)
+        self.store = store or StateStore.from_url(settings.redis_url, ca_cert=settings.redis_ca_cert,
+                                                  client_cert=settings.redis_client_cert,
+                                                  client_key=settings.redis_client_key)
         self.engine = Engine(
             model, tokenizer, max_batch=settings.max_batch, max_queued=settings.max_queued,
             prefill_chunk=settings.prefill_chunk, max_tokens_limit=settings.max_tokens_limit,
@@ -149,7 +152,8 @@ def create_server(settings: WorkerSettings, core: WorkerCore) -> tuple[grpc.aio.
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    port = add_port(server, f"{settings.host}:{settings.port}", credentials)
     if port == 0:
         raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
     core.address = f"{settings.advertise_host or settings.host}:{port}"
@@ -169,10 +173,12 @@ async def serve(settings: WorkerSettings) -> None:
     """Runs a worker until SIGTERM or SIGINT."""
     core = await asyncio.to_thread(WorkerCore.from_settings, settings)
     server, port = create_server(settings, core)
+    await core.store.verify()  # a wrong Redis password stops the start with a clear message
     await server.start()
     await core.start()
-    log.info("worker %s serving %s on %s (batch %d)", core.worker_id, core.description.id, core.address,
-             settings.max_batch)
+    log.info("worker %s serving %s on %s (batch %d, %s)", core.worker_id, core.description.id, core.address,
+             settings.max_batch, "plaintext" if settings.tls_cert is None
+             else "mutual TLS" if settings.tls_client_ca else "TLS")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -199,7 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(WorkerSettings(**overrides)))
+    try:
+        asyncio.run(serve(WorkerSettings(**overrides)))
+    except StoreConfigError as exc:
+        parser.exit(2, f"rwkv-worker: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,18 @@ class WorkerSettings(BaseSettings):
     advertise_host: str | None = None
     worker_id: str = ""  # '' = generated (host-pid-random)
 
-    # Redis.
+    # TLS on the worker's port (PEM files); tls_client_ca also requires the front to present a client certificate
+    # signed by that CA (mutual TLS: only fronts holding such a certificate can run turns here).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    # Redis. A password goes in the URL (redis://:PASSWORD@host:port/db); rediss:// speaks TLS, verified against
+    # redis_ca_cert, with an optional client certificate.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_ca_cert: Path | None = None
+    redis_client_cert: Path | None = None
+    redis_client_key: Path | None = None
     heartbeat_s: float = Field(2.0, gt=0)
     registry_ttl_ms: int = Field(6_000, gt=0)  # a worker that stops heartbeating vanishes after this
     lease_ms: int = Field(30_000, gt=0)

@@ -9,6 +9,9 @@ Keys (a session's keys share one hash tag so Redis Cluster keeps them in one slo
   rwkv:worker:<id>     a worker's registry record (JSON) with a heartbeat TTL; rwkv:workers indexes the ids
   rwkv:preset:<model>:<name>     preset initial states (state-tuned files), no TTL
   rwkv:prefix:<model>:<sha256>   state after a token prefix (content-addressed), TTL refreshed on use
+  rwkv:apikey:<hash>   the tenant of an API key, keyed by the key's hash (service/auth.py); the key itself is
+                       never stored
+  rwkv:quota:<tenant>:tokens:<window>  tokens the tenant used in one budget window (expires with it)
 
 A fork's id keeps its source's hash tag ("<family>.<suffix>", keys rwkv:{<family>}.<suffix>:...), so the
 server-side COPY of the state bytes stays inside one slot even on Redis Cluster.
@@ -27,11 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from worker.errors import InvalidArgument, LeaseLost, PresetNotFound, SessionBusy, SessionNotFound, VersionConflict
 
 _SID_RE = re.compile(r"^[A-Za-z0-9_-]{6,64}(\.[A-Za-z0-9_-]{4,32})?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 STAGING_TTL_MS = 120_000  # a commit's staged bytes outlive a crashed worker by at most this
 
 
@@ -40,10 +45,27 @@ def now_ms() -> int:
 
 
 def new_session_id(fork_of: str | None = None) -> str:
-    """A fresh root id, or a fork id in the same hash-tag family as fork_of."""
+    """A fresh root id, or a fork id in the same hash-tag family as fork_of.
+
+    Both carry 128 random bits of their own (a fork's suffix too: knowing a root id must not let anyone guess
+    its forks), so an id cannot be guessed; tenancy is still checked on every call."""
     if fork_of is None:
-        return secrets.token_urlsafe(12)
-    return f"{fork_of.split('.', 1)[0]}.{secrets.token_urlsafe(6)}"
+        return secrets.token_urlsafe(16)
+    return f"{fork_of.split('.', 1)[0]}.{secrets.token_urlsafe(16)}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+
+
+class StoreConfigError(RuntimeError):
+    """Redis refused this process's configuration (bad password, TLS trouble): a startup error, not an RPC one."""
 
 
 def check_session_id(sid: str) -> str:
@@ -202,6 +224,7 @@ class StateStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "rwkv") -> None:
         self.redis = client
         self.prefix = prefix
+        self.url = ""  # the URL it was opened with, password redacted (for messages)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -209,9 +232,44 @@ class StateStore:
         self._fork = client.register_script(_FORK)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "rwkv") -> StateStore:
-        """A store on a new connection pool (bytes responses: states are binary)."""
-        return cls(aioredis.Redis.from_url(url, decode_responses=False), prefix)
+    def from_url(cls, url: str, prefix: str = "rwkv", *, ca_cert: str | None = None, client_cert: str | None = None,
+                 client_key: str | None = None) -> StateStore:
+        """A store on a new connection pool (bytes responses: states are binary).
+
+        `redis://:password@host:port/db` authenticates (`redis://user:password@...` for an ACL user);
+        `rediss://...` speaks TLS, verified against `ca_cert` (else the system CAs), with an optional client
+        certificate for servers that require one."""
+        tls: dict[str, str] = {}
+        if ca_cert:
+            tls["ssl_ca_certs"] = str(ca_cert)
+        if client_cert:
+            tls["ssl_certfile"] = str(client_cert)
+        if client_key:
+            tls["ssl_keyfile"] = str(client_key)
+        if tls and not url.startswith("rediss://"):
+            raise ValueError(f"Redis TLS files were given but {redact_url(url)} is not a rediss:// URL")
+        store = cls(aioredis.Redis.from_url(url, decode_responses=False, **tls), prefix)
+        store.url = redact_url(url)
+        return store
+
+    async def verify(self) -> None:
+        """Pings Redis once at startup; StoreConfigError with a clear message for credentials or TLS trouble
+        (a process that cannot authenticate should not start, rather than fail every call)."""
+        where = self.url or "Redis"
+        try:
+            await self.redis.ping()
+        except redis.exceptions.AuthenticationError as exc:
+            raise StoreConfigError(f"{where} rejected the credentials: {exc} (check the password in the Redis URL)"
+                                   ) from None
+        except redis.exceptions.ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                raise StoreConfigError(f"{where} requires a password: put it in the URL "
+                                       "(redis://:PASSWORD@host:port/db)") from None
+            raise
+        except redis.exceptions.ConnectionError as exc:
+            if "SSL" in str(exc) or "certificate" in str(exc).lower():
+                raise StoreConfigError(f"TLS to {where} failed: {exc}") from None
+            raise
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -491,3 +549,64 @@ class StateStore:
             await self.redis.srem(f"{self.prefix}:workers", *dead)
         live = [json.loads(record) for record in records if record is not None]
         return [r for r in live if model is None or r.get("model") == model]
+
+    # ---- tenants: API keys and quotas -------------------------------------------------------------------
+
+    def _api_key_key(self, key_hash: str) -> str:
+        if not _HASH_RE.match(key_hash):
+            raise InvalidArgument("an API key hash is 64 lowercase hex digits")
+        return f"{self.prefix}:apikey:{key_hash}"
+
+    async def put_api_key(self, key_hash: str, tenant: str) -> None:
+        """Maps an API key's hash to its tenant (the key itself is never stored)."""
+        await self.redis.set(self._api_key_key(key_hash), _check_name("tenant", tenant))
+
+    async def get_api_key(self, key_hash: str) -> str | None:
+        """The tenant of an API key's hash; None when no such key is stored."""
+        tenant = await self.redis.get(self._api_key_key(key_hash))
+        return None if tenant is None else tenant.decode()
+
+    async def delete_api_key(self, key_hash: str) -> bool:
+        return bool(await self.redis.delete(self._api_key_key(key_hash)))
+
+    async def list_api_keys(self) -> list[tuple[str, str]]:
+        """(hash, tenant) of every stored key."""
+        prefix = f"{self.prefix}:apikey:"
+        hashes = [key.decode()[len(prefix):] async for key in self.redis.scan_iter(match=prefix + "*", count=500)]
+        if not hashes:
+            return []
+        tenants = await self.redis.mget([prefix + h for h in hashes])
+        return sorted((h, t.decode()) for h, t in zip(hashes, tenants) if t is not None)
+
+    async def count_sessions(self, tenant: str, *, exact: bool = False) -> int:
+        """The tenant's sessions. Cheap: the size of its index, which may still hold expired sessions (an upper
+        bound); exact: drops the expired ones first (one EXISTS per indexed session)."""
+        index = self._index_key(_check_name("tenant", tenant))
+        if not exact:
+            return int(await self.redis.zcard(index))
+        members = await self.redis.zrange(index, 0, -1)
+        if not members:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.exists(self.session_key(member.decode().split(":", 1)[1], "meta"))
+            alive = await pipe.execute()
+        dead = [member for member, exists in zip(members, alive) if not exists]
+        if dead:
+            await self.redis.zrem(index, *dead)
+        return len(members) - len(dead)
+
+    def _tokens_key(self, tenant: str, window: int) -> str:
+        return f"{self.prefix}:quota:{_check_name('tenant', tenant)}:tokens:{window}"
+
+    async def add_tokens(self, tenant: str, window: int, tokens: int, ttl_ms: int) -> int:
+        """Adds to the tenant's token count of one budget window (the key expires after it); returns the total."""
+        key = self._tokens_key(tenant, window)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, tokens)
+            pipe.pexpire(key, ttl_ms)
+            total, _ = await pipe.execute()
+        return int(total)
+
+    async def get_tokens(self, tenant: str, window: int) -> int:
+        return int(await self.redis.get(self._tokens_key(tenant, window)) or 0)
