@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from enum import Enum
 
 import torch
 
-from worker.errors import InvalidArgument, Overloaded, Unavailable
+from worker.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from worker.model import RWKV5
 from worker.sampler import SampleResult, SamplerState, SamplingParams, StopChecker, sample_batch
 from worker.state import State
@@ -53,6 +54,7 @@ class TurnRequest:
     tokens_consumed: int = 0  # tokens `state` has consumed before this turn
     epilogue: Sequence[int] = ()  # fed after the reply unless a stop string ended it (the template's turn end)
     prefill_only: bool = False  # feed the input and finish (e.g. to build a system prompt's state)
+    deadline: float | None = None  # time.monotonic(); still waiting for a slot then: dropped unrun (DeadlineExceeded)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class _Slot:
     sampler: SamplerState
     checker: StopChecker  # detokenizes (UTF-8 safe), holds back possible stop strings, decides stops
     prefill_only: bool
+    deadline: float | None = None
     phase: Phase = Phase.WAITING
     prompt_tokens: int = 0
     generated: list[int] = field(default_factory=list)  # sampled ids, a stop token included
@@ -205,6 +208,8 @@ class Engine:
             raise InvalidArgument(f"token ids must lie in [0, {vocab})")
         if request.state is not None and request.state.batch_size != 1:
             raise ValueError("a turn's starting state must have batch size 1")
+        if request.deadline is not None and request.deadline <= time.monotonic():
+            raise DeadlineExceeded("the turn's deadline passed before it was queued")
         turn = Turn(next(self._ids), self)
         slot = _Slot(
             turn=turn,
@@ -216,6 +221,7 @@ class Engine:
             sampler=SamplerState(params),
             checker=StopChecker.from_params(params, self.tokenizer),
             prefill_only=request.prefill_only,
+            deadline=request.deadline,
             prompt_tokens=len(tokens),
         )
         with self._lock:
@@ -321,11 +327,17 @@ class Engine:
             self._prefill(prefill, out)
         return out
 
-    def _drop_cancelled(self, out: list[tuple[Turn, TurnEvent]]) -> None:
+    def _drop_cancelled(self, out: list[tuple[Turn, TurnEvent | Exception]]) -> None:
+        """Drops cancelled turns, and waiting turns whose deadline passed (those never run)."""
+        now = time.monotonic()
         with self._lock:
             cancelled = [s for s in self._waiting if s.turn.cancelled]
-            for slot in cancelled:
+            expired = [s for s in self._waiting
+                       if not s.turn.cancelled and s.deadline is not None and s.deadline <= now]
+            for slot in (*cancelled, *expired):
                 self._waiting.remove(slot)
+        for slot in expired:
+            out.append((slot.turn, DeadlineExceeded("the turn's deadline passed while it waited for a batch slot")))
         cancelled += [s for s in self._slots if s.turn.cancelled]
         if not cancelled:
             return

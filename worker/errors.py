@@ -71,6 +71,47 @@ class Unavailable(ServeError):
     """No worker can serve the request now (none registered, or the worker is draining)."""
 
 
+class WorkerLost(Unavailable):
+    """The worker running the turn went away mid-turn (crashed or unreachable); nothing was committed: retry."""
+
+    def __init__(self, message: str = "", worker_id: str = "", retry_after_s: float | None = 0.0) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.retry_after_s = retry_after_s  # the session's lease is released, so a retry may come at once
+
+
+class StoreUnavailable(Unavailable):
+    """The state store (Redis) cannot be reached or did not answer in time; retry shortly."""
+
+    def __init__(self, message: str = "", retry_after_s: float | None = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServeError):
+    """The request's deadline passed before it finished."""
+
+
+class Cancelled(ServeError):
+    """The caller cancelled the request."""
+
+
+class Unauthenticated(ServeError):
+    """Missing or unknown credentials."""
+
+
+class PermissionDenied(ServeError):
+    """The caller may not access this resource (another tenant's session answers SessionNotFound instead)."""
+
+
+class QuotaExceeded(ServeError):
+    """The tenant reached one of its limits (live sessions, or tokens in the current window)."""
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # when the limit lifts by itself (a token window ends); None: never
+
+
 class DeadlineExceeded(ServeError):
     """The request's deadline passed before it finished."""
 
@@ -107,6 +148,8 @@ STATUS_CODES: dict[type[ServeError], grpc.StatusCode] = {
     StateCorrupt: grpc.StatusCode.DATA_LOSS,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    WorkerLost: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

@@ -14,11 +14,18 @@ import logging
 import time
 from array import array
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from worker.engine import Delta, Engine, Finished, StateCache, Turn, TurnRequest
-from worker.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, StateCorrupt, VersionConflict
+from worker.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ModelNotFound,
+    StateCorrupt,
+    StoreUnavailable,
+    VersionConflict,
+)
 from worker.sampler import SamplingParams
 from worker.state import State, StateFormatError, state_from_bytes, state_to_bytes
 from worker.store import Lease, SessionMeta, StateStore
@@ -62,6 +69,7 @@ class RunnerConfig:
     lease_ms: int = 30_000  # renewed every third of it while a turn runs
     prefix_ttl_ms: int = 86_400_000
     default_sampling: Mapping[str, Any] | None = None  # worker defaults under session defaults
+    max_prompt_tokens: int = 16_384  # a turn's input (formatted text + token ids); longer is INVALID_ARGUMENT
 
 
 class TurnRunner:
@@ -115,7 +123,7 @@ class TurnRunner:
             yield self._ended(event, meta.version, meta.state_tokens) if isinstance(event, Finished) else event
 
     async def _session_turn(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
-        lease = await self.store.acquire_lease(turn.session_id, self.config.lease_ms)
+        lease = await self.store.acquire_lease(turn.session_id, self.config.lease_ms, holder=self.config.worker_id)
         renewal = asyncio.create_task(self._keep_lease(lease))
         released = False
         try:
@@ -218,12 +226,17 @@ class TurnRunner:
         epilogue = await self.tokenize(template.epilogue()) if chat and template.epilogue() else []
         if not tokens:
             raise InvalidArgument("the turn has no input (empty text and no token ids)")
+        if len(tokens) > self.config.max_prompt_tokens:
+            raise InvalidArgument(f"the turn's input is {len(tokens)} tokens; the limit is "
+                                  f"{self.config.max_prompt_tokens}")
         return TurnRequest(tokens, params, state=state, tokens_consumed=consumed, epilogue=epilogue)
 
     async def _generate(
         self, request: TurnRequest, deadline: float | None, renewal: asyncio.Task[None] | None = None
     ) -> AsyncIterator[TurnEvent | Finished]:
         """Submits to the engine and relays its events; cancels the engine turn if the caller goes away."""
+        if deadline is not None:  # the engine drops the turn unrun if the deadline passes while it waits
+            request = replace(request, deadline=deadline)
         turn: Turn = self.engine.submit(request)
         try:
             if not request.prefill_only:
@@ -252,10 +265,16 @@ class TurnRunner:
         raise DeadlineExceeded("the turn's deadline passed")
 
     async def _keep_lease(self, lease: Lease) -> None:
-        """Renews the lease every third of its TTL; raises LeaseLost (ending the turn) when it was taken."""
+        """Renews the lease every third of its TTL; raises LeaseLost (ending the turn) when it was taken.
+
+        A renewal that cannot reach Redis is skipped: the next one, or the commit, finds out whether the lease
+        survived (both check the token), so a short Redis blip does not end a running turn."""
         while True:
             await asyncio.sleep(lease.ttl_ms / 3000)
-            await self.store.renew_lease(lease)
+            try:
+                await self.store.renew_lease(lease)
+            except StoreUnavailable:
+                log.warning("could not renew the lease on %s; retrying", lease.session_id)
 
     async def _commit(self, lease: Lease, meta: SessionMeta, finished: Finished) -> int:
         state = finished.state

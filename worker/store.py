@@ -21,6 +21,8 @@ This module knows bytes only: the state record's format belongs to worker.state.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 import secrets
@@ -32,7 +34,16 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from worker.errors import InvalidArgument, LeaseLost, PresetNotFound, SessionBusy, SessionNotFound, VersionConflict
+from worker.errors import (
+    InvalidArgument,
+    LeaseLost,
+    PresetNotFound,
+    SessionBusy,
+    SessionNotFound,
+    StateCorrupt,
+    StoreUnavailable,
+    VersionConflict,
+)
 
 _SID_RE = re.compile(r"^[A-Za-z0-9_-]{6,64}(\.[A-Za-z0-9_-]{4,32})?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
@@ -120,6 +131,14 @@ class SessionMeta:
 
     @classmethod
     def from_hash(cls, session_id: str, raw: Mapping[bytes, bytes]) -> SessionMeta:
+        """Parses a meta hash; StateCorrupt when a field does not parse (something else wrote the key)."""
+        try:
+            return cls._parse(session_id, raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StateCorrupt(f"session {session_id} has unreadable metadata ({exc!r})") from None
+
+    @classmethod
+    def _parse(cls, session_id: str, raw: Mapping[bytes, bytes]) -> SessionMeta:
         h = {k.decode(): v.decode() for k, v in raw.items()}
         return cls(
             session_id=session_id,
@@ -172,6 +191,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: lease. ARGV: holder prefix ("<worker id>|"). Deletes the lease when that holder owns it, whatever its
+# token: the front breaks the lease of a worker it saw die, so the session's next turn need not wait for the TTL.
+_BREAK = """
+local token = redis.call('GET', KEYS[1])
+if token and string.sub(token, 1, string.len(ARGV[1])) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS: meta, state, lease, staging. ARGV: token, expected version, now ms, state tokens, turns added.
 # Compare-and-set: the staged bytes become the state only if the lease is still ours and the version is the
 # expected one; a stale worker can never overwrite a newer state. RENAME is O(1) whatever the state's size.
@@ -218,6 +245,30 @@ return {tonumber(version)}
 """
 
 
+# What a Redis that is down, restarting or too slow raises (BusyLoadingError, while it reloads, is a ConnectionError).
+_STORE_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError, OSError)
+_NOT_TRANSLATED = frozenset({"close", "verify"})  # lifecycle calls keep Redis's own exceptions
+
+
+def _store_errors(cls: type) -> type:
+    """Class decorator: every public coroutine that cannot reach Redis raises StoreUnavailable (UNAVAILABLE, with
+    a retry hint) instead of an unexpected exception (INTERNAL), so callers fail fast and retry."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or name in _NOT_TRANSLATED or not inspect.iscoroutinefunction(method):
+            continue
+
+        @functools.wraps(method)
+        async def translated(self: Any, *args: Any, __method: Any = method, **kwargs: Any) -> Any:
+            try:
+                return await __method(self, *args, **kwargs)
+            except _STORE_DOWN as exc:
+                raise StoreUnavailable(f"the state store cannot be reached ({type(exc).__name__}: {exc})") from exc
+
+        setattr(cls, name, translated)
+    return cls
+
+
+@_store_errors
 class StateStore:
     """Async access to everything rwkv-serve keeps in Redis."""
 
@@ -230,6 +281,7 @@ class StateStore:
         self._release = client.register_script(_RELEASE)
         self._commit = client.register_script(_COMMIT)
         self._fork = client.register_script(_FORK)
+        self._break = client.register_script(_BREAK)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "rwkv", *, ca_cert: str | None = None, client_cert: str | None = None,
@@ -419,9 +471,12 @@ class StateStore:
 
     # ---- leases -----------------------------------------------------------------------------------------
 
-    async def acquire_lease(self, sid: str, ttl_ms: int) -> Lease:
-        """Takes the session's lease (one turn at a time) and refreshes its TTL; SessionBusy if held."""
-        lease = Lease(sid, secrets.token_hex(16), ttl_ms)
+    async def acquire_lease(self, sid: str, ttl_ms: int, holder: str = "") -> Lease:
+        """Takes the session's lease (one turn at a time) and refreshes its TTL; SessionBusy if held.
+
+        `holder` (a worker id) prefixes the token, so that break_lease can free the lease of a dead holder."""
+        token = secrets.token_hex(16)
+        lease = Lease(sid, f"{_check_name('lease holder', holder)}|{token}" if holder else token, ttl_ms)
         result = await self._acquire(keys=list(self._keys(sid)), args=[lease.token, ttl_ms, now_ms()])
         if result == -1:
             raise SessionNotFound(f"session {sid} not found")
@@ -437,6 +492,12 @@ class StateStore:
     async def release_lease(self, lease: Lease) -> bool:
         """Releases the lease if still held; False when it had already expired or changed hands."""
         return bool(await self._release(keys=[self.session_key(lease.session_id, "lease")], args=[lease.token]))
+
+    async def break_lease(self, sid: str, holder: str) -> bool:
+        """Deletes the session's lease if `holder` took it (the caller saw that worker die). Safe even if the
+        holder lives on: its commit then fails the compare-and-set (LeaseLost) and its turn ends."""
+        prefix = f"{_check_name('lease holder', holder)}|"
+        return bool(await self._break(keys=[self.session_key(sid, "lease")], args=[prefix]))
 
     # ---- state ------------------------------------------------------------------------------------------
 
