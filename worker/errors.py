@@ -112,30 +112,6 @@ class QuotaExceeded(ServeError):
         self.retry_after_s = retry_after_s  # when the limit lifts by itself (a token window ends); None: never
 
 
-class DeadlineExceeded(ServeError):
-    """The request's deadline passed before it finished."""
-
-
-class Cancelled(ServeError):
-    """The caller cancelled the request."""
-
-
-class Unauthenticated(ServeError):
-    """Missing or unknown credentials."""
-
-
-class PermissionDenied(ServeError):
-    """The caller may not access this resource (another tenant's session answers SessionNotFound instead)."""
-
-
-class QuotaExceeded(ServeError):
-    """The tenant reached one of its limits (live sessions, or tokens in the current window)."""
-
-    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s  # when the limit lifts by itself (a token window ends); None: never
-
-
 # The one table. Order matters only for subclasses listed before their bases (looked up by MRO anyway).
 STATUS_CODES: dict[type[ServeError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
