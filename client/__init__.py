@@ -1,5 +1,6 @@
 """Python SDK of rwkv-serve: `RWKVClient` (blocking) and `AsyncRWKVClient` (asyncio), typed results and errors."""
 
+from client._core import tls_credentials
 from client.aio import AsyncChatStream, AsyncRWKVClient
 from client.errors import (
     AuthenticationError,
@@ -42,5 +43,5 @@ __all__ = [
     "RequestCancelledError",
     "ResourceExhaustedError", "RWKVError", "RWKVClient", "Session", "SessionBusyError", "SessionNotFoundError",
     "SessionPage", "StopReason", "TextDelta", "TokenLogprob", "TurnResult", "TurnStarted", "UnavailableError",
-    "Usage", "VersionConflictError",
+    "Usage", "VersionConflictError", "tls_credentials",
 ]

@@ -7,11 +7,13 @@ only execute these descriptions with their flavour of channel and turn gRPC erro
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import grpc
 from google.protobuf import duration_pb2
 
 from client.types import (
@@ -42,6 +44,45 @@ class Unary(Generic[T]):
     method: str
     request: Any
     decode: Callable[[Any], T]
+
+
+def tls_credentials(ca: str | Path | bytes | None = None, cert: str | Path | bytes | None = None,
+                    key: str | Path | bytes | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials for a client: the CA that signed the server's certificate (None: the system's roots),
+    plus a client certificate and key where the server requires one. Paths or PEM bytes."""
+    def read(value: str | Path | bytes | None) -> bytes | None:
+        return value if value is None or isinstance(value, bytes) else Path(value).read_bytes()
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
+
+
+def sync_channel(target: str, options: Sequence[tuple[str, Any]] | None, credentials: grpc.ChannelCredentials | None,
+                 tracer_provider: Any = None) -> grpc.Channel:
+    """A blocking channel: TLS when credentials are given; with a tracer provider every call gets a client span
+    and carries its W3C trace context (traceparent) in the metadata."""
+    if credentials is None:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=options)
+    if tracer_provider is None:
+        return channel
+    from opentelemetry.instrumentation.grpc import client_interceptor
+    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
+    return intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
+
+
+def aio_channel(target: str, options: Sequence[tuple[str, Any]] | None, credentials: grpc.ChannelCredentials | None,
+                tracer_provider: Any = None) -> grpc.aio.Channel:
+    """The asyncio twin of sync_channel."""
+    interceptors = None
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+        interceptors = aio_client_interceptors(tracer_provider=tracer_provider)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
 
 
 def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

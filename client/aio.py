@@ -95,8 +95,10 @@ class AsyncRWKVClient:
     """asyncio client of the rwkv-serve public API; construct it inside the running event loop."""
 
     def __init__(self, target: str, api_key: str | None = None, *, timeout: float | None = 30.0,
-                 channel: grpc.aio.Channel | None = None, options: Sequence[tuple[str, Any]] | None = None) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target, options=options)
+                 channel: grpc.aio.Channel | None = None, options: Sequence[tuple[str, Any]] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, tracer_provider: Any = None) -> None:
+        """As RWKVClient: `credentials` for TLS, an OpenTelemetry `tracer_provider` to trace the calls."""
+        self._channel = channel or _core.aio_channel(target, options, credentials, tracer_provider)
         self._stub = api_pb2_grpc.RwkvServiceStub(self._channel)
         self._metadata = _core.call_metadata(api_key)
         self.timeout = timeout

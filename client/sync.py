@@ -92,9 +92,12 @@ class RWKVClient:
     """Blocking client of the rwkv-serve public API (sessions, chat, generate, models, tokenize)."""
 
     def __init__(self, target: str, api_key: str | None = None, *, timeout: float | None = 30.0,
-                 channel: grpc.Channel | None = None, options: Sequence[tuple[str, Any]] | None = None) -> None:
-        """`target` is "host:port"; `timeout` is the deadline of unary calls (streams take their own)."""
-        self._channel = channel or grpc.insecure_channel(target, options=options)
+                 channel: grpc.Channel | None = None, options: Sequence[tuple[str, Any]] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, tracer_provider: Any = None) -> None:
+        """`target` is "host:port"; `timeout` is the deadline of unary calls (streams take their own);
+        `credentials` turn on TLS (`client.tls_credentials(ca)`); with an OpenTelemetry `tracer_provider` each
+        call gets a client span and sends its trace context (W3C traceparent) to the server."""
+        self._channel = channel or _core.sync_channel(target, options, credentials, tracer_provider)
         self._stub = api_pb2_grpc.RwkvServiceStub(self._channel)
         self._metadata = _core.call_metadata(api_key)
         self.timeout = timeout

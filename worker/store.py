@@ -311,6 +311,9 @@ class StateStore:
         try:
             await self.redis.ping()
         except redis.exceptions.AuthenticationError as exc:
+            if not self.redis.connection_pool.connection_kwargs.get("password"):
+                raise StoreConfigError(f"{where} requires a password: put it in the URL "
+                                       "(redis://:PASSWORD@host:port/db)") from None
             raise StoreConfigError(f"{where} rejected the credentials: {exc} (check the password in the Redis URL)"
                                    ) from None
         except redis.exceptions.ResponseError as exc:
