@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -77,6 +77,20 @@ class Finished:
     tokens_consumed: int  # by `state` in total
     stop_string: str = ""
     stop_token_id: int = -1
+    timings: TurnTimings | None = None  # when the turn went through the engine's phases (for tracing)
+
+
+@dataclass(frozen=True)
+class TurnTimings:
+    """Wall-clock times (time.time_ns()) of a turn's phases in the engine; 0 = the phase was never reached.
+
+    The engine runs in its own thread, outside any trace context: the caller turns these into queue, prefill
+    and decode spans under the turn's span, with these start and end times."""
+
+    submitted_ns: int
+    admitted_ns: int  # left the queue for a batch slot
+    prefilled_ns: int  # the whole input was fed (and the first token sampled)
+    finished_ns: int
 
 
 TurnEvent = Delta | Finished
@@ -138,6 +152,12 @@ class _Slot:
     prompt_tokens: int = 0
     generated: list[int] = field(default_factory=list)  # sampled ids, a stop token included
     result: Finished | None = None  # set when CLOSING: what to report once the closing tokens are fed
+    submitted_ns: int = 0  # phase times, see TurnTimings
+    admitted_ns: int = 0
+    prefilled_ns: int = 0
+
+    def timings(self) -> TurnTimings:
+        return TurnTimings(self.submitted_ns, self.admitted_ns, self.prefilled_ns, time.time_ns())
 
 
 @dataclass(frozen=True)
@@ -188,6 +208,7 @@ class Engine:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.on_decode: Callable[[int], None] | None = None  # metrics hook: each decode step's batch (engine thread)
 
     # ---- submitting -----------------------------------------------------------------------------------------
 
@@ -223,6 +244,7 @@ class Engine:
             prefill_only=request.prefill_only,
             deadline=request.deadline,
             prompt_tokens=len(tokens),
+            submitted_ns=time.time_ns(),
         )
         with self._lock:
             if len(self._waiting) >= self.max_queued + max(0, self._free_slots()):
@@ -343,7 +365,8 @@ class Engine:
             return
         self._slots = [s for s in self._slots if not s.turn.cancelled]
         for slot in cancelled:
-            finished = Finished(StopReason.CANCELLED, slot.prompt_tokens, len(slot.generated), None, slot.consumed)
+            finished = Finished(StopReason.CANCELLED, slot.prompt_tokens, len(slot.generated), None, slot.consumed,
+                                timings=slot.timings())
             out.append((slot.turn, finished))
 
     def _admit(self) -> None:
@@ -351,6 +374,7 @@ class Engine:
             while self._waiting and self._free_slots() > 0:
                 slot = self._waiting.popleft()
                 slot.phase = Phase.PREFILL
+                slot.admitted_ns = time.time_ns()
                 if slot.state is None:
                     slot.state = self.model.init_state(1)
                 self._slots.append(slot)
@@ -371,6 +395,8 @@ class Engine:
         tokens = torch.tensor([[s.feed.pop(0)] for s in lane], dtype=torch.long, device=self.model.device)
         logits, state = self.model.forward(tokens, self._lane_state(lane))  # (B, V)
         self._lane = _Lane(list(lane), state)
+        if self.on_decode is not None:
+            self.on_decode(len(lane))
         for slot in lane:
             slot.consumed += 1
         rows = [i for i, s in enumerate(lane) if s.phase is Phase.DECODE]
@@ -390,6 +416,7 @@ class Engine:
         slot.consumed += len(chunk)
         if slot.feed:
             return
+        slot.prefilled_ns = time.time_ns()
         if slot.prefill_only:
             slot.result = Finished(StopReason.MAX_TOKENS, 0, 0, None, 0)
             self._finish(slot, out)
@@ -437,7 +464,7 @@ class Engine:
         assert slot.result is not None and slot.state is not None
         r = slot.result
         finished = Finished(r.reason, slot.prompt_tokens, len(slot.generated), slot.state, slot.consumed,
-                            r.stop_string, r.stop_token_id)
+                            r.stop_string, r.stop_token_id, slot.timings())
         out.append((slot.turn, finished))
         self._slots.remove(slot)
 
@@ -449,15 +476,20 @@ class StateCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, tuple[int, State, int]] = OrderedDict()  # sid -> (version, state, tokens)
         self._bytes = 0
+        self.hits = 0  # lookups answered (read by the metrics)
+        self.misses = 0
 
     def get(self, sid: str, version: int) -> tuple[State, int] | None:
         """The cached state of sid if it is exactly at `version` (any other version is stale and dropped)."""
         entry = self._entries.get(sid)
         if entry is None:
+            self.misses += 1
             return None
         if entry[0] != version:
+            self.misses += 1
             self.pop(sid)
             return None
+        self.hits += 1
         self._entries.move_to_end(sid)
         return entry[1], entry[2]
 

@@ -29,6 +29,7 @@ from worker.errors import (
 from worker.sampler import SamplingParams
 from worker.state import State, StateFormatError, state_from_bytes, state_to_bytes
 from worker.store import Lease, SessionMeta, StateStore
+from worker.telemetry import Telemetry, set_session
 from worker.templates import ChatTemplate, get_template
 from worker.turns import (
     InputKind,
@@ -75,8 +76,10 @@ class RunnerConfig:
 class TurnRunner:
     """Runs turns against the store and the engine; yields domain events (TurnStarted, TextDelta, TurnEnded)."""
 
-    def __init__(self, engine: Engine, store: StateStore, tokenizer, config: RunnerConfig, cache: StateCache) -> None:
+    def __init__(self, engine: Engine, store: StateStore, tokenizer, config: RunnerConfig, cache: StateCache,
+                 telemetry: Telemetry | None = None) -> None:
         self.engine = engine
+        self.telemetry = telemetry or Telemetry()  # spans and metrics (no-ops unless the process configured them)
         self.store = store
         self.tokenizer = tokenizer
         self.config = config
@@ -92,6 +95,7 @@ class TurnRunner:
 
     async def run(self, turn: TurnInput, deadline: float | None = None) -> AsyncIterator[TurnEvent]:
         """Runs one turn; `deadline` is in time.monotonic() seconds. Raises ServeError subclasses."""
+        set_session(turn.session_id)  # for the logs of this RPC's task
         if turn.model and turn.model != self.config.model_id:
             raise ModelNotFound(f"this worker serves {self.config.model_id!r}, not {turn.model!r}")
         if not turn.session_id:
@@ -102,8 +106,18 @@ class TurnRunner:
             events = self._ephemeral(turn, deadline)
         else:
             events = self._session_turn(turn, deadline)
-        async for event in events:
-            yield event
+        with self.telemetry.turn_span(session_id=turn.session_id, turn_id=turn.turn_id, kind=turn.kind.value,
+                                      model=self.config.model_id, worker_id=self.config.worker_id) as watch:
+            if watch.text is not None:
+                log.debug("turn %s input: %r", turn.turn_id, turn.text)
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    watch.delta(len(event.token_ids), event.text)
+                elif isinstance(event, TurnEnded):
+                    watch.ended(event.prompt_tokens, event.generated_tokens, event.reason.value)
+                    if watch.text is not None:
+                        log.debug("turn %s reply: %r", turn.turn_id, "".join(watch.text))
+                yield event
 
     # ---- the three kinds of turn ------------------------------------------------------------------------
 
@@ -117,7 +131,8 @@ class TurnRunner:
 
     async def _ephemeral(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
         meta = await self._meta(turn)
-        state, consumed = await self._session_state(meta)
+        with self.telemetry.span("state.load", self.telemetry.state_load, session_id=meta.session_id):
+            state, consumed = await self._session_state(meta)
         request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
         async for event in self._generate(request, deadline):
             yield self._ended(event, meta.version, meta.state_tokens) if isinstance(event, Finished) else event
@@ -128,7 +143,8 @@ class TurnRunner:
         released = False
         try:
             meta = await self._meta(turn)
-            state, consumed = await self._session_state(meta)
+            with self.telemetry.span("state.load", self.telemetry.state_load, session_id=meta.session_id):
+                state, consumed = await self._session_state(meta)
             request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
             async for event in self._generate(request, deadline, renewal):
                 if not isinstance(event, Finished):
@@ -244,6 +260,7 @@ class TurnRunner:
             while True:
                 event = await self._next(turn, deadline, renewal)
                 if isinstance(event, Finished):
+                    self.telemetry.phase_spans(event.timings)  # the engine thread's phases, as child spans
                     yield event
                     return
                 yield _delta(event)
@@ -279,9 +296,13 @@ class TurnRunner:
     async def _commit(self, lease: Lease, meta: SessionMeta, finished: Finished) -> int:
         state = finished.state
         assert state is not None
-        host = await asyncio.to_thread(state.to, "cpu")
-        data = await asyncio.to_thread(state_to_bytes, host, self.model.fingerprint, finished.tokens_consumed)
-        version = await self.store.commit_state(lease, meta.version, data, state_tokens=finished.tokens_consumed)
+        with self.telemetry.span("state.commit", self.telemetry.state_commit, session_id=meta.session_id) as span:
+            host = await asyncio.to_thread(state.to, "cpu")
+            data = await asyncio.to_thread(state_to_bytes, host, self.model.fingerprint, finished.tokens_consumed)
+            version = await self.store.commit_state(lease, meta.version, data, state_tokens=finished.tokens_consumed)
+            span.set_attribute("rwkv.state_bytes", len(data))
+            span.set_attribute("rwkv.state_version", version)
+        self.telemetry.state_size.record(len(data))
         self.cache.put(meta.session_id, version, host, finished.tokens_consumed)
         return version
 

@@ -31,6 +31,7 @@ from worker.runner import RunnerConfig, TurnRunner
 from worker.servicer import WorkerServicer
 from worker.settings import WorkerSettings
 from worker.store import StateStore, StoreConfigError
+from worker.telemetry import Telemetry, configure_logging
 from worker.tls import add_port, server_credentials
 from worker.tokenizer import load_tokenizer
 from worker.turns import ModelDescription, WorkerLoad
@@ -62,9 +63,10 @@ class WorkerCore:
 
     def __init__(
         self, settings: WorkerSettings, model: RWKV5, tokenizer, model_id: str, random_init: bool = False,
-        store: StateStore | None = None,
+        store: StateStore | None = None, telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry()
         self.model = model
         self.tokenizer = tokenizer
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -76,11 +78,13 @@ class WorkerCore:
             prefill_chunk=settings.prefill_chunk, max_tokens_limit=settings.max_tokens_limit,
         )
         self.cache = StateCache(settings.cache_bytes)
+        self.engine.on_decode = self.telemetry.batch_size.record
+        self.telemetry.observe_engine(lambda: self.engine.load, self.cache)
         self.runner = TurnRunner(
             self.engine, self.store, tokenizer,
             RunnerConfig(model_id, self.worker_id, lease_ms=settings.lease_ms, prefix_ttl_ms=settings.prefix_ttl_ms,
                          default_sampling={"max_tokens": settings.default_max_tokens}),
-            self.cache,
+            self.cache, self.telemetry,
         )
         cfg = model.config
         self.description = ModelDescription(
@@ -93,11 +97,11 @@ class WorkerCore:
         self._heartbeat: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_settings(cls, settings: WorkerSettings) -> WorkerCore:
+    def from_settings(cls, settings: WorkerSettings, telemetry: Telemetry | None = None) -> WorkerCore:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         model, model_id, random_init = load_model(settings)
-        return cls(settings, model, load_tokenizer(settings.vocab_path), model_id, random_init)
+        return cls(settings, model, load_tokenizer(settings.vocab_path), model_id, random_init, telemetry=telemetry)
 
     def load(self) -> WorkerLoad:
         engine = self.engine.load
@@ -146,7 +150,7 @@ class WorkerCore:
 
 def create_server(settings: WorkerSettings, core: WorkerCore) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with WorkerService, health and reflection, bound to settings.host:settings.port."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=core.telemetry.server_interceptors() or None)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(core.runner, core.load), server)
     health_pb2_grpc.add_HealthServicer_to_server(core.health, server)
     reflection.enable_server_reflection(
@@ -171,7 +175,8 @@ async def shutdown(server: grpc.aio.Server, core: WorkerCore, settings: WorkerSe
 
 async def serve(settings: WorkerSettings) -> None:
     """Runs a worker until SIGTERM or SIGINT."""
-    core = await asyncio.to_thread(WorkerCore.from_settings, settings)
+    telemetry = Telemetry.from_settings(settings, "rwkv-worker", settings.worker_id)
+    core = await asyncio.to_thread(WorkerCore.from_settings, settings, telemetry)
     server, port = create_server(settings, core)
     await core.store.verify()  # a wrong Redis password stops the start with a clear message
     await server.start()
@@ -186,6 +191,7 @@ async def serve(settings: WorkerSettings) -> None:
     await stop.wait()
     log.info("worker %s draining", core.worker_id)
     await shutdown(server, core, settings)
+    telemetry.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-id")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = WorkerSettings(**overrides)
+    configure_logging("INFO", settings.log_format)
     try:
-        asyncio.run(serve(WorkerSettings(**overrides)))
+        asyncio.run(serve(settings))
     except StoreConfigError as exc:
         parser.exit(2, f"rwkv-worker: {exc}\n")
 

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from worker.telemetry import ObservabilitySettings
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(ObservabilitySettings):
     """Everything a worker needs; built once in main() and passed down (tests construct it directly)."""
 
     model_config = SettingsConfigDict(env_prefix="RWKV_WORKER_", extra="ignore")
