@@ -11,7 +11,12 @@ RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class RWKVError(Exception):
-    """Base of every error the SDK raises; `code` is the gRPC status, `message` the server's explanation."""
+    """Base of every error the SDK raises; `code` is the gRPC status, `message` the server's explanation.
+
+    `retry_after_s` is the server's hint (trailer retry-after-ms) when it sent one: on RESOURCE_EXHAUSTED, and on
+    UNAVAILABLE when a worker died under the turn (0: retry now) or Redis cannot be reached."""
+
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
         super().__init__(message)
@@ -133,14 +138,16 @@ def error_from_status(code: grpc.StatusCode, details: str | None,
     if refined is not None and issubclass(refined, cls):
         cls = refined
     message = details or ""
+    retry_ms = meta.get(RETRY_AFTER_KEY)
+    try:
+        retry_after = float(retry_ms) / 1000 if retry_ms is not None else None
+    except ValueError:
+        retry_after = None
     if issubclass(cls, ResourceExhaustedError):
-        retry_ms = meta.get(RETRY_AFTER_KEY)
-        try:
-            retry_after = float(retry_ms) / 1000 if retry_ms is not None else None
-        except ValueError:
-            retry_after = None
         return cls(message, code, retry_after_s=retry_after)
-    return cls(message, code)
+    error = cls(message, code)
+    error.retry_after_s = retry_after
+    return error
 
 
 def from_rpc_error(error: grpc.RpcError) -> RWKVError:

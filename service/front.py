@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rwkv_serve.v1 import common_pb2, worker_pb2
+from service.admission import Admission
 from service.auth import Auth, load_key_entries
 from service.quotas import Quotas
 from service.router import ChannelPool, Router, WorkerDirectory
@@ -35,11 +36,14 @@ class Front:
             options.append(("grpc.ssl_target_name_override", settings.worker_tls_server_name))
         self.channels = ChannelPool(options, channel_credentials(settings.worker_ca, settings.worker_client_cert,
                                                                  settings.worker_client_key))
-        self.router = Router(self.directory, self.channels, max_attempts=settings.max_attempts)
+        self.admission = Admission(settings.max_inflight_turns, settings.max_inflight_per_worker,
+                                   settings.overload_retry_after_s)
+        self.router = Router(self.directory, self.channels, max_attempts=settings.max_attempts,
+                             admission=self.admission)
         self.sessions = Sessions(store, self.directory, default_ttl_ms=round(settings.default_ttl_s * 1000),
                                  max_ttl_ms=round(settings.max_ttl_s * 1000), quotas=self.quotas)
         self.turns = Turns(store, self.sessions, self.directory, self.router, busy_retry_s=settings.busy_retry_s,
-                           quotas=self.quotas)
+                           quotas=self.quotas, max_stream_queue=settings.max_stream_queue)
 
     @classmethod
     def from_settings(cls, settings: FrontSettings) -> Front:

@@ -21,7 +21,17 @@ from typing import Any
 import grpc
 
 from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.errors import DeadlineExceeded, Overloaded, ServeError, Unavailable, from_status
+from service.admission import Admission
+from worker.errors import (
+    ERROR_KEY,
+    DeadlineExceeded,
+    Overloaded,
+    ServeError,
+    StoreUnavailable,
+    Unavailable,
+    WorkerLost,
+    from_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,47 +224,70 @@ def _error(e: grpc.aio.AioRpcError) -> ServeError:
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+def _worker_gone(e: grpc.aio.AioRpcError) -> bool:
+    """The call failed in transport (the worker died, or cannot be reached), not with a status the worker chose:
+    a worker's own errors always carry the rwkv-error trailer."""
+    return e.code() == grpc.StatusCode.UNAVAILABLE and not any(k == ERROR_KEY for k, _ in e.trailing_metadata() or ())
+
+
 class Router:
     """Runs worker calls on the right worker, falling over to the next candidate when one refuses."""
 
-    def __init__(self, directory: WorkerDirectory, channels: ChannelPool, *, max_attempts: int = 3) -> None:
+    def __init__(self, directory: WorkerDirectory, channels: ChannelPool, *, max_attempts: int = 3,
+                 admission: Admission | None = None) -> None:
         self.directory = directory
         self.channels = channels
         self.max_attempts = max_attempts
+        self.admission = admission or Admission()
 
     async def run_turn(self, request: worker_pb2.RunTurnRequest, candidates: list[WorkerInfo],
                        deadline: float | None = None) -> AsyncIterator[common_pb2.ChatEvent]:
         """Streams the turn's events from the first candidate that takes it.
 
-        Failover happens only before the first event: after that the client has seen output, so a failure
-        ends the turn with the worker's status. Closing this generator cancels the worker call (and so the
-        turn, within one engine step)."""
+        A worker that refuses (overloaded, draining) is skipped for the next candidate, and so is one this front
+        already keeps at its in-flight bound. A worker that cannot be reached or dies during the call raises
+        WorkerLost (naming it): the caller decides whether the turn may be retried elsewhere (service.turns).
+        Closing this generator cancels the worker call (and so the turn, within one engine step)."""
         if not candidates:
             raise Unavailable(f"no live worker serves model {request.model!r}")
         refusals: list[ServeError] = []
         for worker in candidates[: self.max_attempts]:
-            call = self.channels.stub(worker.address).RunTurn(request, timeout=_remaining(deadline))
-            try:
+            if not self.admission.has_room(worker.worker_id, worker.capacity + worker.max_queued):
+                refusals.append(Overloaded(f"worker {worker.worker_id} holds as many turns as it can take",
+                                           self.admission.retry_after_s))
+                continue
+            with self.admission.on_worker(worker.worker_id):
+                call = self.channels.stub(worker.address).RunTurn(request, timeout=_remaining(deadline))
                 try:
-                    first = await call.read()
-                except grpc.aio.AioRpcError as e:
-                    if e.code() in _RETRYABLE:
-                        log.info("worker %s refused a turn (%s); trying the next", worker.worker_id, e.code().name)
-                        refusals.append(self._refused(worker, e))
-                        continue
-                    raise _error(e) from None
-                self.directory.mark_ok(worker)
-                if first is grpc.aio.EOF:
+                    try:
+                        first = await call.read()
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() in _RETRYABLE and not _worker_gone(e):
+                            log.info("worker %s refused a turn (%s); trying the next", worker.worker_id,
+                                     e.code().name)
+                            refusals.append(self._refused(worker, e))
+                            continue
+                        raise self._failed(worker, e) from None
+                    self.directory.mark_ok(worker)
+                    if first is grpc.aio.EOF:
+                        return
+                    yield first
+                    while (event := await call.read()) is not grpc.aio.EOF:
+                        yield event
                     return
-                yield first
-                while (event := await call.read()) is not grpc.aio.EOF:
-                    yield event
-                return
-            except grpc.aio.AioRpcError as e:
-                raise _error(e) from None
-            finally:
-                call.cancel()  # a no-op when the call has finished; stops the worker's turn otherwise
+                except grpc.aio.AioRpcError as e:
+                    raise self._failed(worker, e) from None
+                finally:
+                    call.cancel()  # a no-op when the call has finished; stops the worker's turn otherwise
         raise _summary(refusals)
+
+    def _failed(self, worker: WorkerInfo, e: grpc.aio.AioRpcError) -> ServeError:
+        """The error of a call that failed after the worker took it (or, in transport, before it could say)."""
+        if _worker_gone(e):
+            self.directory.mark_failed(worker)
+            return WorkerLost(f"lost worker {worker.worker_id} during the turn ({e.details()}); nothing was "
+                              "committed", worker_id=worker.worker_id)
+        return _error(e)
 
     async def unary(self, method: str, request: Any, candidates: list[WorkerInfo],
                     deadline: float | None = None) -> Any:
@@ -272,9 +305,10 @@ class Router:
         raise _summary(refusals)
 
     def _refused(self, worker: WorkerInfo, e: grpc.aio.AioRpcError) -> ServeError:
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            self.directory.mark_failed(worker)
-        return _error(e)
+        error = _error(e)
+        if e.code() == grpc.StatusCode.UNAVAILABLE and not isinstance(error, StoreUnavailable):
+            self.directory.mark_failed(worker)  # (Redis being down is not this worker's fault)
+        return error
 
 
 def _summary(refusals: list[ServeError]) -> ServeError:

@@ -66,6 +66,21 @@ class FrontSettings(BaseSettings):
     discovery_interval_s: float = 1.0  # a registry read is reused this long (routing reads it per turn)
     suspect_s: float = 5.0  # a worker that refused a connection is skipped this long, registry or not
     max_attempts: int = 3  # workers tried for one turn before UNAVAILABLE / RESOURCE_EXHAUSTED is returned
-    busy_retry_s: float = 1.0  # a turn on a leased session waits this long for the lease before ABORTED
+    # A turn on a session whose lease is held is ABORTED at once; only the turn a Chat stream sends right after
+    # cancelling one on the same session waits this long for that lease (it goes within one engine step).
+    busy_retry_s: float = 1.0
     grace_s: float = 10.0  # on SIGTERM, running turns get this long to finish
     max_message_mb: int = 16  # gRPC message size limit
+
+    # Overload: bounded everywhere, refused at once with RESOURCE_EXHAUSTED + retry-after-ms, never queued.
+    max_inflight_turns: int = Field(1024, ge=0)  # turns this front relays at once (0 = unbounded)
+    max_inflight_per_worker: int = Field(0, ge=0)  # 0 = the worker's own batch + queue size (its registry record)
+    max_stream_queue: int = Field(16, ge=1)  # turns waiting on one Chat stream behind its running turn
+    overload_retry_after_s: float = Field(0.5, ge=0)  # the hint sent with the front's own refusals
+
+    # Bad input: limits checked before anything is stored or routed (INVALID_ARGUMENT past them). Text is
+    # measured in UTF-8 bytes here; the worker checks the exact token count (RWKV_WORKER_MAX_PROMPT_TOKENS).
+    max_text_bytes: int = Field(256 * 1024, ge=1)  # a turn's text, a prompt, a system prompt, a Tokenize text
+    metadata_max_entries: int = Field(64, ge=0)
+    metadata_max_key_bytes: int = Field(128, ge=1)
+    metadata_max_value_bytes: int = Field(1024, ge=0)

@@ -14,7 +14,16 @@ from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
 from service.quotas import Quotas
 from service.router import Router, WorkerDirectory, WorkerInfo
 from service.sessions import Sessions
-from worker.errors import InvalidArgument, ModelNotFound, SessionBusy, SessionNotFound, Unavailable
+from worker.errors import (
+    InvalidArgument,
+    ModelNotFound,
+    Overloaded,
+    ServeError,
+    SessionBusy,
+    SessionNotFound,
+    Unavailable,
+    WorkerLost,
+)
 from worker.store import StateStore
 
 
@@ -28,6 +37,9 @@ class TurnPlan:
     base_tokens: int = 0
     client_wants_ids: bool = False  # the front always asks the worker for ids, to count tokens exactly
     started: bool = False
+    streamed: bool = False  # a delta reached the client: retrying elsewhere would repeat text
+    lost_workers: int = 0  # workers that died under this turn
+    busy_wait_s: float = 0.0  # how long a held lease is waited for (only right after a cancel: see run())
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
@@ -40,13 +52,15 @@ class Turns:
     """Chat turns and completions on behalf of a tenant."""
 
     def __init__(self, store: StateStore, sessions: Sessions, directory: WorkerDirectory, router: Router, *,
-                 busy_retry_s: float = 1.0, quotas: Quotas | None = None) -> None:
+                 busy_retry_s: float = 1.0, quotas: Quotas | None = None, max_stream_queue: int = 16) -> None:
         self.store = store
         self.sessions = sessions
         self.directory = directory
         self.router = router
         self.busy_retry_s = busy_retry_s
         self.quotas = quotas or Quotas(store)  # no limits by default
+        self.admission = router.admission  # the front's in-flight bounds, shared with the router
+        self.max_stream_queue = max_stream_queue
 
     async def _session_candidates(self, session_id: str, model: str) -> list[WorkerInfo]:
         candidates = await self.directory.for_session(session_id, model)
@@ -89,22 +103,52 @@ class Turns:
     async def run(self, plan: TurnPlan, deadline: float | None) -> AsyncIterator[common_pb2.ChatEvent]:
         """Relays the turn's events from the worker (closing this generator cancels the worker's turn).
 
-        A session whose lease is still held is retried for a moment before ABORTED is returned: a worker drops
-        the lease just after it sends turn_end (or one engine step after a cancel), so a client that sends its
-        next turn at once would otherwise race it. A turn that really runs elsewhere still gets ABORTED."""
-        retry_until = time.monotonic() + self.busy_retry_s
-        pause = 0.005
-        while True:
-            try:
-                async for event in self.router.run_turn(plan.request, plan.candidates, deadline):
-                    plan.started = True
-                    yield self._observe(plan, event)
-                return
-            except SessionBusy:
-                if plan.started or time.monotonic() + pause >= retry_until:
-                    raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.1)
+        Overload: the turn takes one of the front's in-flight places (RESOURCE_EXHAUSTED at once when none is
+        free; see service.admission).
+
+        One turn at a time per session: a turn on a session whose lease is held gets ABORTED (SessionBusy) at
+        once rather than waiting behind a turn of unknown length. A worker releases the lease before it sends
+        turn_end, so a client that sends its next turn on seeing turn_end never meets it. The one wait is for
+        the turn a Chat stream sends right after cancelling one on the same session (plan.busy_wait_s): that
+        lease goes within one engine step.
+
+        A worker that dies under the turn (WorkerLost): its lease is broken at once, and if no text reached the
+        client yet the turn runs again on the next worker, from the last committed state (pinned with
+        expected_state_version, so a turn the dead worker managed to commit is never applied twice). Once text
+        was streamed a rerun would repeat it, so the client gets UNAVAILABLE with a retry hint instead, and its
+        retry finds the session free and unchanged."""
+        with self.admission.turn():
+            busy_until = time.monotonic() + plan.busy_wait_s
+            pause = 0.005
+            candidates = plan.candidates
+            while True:
+                try:
+                    async for event in self.router.run_turn(plan.request, candidates, deadline):
+                        plan.started = True
+                        yield self._observe(plan, event)
+                    return
+                except SessionBusy:
+                    if plan.started or time.monotonic() + pause >= busy_until:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.1)
+                except WorkerLost as lost:
+                    candidates = await self._after_worker_lost(plan, lost, candidates)
+
+    async def _after_worker_lost(self, plan: TurnPlan, lost: WorkerLost,
+                                 candidates: list[WorkerInfo]) -> list[WorkerInfo]:
+        """Frees the lost worker's lease; returns where to run the turn again, or raises `lost` when it may not."""
+        request = plan.request
+        if request.session_id:
+            with contextlib.suppress(ServeError):  # Redis gone as well: the lease then expires by its TTL
+                await self.store.break_lease(request.session_id, lost.worker_id)
+        plan.lost_workers += 1
+        remaining = [w for w in candidates if w.worker_id != lost.worker_id]
+        if plan.streamed or not remaining or plan.lost_workers >= self.router.max_attempts:
+            raise lost
+        if request.session_id and not request.HasField("expected_state_version"):
+            request.expected_state_version = plan.base_version
+        return remaining
 
     async def _metered(self, tenant: str, plan: TurnPlan,
                        deadline: float | None) -> AsyncIterator[common_pb2.ChatEvent]:
@@ -125,6 +169,7 @@ class Turns:
         if kind == "turn_start":
             plan.prompt_tokens = event.turn_start.prompt_tokens
         elif kind == "delta":
+            plan.streamed = True
             plan.generated_tokens += len(event.delta.token_ids)
             if not plan.client_wants_ids:
                 event.delta.ClearField("token_ids")
@@ -151,19 +196,25 @@ class Turns:
     async def chat(self, tenant: str, requests: AsyncIterator[api_pb2.ChatRequest],
                    deadline: float | None) -> AsyncIterator[common_pb2.ChatEvent]:
         """The Chat stream: runs the client's turns in order, relays their events, honours cancels."""
-        relay = _ChatInbox()
+        relay = _ChatInbox(self.max_stream_queue)
         reader = asyncio.create_task(relay.read(requests))
+        settling = ""  # the session of the turn this stream just cancelled: its lease goes within one step
         try:
             while (queued := await relay.next_turn()) is not None:
                 plan = await self.plan_chat(tenant, queued.turn)
                 if queued.cancel.is_set():  # cancelled while waiting behind another turn
                     yield await self.cancelled_end(plan)
                     continue
+                if plan.request.session_id == settling:
+                    plan.busy_wait_s = self.busy_retry_s
+                settling = ""
                 relay.running = queued
                 try:
                     async for event in _until(self._metered(tenant, plan, deadline), queued.cancel):
                         yield event
                 except _Stopped:
+                    relay.check()  # stopped because the stream overflowed: it ends here
+                    settling = plan.request.session_id
                     yield await self.cancelled_end(plan)
                 finally:
                     relay.running = None
@@ -180,18 +231,34 @@ class _Queued:
 
 
 class _ChatInbox:
-    """The client side of a Chat stream: turns wait here in order; cancels mark the running or a waiting turn."""
+    """The client side of a Chat stream: turns wait here in order; cancels mark the running or a waiting turn.
 
-    def __init__(self) -> None:
+    At most `max_waiting` turns wait; one more ends the stream at once with RESOURCE_EXHAUSTED (the running
+    turn is cancelled, its session left as it was): a client cannot make the front hold an unbounded queue."""
+
+    def __init__(self, max_waiting: int = 16) -> None:
         self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self._waiting: collections.deque[_Queued] = collections.deque()
         self.running: _Queued | None = None
+        self.max_waiting = max_waiting
+        self.error: ServeError | None = None
+
+    def check(self) -> None:
+        """Raises the error that ended the stream, if any."""
+        if self.error is not None:
+            raise self.error
 
     async def read(self, requests: AsyncIterator[api_pb2.ChatRequest]) -> None:
         try:
             async for request in requests:
                 kind = request.WhichOneof("request")
                 if kind == "turn":
+                    if len(self._waiting) >= self.max_waiting:
+                        self.error = Overloaded(f"at most {self.max_waiting} turns may wait on one Chat stream; "
+                                                "wait for turn_end before sending more", retry_after_s=1.0)
+                        if self.running is not None:
+                            self.running.cancel.set()
+                        return
                     queued = _Queued(request.turn)
                     self._waiting.append(queued)
                     self._queue.put_nowait(queued)
@@ -211,7 +278,9 @@ class _ChatInbox:
                 return
 
     async def next_turn(self) -> _Queued | None:
+        self.check()
         queued = await self._queue.get()
+        self.check()
         if queued is not None:
             self._waiting.remove(queued)
         return queued

@@ -35,7 +35,8 @@ def test_every_server_error_becomes_its_typed_exception() -> None:
         "Overloaded": client.ResourceExhaustedError, "Unavailable": client.UnavailableError,
         "DeadlineExceeded": client.DeadlineExceededError, "Cancelled": client.RequestCancelledError,
         "Unauthenticated": client.AuthenticationError, "PermissionDenied": client.PermissionDeniedError,
-        "QuotaExceeded": client.QuotaExceededError,
+        "QuotaExceeded": client.QuotaExceededError, "WorkerLost": client.UnavailableError,
+        "StoreUnavailable": client.UnavailableError,
     }
     for cls in server_errors.STATUS_CODES:  # what the server sends for each domain error
         exc = cls("boom")
@@ -181,3 +182,11 @@ async def test_unreachable_server_is_a_typed_error_async() -> None:
             [x async for x in rwkv.generate("hi", model="m", timeout=2)]
         with pytest.raises(client.UnavailableError):
             [x async for x in rwkv.chat("abcdefgh", "hi", timeout=2)]
+
+
+def test_unavailable_carries_the_retry_hint() -> None:
+    lost = server_errors.WorkerLost("worker died", worker_id="w1")
+    error = error_from_status(server_errors.status_code(lost), lost.message, server_errors.trailing_metadata(lost))
+    assert isinstance(error, client.UnavailableError) and error.retry_after_s == 0.0
+    bare = error_from_status(grpc.StatusCode.UNAVAILABLE, "no worker")
+    assert isinstance(bare, client.UnavailableError) and bare.retry_after_s is None

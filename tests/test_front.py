@@ -219,20 +219,37 @@ async def test_failover_when_the_home_worker_is_down_or_overloaded(fakes, front_
             await _chat(stub, _turn(session.session_id, "nobody"))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert dict(err.value.trailing_metadata())["retry-after-ms"] == "500"  # the soonest of the refusals
-        # A session whose lease is held is retried on the same worker for a moment (busy_retry_s), then
-        # ABORTED is relayed as is, with its class name.
+        # A session whose lease is held (another call runs a turn on it) is ABORTED at once, relayed as is
+        # with its class name: one turn at a time, and no waiting behind a turn of unknown length.
         home = workers[second].servicer
-        home.error, home.error_times = SessionBusy("busy"), 2
-        before = len(home.requests)
-        events = await _chat(stub, _turn(session.session_id, "x"))
-        assert events[0].turn_start.worker_id == second and len(home.requests) - before == 3
         home.error, home.error_times = SessionBusy("busy"), -1
+        before = len(home.requests)
         start = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _chat(stub, _turn(session.session_id, "x"))
-        assert 0.2 <= time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 0.2 and len(home.requests) - before == 1
         assert err.value.code() == grpc.StatusCode.ABORTED
         assert dict(err.value.trailing_metadata())[ERROR_KEY] == "SessionBusy"
+        # The one wait: the turn a stream sends right after cancelling one on the same session waits (up to
+        # busy_retry_s) for the cancelled turn's lease, which the worker drops within one engine step.
+        home.error, home.error_times = None, 0
+        home.endless, home.delay_s = True, 0.01
+        call = stub.Chat()
+        await call.write(_turn(session.session_id, "long", turn_id="long"))
+        await call.read()
+        await call.write(api_pb2.ChatRequest(cancel=api_pb2.ChatCancel(turn_id="long")))
+        while (event := await call.read()).WhichOneof("event") != "turn_end":
+            pass
+        home.endless, home.delay_s = False, 0.0
+        home.error, home.error_times = SessionBusy("busy"), 2  # the lease is still going
+        before = len(home.requests)
+        await call.write(_turn(session.session_id, "next", turn_id="next"))
+        await call.done_writing()
+        rest = []
+        while (event := await call.read()) is not grpc.aio.EOF:
+            rest.append(event)
+        assert rest[0].turn_start.worker_id == second and rest[-1].turn_end.stop_reason
+        assert len(home.requests) - before == 3
 
 
 async def test_cancel_message_stops_the_worker_turn_and_the_stream_goes_on(fakes, front_factory) -> None:  # noqa: F811

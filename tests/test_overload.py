@@ -11,7 +11,8 @@ import grpc
 import pytest
 import torch
 
-from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
+from rwkv_serve.v1 import api_pb2, api_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.e2e_fixtures import fakes, front_factory  # noqa: F401  (fixtures)
 from worker.engine import Delta, Engine, Finished, StopReason, TurnRequest
 from worker.errors import RETRY_AFTER_KEY, DeadlineExceeded, Overloaded
 from worker.sampler import SamplingParams
@@ -121,13 +122,13 @@ async def test_worker_deadline_counts_the_time_queued(worker, store) -> None:
         async for _ in stub.RunTurn(queued, timeout=0.4):
             pass
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 2
-    for _ in range(200):  # dropped at the next step boundary, never admitted
-        if core.engine.load.queued == 0:
+    lease = store.session_key(sid, "lease")
+    for _ in range(200):  # dropped at the next step boundary, never admitted; the handler lets the lease go
+        if core.engine.load.queued == 0 and not await store.redis.exists(lease):
             break
         await asyncio.sleep(0.005)
     assert core.engine.load.queued == 0 and core.engine.load.active == 1  # the hog runs on
-    meta = await store.get_session(sid)
-    assert meta.version == 0 and not await store.redis.exists(store.session_key(sid, "lease"))
+    assert (await store.get_session(sid)).version == 0 and not await store.redis.exists(lease)
     hog.cancel()
     assert await core.engine.drain(2)
 
@@ -157,3 +158,90 @@ async def test_worker_cancelled_queued_turn_frees_its_place(worker) -> None:
     for c in (hog, queued[1], call):
         c.cancel()
     assert await core.engine.drain(2)
+
+
+# ---- the front (scripted workers) ----------------------------------------------------------------------------
+
+
+def _front_stub(target: str) -> tuple[grpc.aio.Channel, api_pb2_grpc.RwkvServiceStub]:
+    channel = grpc.aio.insecure_channel(target)
+    return channel, api_pb2_grpc.RwkvServiceStub(channel)
+
+
+def _chat_turn(sid: str, text: str, turn_id: str = "t") -> api_pb2.ChatRequest:
+    return api_pb2.ChatRequest(turn=api_pb2.ChatTurn(session_id=sid, text=text, turn_id=turn_id))
+
+
+async def test_front_refuses_past_its_in_flight_bound_at_once(fakes, front_factory) -> None:  # noqa: F811
+    fake = await fakes("w1")
+    fake.servicer.endless, fake.servicer.delay_s = True, 0.01
+    _, target = await front_factory(max_inflight_turns=2, overload_retry_after_s=0.25)
+    channel, stub = _front_stub(target)
+    async with channel:
+        running = [stub.Generate(api_pb2.GenerateRequest(model="tiny", prompt=f"p{i}")) for i in range(2)]
+        for call in running:
+            await call.read()
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.Generate(api_pb2.GenerateRequest(model="tiny", prompt="third")):
+                pass
+        assert time.monotonic() - started < 0.5  # at once, not queued
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(info.value.trailing_metadata())[RETRY_AFTER_KEY] == "250"
+        assert len(fake.servicer.requests) == 2  # it never reached the worker
+        running[0].cancel()
+        for _ in range(100):  # the cancelled call's place comes back
+            if fake.servicer.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        call = stub.Generate(api_pb2.GenerateRequest(model="tiny", prompt="fits"))
+        assert (await call.read()).HasField("turn_start")
+        for c in (running[1], call):
+            c.cancel()
+
+
+async def test_front_per_worker_bound_moves_turns_on_then_refuses(fakes, front_factory) -> None:  # noqa: F811
+    workers = {w: await fakes(w) for w in ("w1", "w2")}
+    for fake in workers.values():
+        fake.servicer.endless, fake.servicer.delay_s = True, 0.01
+    _, target = await front_factory(max_inflight_per_worker=1)
+    channel, stub = _front_stub(target)
+    async with channel:
+        sessions = [await stub.CreateSession(api_pb2.CreateSessionRequest(model="tiny")) for _ in range(3)]
+        calls = [stub.Chat(iter([_chat_turn(s.session_id, "go")])) for s in sessions[:2]]
+        homes = {(await call.read()).turn_start.worker_id for call in calls}
+        assert homes == {"w1", "w2"}  # the second went to the other worker whatever its home
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.Chat(iter([_chat_turn(sessions[2].session_id, "no room")])):
+                pass
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(info.value.trailing_metadata())[RETRY_AFTER_KEY]) > 0
+        assert sum(len(f.servicer.requests) for f in workers.values()) == 2
+        for call in calls:
+            call.cancel()
+
+
+async def test_chat_stream_holds_a_bounded_queue_of_turns(fakes, front_factory) -> None:  # noqa: F811
+    fake = await fakes("w1")
+    fake.servicer.endless, fake.servicer.delay_s = True, 0.01
+    _, target = await front_factory(max_stream_queue=2)
+    channel, stub = _front_stub(target)
+    async with channel:
+        session = await stub.CreateSession(api_pb2.CreateSessionRequest(model="tiny"))
+        call = stub.Chat()
+        await call.write(_chat_turn(session.session_id, "running", "t0"))
+        await call.read()
+        for i in range(1, 4):  # two wait; the third is one too many
+            await call.write(_chat_turn(session.session_id, "waiting", f"t{i}"))
+        events = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                events.append(event)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at most 2 turns" in info.value.details()
+        assert [r.turn_id for r in fake.servicer.requests] == ["t0"]  # the waiting turns never ran
+        for _ in range(100):
+            if fake.servicer.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert fake.servicer.cancelled == 1  # the running turn was stopped with the stream

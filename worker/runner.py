@@ -169,7 +169,9 @@ class TurnRunner:
             renewal.exception()  # retrieved: it already surfaced through _next as LeaseLost
         renewal.cancel()
         try:
-            await self.store.release_lease(lease)
+            # Shielded: a call cancelled now (its deadline, the client gone) must still let the lease go, or the
+            # session stays busy until the lease's TTL.
+            await asyncio.shield(self.store.release_lease(lease))
         except Exception:  # never mask the turn's own outcome
             log.warning("could not release lease on %s", lease.session_id, exc_info=True)
 
