@@ -5,6 +5,8 @@ dict); the worker merges a turn's overrides over it, so the front passes overrid
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rwkv_serve.v1 import api_pb2, common_pb2
@@ -27,6 +29,24 @@ METADATA_MAX_KEY = 128
 METADATA_MAX_VALUE = 1024
 
 
+@dataclass(frozen=True)
+class InputLimits:
+    """Sizes the front accepts (from FrontSettings), checked before anything is stored or routed. Text is
+    measured in UTF-8 bytes: a token covers at least one byte, so max_text_bytes also bounds what the worker must
+    tokenize before it can apply its exact token limit."""
+
+    max_text_bytes: int = 256 * 1024
+    metadata_max_entries: int = METADATA_MAX_ENTRIES
+    metadata_max_key_bytes: int = METADATA_MAX_KEY
+    metadata_max_value_bytes: int = METADATA_MAX_VALUE
+
+    def check_text(self, what: str, text: str) -> str:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_text_bytes:
+            raise InvalidArgument(f"{what} is {size} bytes; the limit is {self.max_text_bytes}")
+        return text
+
+
 def template_name(template: int) -> str:
     """ChatTemplate enum -> stored name (unspecified means chat)."""
     if template == common_pb2.CHAT_TEMPLATE_UNSPECIFIED:
@@ -41,8 +61,18 @@ def template_enum(name: str) -> int:
     return _TEMPLATE_ENUMS.get(name, common_pb2.CHAT_TEMPLATE_UNSPECIFIED)
 
 
-def check_sampling(pb: common_pb2.Sampling) -> None:
-    """Rejects values that no worker would accept, so bad session defaults fail at creation, not at turn 1."""
+def check_sampling(pb: common_pb2.Sampling, vocab_size: int | None = None) -> None:
+    """Rejects values that no worker would accept, so bad session defaults fail at creation, not at turn 1 (the
+    worker checks a turn's merged parameters again, with its own limits)."""
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
+        if pb.HasField(name) and not math.isfinite(getattr(pb, name)):
+            raise InvalidArgument(f"{name} must be a finite number")
+    for name in ("banned_tokens", "stop_token_ids"):
+        ids = getattr(pb, name).ids
+        if any(t < 0 or (vocab_size and t >= vocab_size) for t in ids):
+            raise InvalidArgument(f"{name} must be token ids in [0, {vocab_size or 'vocab size'})")
+    if any(not s for s in pb.stop_strings.values):
+        raise InvalidArgument("stop_strings must not be empty strings")
     if pb.HasField("temperature") and not pb.temperature >= 0:
         raise InvalidArgument("temperature must be >= 0")
     if pb.HasField("top_p") and not 0 < pb.top_p <= 1:
@@ -57,12 +87,14 @@ def check_sampling(pb: common_pb2.Sampling) -> None:
         raise InvalidArgument("penalty_decay must be in [0, 1]")
 
 
-def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    if len(metadata) > METADATA_MAX_ENTRIES:
-        raise InvalidArgument(f"at most {METADATA_MAX_ENTRIES} metadata entries")
+def check_metadata(metadata: dict[str, str], limits: InputLimits = InputLimits()) -> dict[str, str]:
+    if len(metadata) > limits.metadata_max_entries:
+        raise InvalidArgument(f"at most {limits.metadata_max_entries} metadata entries")
     for key, value in metadata.items():
-        if not key or len(key) > METADATA_MAX_KEY or len(value) > METADATA_MAX_VALUE:
-            raise InvalidArgument(f"metadata keys are 1-{METADATA_MAX_KEY} and values 0-{METADATA_MAX_VALUE} chars")
+        key_bytes, value_bytes = len(key.encode("utf-8", "surrogatepass")), len(value.encode("utf-8", "surrogatepass"))
+        if not key or key_bytes > limits.metadata_max_key_bytes or value_bytes > limits.metadata_max_value_bytes:
+            raise InvalidArgument(f"metadata keys are 1-{limits.metadata_max_key_bytes} and values "
+                                  f"0-{limits.metadata_max_value_bytes} bytes")
     return dict(metadata)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rwkv_serve.v1 import common_pb2, worker_pb2
 from service.admission import Admission
 from service.auth import Auth, load_key_entries
+from service.convert import InputLimits
 from service.quotas import Quotas
 from service.router import ChannelPool, Router, WorkerDirectory
 from service.sessions import Sessions
@@ -40,15 +41,19 @@ class Front:
                                    settings.overload_retry_after_s)
         self.router = Router(self.directory, self.channels, max_attempts=settings.max_attempts,
                              admission=self.admission)
+        limits = InputLimits(settings.max_text_bytes, settings.metadata_max_entries, settings.metadata_max_key_bytes,
+                             settings.metadata_max_value_bytes)
         self.sessions = Sessions(store, self.directory, default_ttl_ms=round(settings.default_ttl_s * 1000),
-                                 max_ttl_ms=round(settings.max_ttl_s * 1000), quotas=self.quotas)
+                                 max_ttl_ms=round(settings.max_ttl_s * 1000), quotas=self.quotas, limits=limits)
         self.turns = Turns(store, self.sessions, self.directory, self.router, busy_retry_s=settings.busy_retry_s,
                            quotas=self.quotas, max_stream_queue=settings.max_stream_queue)
 
     @classmethod
     def from_settings(cls, settings: FrontSettings) -> Front:
         store = StateStore.from_url(settings.redis_url, prefix=settings.redis_prefix, ca_cert=settings.redis_ca_cert,
-                                    client_cert=settings.redis_client_cert, client_key=settings.redis_client_key)
+                                    client_cert=settings.redis_client_cert, client_key=settings.redis_client_key,
+                                    timeout_s=settings.redis_timeout_s,
+                                    connect_timeout_s=settings.redis_connect_timeout_s, retries=settings.redis_retries)
         return cls(store, settings)
 
     async def list_models(self) -> list[common_pb2.ModelInfo]:
@@ -61,6 +66,7 @@ class Front:
         return models
 
     async def tokenize(self, model: str, text: str, deadline: float | None = None) -> list[int]:
+        self.sessions.limits.check_text("text", text)
         candidates = await self.directory.least_loaded(model)
         if not candidates:
             raise ModelNotFound(f"model {model!r} is not served by any live worker")

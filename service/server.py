@@ -16,6 +16,7 @@ from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from service.convert import session_to_pb
 from service.front import Front
 from service.settings import FrontSettings
+from service.wire import add_servicer
 from worker.errors import InvalidArgument, grpc_errors
 from worker.store import StoreConfigError, redact_url
 from worker.tls import add_port, server_credentials
@@ -129,7 +130,7 @@ def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes),
                                       ("grpc.max_send_message_length", message_bytes),
                                       ("grpc.so_reuseport", 0)])
-    api_pb2_grpc.add_RwkvServiceServicer_to_server(RwkvServicer(front), server)
+    add_servicer(api_pb2_grpc.add_RwkvServiceServicer_to_server, RwkvServicer(front), server)  # (service/wire.py)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from rwkv_serve.v1 import common_pb2
-from service.convert import check_metadata, check_sampling, template_name
+from service.convert import InputLimits, check_metadata, check_sampling, template_name
 from service.quotas import Quotas
 from service.router import WorkerDirectory
 from worker.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
@@ -17,9 +17,10 @@ class Sessions:
     """Create, read, list, delete and fork sessions; every call is on behalf of a tenant."""
 
     def __init__(self, store: StateStore, directory: WorkerDirectory, *, default_ttl_ms: int,
-                 max_ttl_ms: int, quotas: Quotas | None = None) -> None:
+                 max_ttl_ms: int, quotas: Quotas | None = None, limits: InputLimits = InputLimits()) -> None:
         self.store = store
         self.directory = directory
+        self.limits = limits
         self.quotas = quotas or Quotas(store)  # no limits by default
         self.default_ttl_ms = default_ttl_ms
         self.max_ttl_ms = max_ttl_ms
@@ -39,17 +40,19 @@ class Sessions:
         """A new session at state version 0; its state is built by the first turn."""
         if not model:
             raise InvalidArgument("model is required")
-        if not await self.directory.workers(model) and not await self.directory.workers(model, fresh=True):
+        workers = await self.directory.workers(model) or await self.directory.workers(model, fresh=True)
+        if not workers:
             raise ModelNotFound(f"model {model!r} is not served by any live worker")
+        self.limits.check_text("system_prompt", system_prompt)
+        metadata = check_metadata(dict(metadata or {}), self.limits)
         if preset and not await self.store.has_preset(model, preset):
             raise PresetNotFound(f"no preset {preset!r} for model {model!r}")
         sampling = sampling or common_pb2.Sampling()
-        check_sampling(sampling)
+        check_sampling(sampling, int(workers[0].model_info.get("vocab_size") or 0) or None)
         await self.quotas.check_session(tenant)
         meta = await self.store.create_session(
             tenant=tenant, model=model, template=template_name(template), ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
-            system_prompt=system_prompt, preset=preset, metadata=check_metadata(dict(metadata or {})),
-            sampling=sampling_from_pb(sampling))
+            system_prompt=system_prompt, preset=preset, metadata=metadata, sampling=sampling_from_pb(sampling))
         await self.quotas.confirm_session(tenant, meta.session_id)
         return meta
 
@@ -84,7 +87,8 @@ class Sessions:
             check_sampling(sampling)
         await self.quotas.check_session(tenant)
         meta = await self.store.fork_session(
-            session_id, ttl_ms=self._ttl(ttl_ms), metadata=check_metadata(dict(metadata)) if metadata else None,
+            session_id, ttl_ms=self._ttl(ttl_ms),
+            metadata=check_metadata(dict(metadata), self.limits) if metadata else None,
             sampling=sampling_from_pb(sampling) if sampling is not None else None, expected_version=expected_version)
         await self.quotas.confirm_session(tenant, meta.session_id)
         return meta

@@ -32,6 +32,9 @@ class FrontSettings(BaseSettings):
     redis_ca_cert: Path | None = None
     redis_client_cert: Path | None = None
     redis_client_key: Path | None = None
+    redis_timeout_s: float = Field(2.0, gt=0)  # per Redis read/write; a stuck Redis fails calls (UNAVAILABLE)
+    redis_connect_timeout_s: float = Field(2.0, gt=0)
+    redis_retries: int = Field(1, ge=0)  # reconnect-and-retry per call (the first call after a Redis restart)
 
     # Authentication. "keys": every call needs an API key whose hash is configured here (api_key_hashes,
     # api_keys_file) or stored in Redis (`python -m service.admin keys create --tenant T`). "dev": none at all,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
 from service.quotas import Quotas
+from service.convert import check_sampling
 from service.router import Router, WorkerDirectory, WorkerInfo
 from service.sessions import Sessions
 from worker.errors import (
@@ -68,16 +69,25 @@ class Turns:
             raise Unavailable(f"no live worker serves model {model!r} of session {session_id}")
         return candidates
 
+    def _checked(self, plan: TurnPlan) -> TurnPlan:
+        """Refuses sampling overrides no worker would take, before the turn reaches one (the worker checks the
+        merged parameters again, with its own limits)."""
+        vocab = int(plan.candidates[0].model_info.get("vocab_size") or 0) if plan.candidates else 0
+        check_sampling(plan.request.sampling, vocab or None)
+        return plan
+
     async def plan_chat(self, tenant: str, turn: api_pb2.ChatTurn) -> TurnPlan:
+        self.sessions.limits.check_text("text", turn.text)
         meta = await self.sessions.get(tenant, turn.session_id)
         request = worker_pb2.RunTurnRequest(  # sampling: the turn's overrides; the worker applies the defaults
             session_id=meta.session_id, model=meta.model, kind=worker_pb2.INPUT_KIND_CHAT, text=turn.text,
             sampling=turn.sampling, turn_id=turn.turn_id, return_token_ids=True,
             expected_state_version=turn.expected_state_version if turn.HasField("expected_state_version") else None)
-        return TurnPlan(request, await self._session_candidates(meta.session_id, meta.model), meta.version,
-                        meta.state_tokens, client_wants_ids=turn.return_token_ids)
+        return self._checked(TurnPlan(request, await self._session_candidates(meta.session_id, meta.model),
+                                      meta.version, meta.state_tokens, client_wants_ids=turn.return_token_ids))
 
     async def plan_generate(self, tenant: str, req: api_pb2.GenerateRequest) -> TurnPlan:
+        self.sessions.limits.check_text("prompt", req.prompt)
         request = worker_pb2.RunTurnRequest(kind=worker_pb2.INPUT_KIND_RAW, text=req.prompt, turn_id=req.turn_id,
                                             sampling=req.sampling, return_token_ids=True)
         if req.session_id:
@@ -88,8 +98,8 @@ class Turns:
             request.commit = not req.ephemeral
             if req.HasField("expected_state_version"):
                 request.expected_state_version = req.expected_state_version
-            return TurnPlan(request, await self._session_candidates(meta.session_id, meta.model), meta.version,
-                            meta.state_tokens, client_wants_ids=req.return_token_ids)
+            return self._checked(TurnPlan(request, await self._session_candidates(meta.session_id, meta.model),
+                                          meta.version, meta.state_tokens, client_wants_ids=req.return_token_ids))
         if not req.model:
             raise InvalidArgument("model is required for a stateless completion")
         if req.ephemeral or req.HasField("expected_state_version"):
@@ -98,7 +108,7 @@ class Turns:
         candidates = await self.directory.least_loaded(req.model)
         if not candidates:
             raise ModelNotFound(f"model {req.model!r} is not served by any live worker")
-        return TurnPlan(request, candidates, client_wants_ids=req.return_token_ids)
+        return self._checked(TurnPlan(request, candidates, client_wants_ids=req.return_token_ids))
 
     async def run(self, plan: TurnPlan, deadline: float | None) -> AsyncIterator[common_pb2.ChatEvent]:
         """Relays the turn's events from the worker (closing this generator cancels the worker's turn).
@@ -264,6 +274,10 @@ class _ChatInbox:
                     self._queue.put_nowait(queued)
                 elif kind == "cancel":
                     self._cancel(request.cancel.turn_id)
+        except ServeError as exc:  # e.g. a message that does not parse (service.wire): the stream ends with it
+            self.error = exc
+            if self.running is not None:
+                self.running.cancel.set()
         finally:
             self._queue.put_nowait(None)  # half-close: the turns already sent still run
 

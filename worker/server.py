@@ -72,7 +72,10 @@ class WorkerCore:
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.store = store or StateStore.from_url(settings.redis_url, ca_cert=settings.redis_ca_cert,
                                                   client_cert=settings.redis_client_cert,
-                                                  client_key=settings.redis_client_key)
+                                                  client_key=settings.redis_client_key,
+                                                  timeout_s=settings.redis_timeout_s,
+                                                  connect_timeout_s=settings.redis_connect_timeout_s,
+                                                  retries=settings.redis_retries)
         self.engine = Engine(
             model, tokenizer, max_batch=settings.max_batch, max_queued=settings.max_queued,
             prefill_chunk=settings.prefill_chunk, max_tokens_limit=settings.max_tokens_limit,
@@ -83,7 +86,8 @@ class WorkerCore:
         self.runner = TurnRunner(
             self.engine, self.store, tokenizer,
             RunnerConfig(model_id, self.worker_id, lease_ms=settings.lease_ms, prefix_ttl_ms=settings.prefix_ttl_ms,
-                         default_sampling={"max_tokens": settings.default_max_tokens}),
+                         default_sampling={"max_tokens": settings.default_max_tokens},
+                         max_prompt_tokens=settings.max_prompt_tokens),
             self.cache, self.telemetry,
         )
         cfg = model.config

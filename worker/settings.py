@@ -45,9 +45,14 @@ class WorkerSettings(ObservabilitySettings):
     redis_ca_cert: Path | None = None
     redis_client_cert: Path | None = None
     redis_client_key: Path | None = None
+    redis_timeout_s: float = Field(2.0, gt=0)  # per Redis read/write; a stuck Redis fails calls (UNAVAILABLE)
+    redis_connect_timeout_s: float = Field(2.0, gt=0)
+    redis_retries: int = Field(1, ge=0)  # reconnect-and-retry per call (the first call after a Redis restart)
     heartbeat_s: float = Field(2.0, gt=0)
     registry_ttl_ms: int = Field(6_000, gt=0)  # a worker that stops heartbeating vanishes after this
-    lease_ms: int = Field(30_000, gt=0)
+    # A turn's session lease, renewed every third of it while the turn runs. The front breaks the lease of a
+    # worker it saw die; otherwise (e.g. the front died too) this TTL is how long that session stays busy.
+    lease_ms: int = Field(10_000, gt=0)
     prefix_ttl_ms: int = Field(86_400_000, gt=0)
 
     # Engine.
@@ -55,6 +60,7 @@ class WorkerSettings(ObservabilitySettings):
     max_queued: int = Field(64, ge=0)
     prefill_chunk: int = Field(256, ge=1)
     max_tokens_limit: int = Field(4096, ge=1)
+    max_prompt_tokens: int = Field(16_384, ge=1)  # a turn's input; longer is INVALID_ARGUMENT (the seed's context)
     default_max_tokens: int = Field(256, ge=1)
     cache_bytes: int = Field(1 << 30, ge=0)  # local LRU of recent session states (host memory)
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from worker.errors import (
     InvalidArgument,
@@ -285,8 +287,13 @@ class StateStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "rwkv", *, ca_cert: str | None = None, client_cert: str | None = None,
-                 client_key: str | None = None) -> StateStore:
+                 client_key: str | None = None, timeout_s: float | None = 2.0, connect_timeout_s: float | None = 2.0,
+                 retries: int = 1) -> StateStore:
         """A store on a new connection pool (bytes responses: states are binary).
+
+        A Redis that is down, restarting or stuck fails a call within about (retries + 1) x the timeout, as
+        StoreUnavailable (UNAVAILABLE): callers never hang on it (redis-py's own default retries for ~5 s). A
+        retry reconnects, so the first call after a Redis restart goes through on a fresh connection.
 
         `redis://:password@host:port/db` authenticates (`redis://user:password@...` for an ACL user);
         `rediss://...` speaks TLS, verified against `ca_cert` (else the system CAs), with an optional client
@@ -300,7 +307,10 @@ class StateStore:
             tls["ssl_keyfile"] = str(client_key)
         if tls and not url.startswith("rediss://"):
             raise ValueError(f"Redis TLS files were given but {redact_url(url)} is not a rediss:// URL")
-        store = cls(aioredis.Redis.from_url(url, decode_responses=False, **tls), prefix)
+        client = aioredis.Redis.from_url(
+            url, decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries), **tls)
+        store = cls(client, prefix)
         store.url = redact_url(url)
         return store
 
