@@ -27,6 +27,7 @@ _TEMPLATE_ENUMS = {name: number for number, name in TEMPLATE_NAMES.items()}
 METADATA_MAX_ENTRIES = 64
 METADATA_MAX_KEY = 128
 METADATA_MAX_VALUE = 1024
+MAX_LOGPROBS = 20  # = worker.sampler.MAX_LOGPROBS (not imported: the front loads no torch); a test keeps them equal
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ def check_sampling(pb: common_pb2.Sampling, vocab_size: int | None = None) -> No
         raise InvalidArgument("top_k must be >= 0")
     if pb.HasField("max_tokens") and pb.max_tokens < 1:
         raise InvalidArgument("max_tokens must be >= 1")
-    if pb.HasField("logprobs") and pb.logprobs < 0:
-        raise InvalidArgument("logprobs must be >= 0")
+    if pb.HasField("logprobs") and not 0 <= pb.logprobs <= MAX_LOGPROBS:
+        raise InvalidArgument(f"logprobs must be in [0, {MAX_LOGPROBS}]")
     if pb.HasField("penalty_decay") and not 0 <= pb.penalty_decay <= 1:
         raise InvalidArgument("penalty_decay must be in [0, 1]")
 

@@ -7,10 +7,15 @@ from collections.abc import Mapping
 from rwkv_serve.v1 import common_pb2
 from service.convert import InputLimits, check_metadata, check_sampling, template_name
 from service.quotas import Quotas
-from service.router import WorkerDirectory
+from service.router import WorkerDirectory, WorkerInfo
 from worker.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
 from worker.store import SessionMeta, StateStore
 from worker.turns import sampling_from_pb
+
+
+def _vocab_size(workers: list[WorkerInfo]) -> int | None:
+    """The model's vocabulary size as its workers report it (None when unknown)."""
+    return int(workers[0].model_info.get("vocab_size") or 0) or None if workers else None
 
 
 class Sessions:
@@ -48,7 +53,7 @@ class Sessions:
         if preset and not await self.store.has_preset(model, preset):
             raise PresetNotFound(f"no preset {preset!r} for model {model!r}")
         sampling = sampling or common_pb2.Sampling()
-        check_sampling(sampling, int(workers[0].model_info.get("vocab_size") or 0) or None)
+        check_sampling(sampling, _vocab_size(workers))
         await self.quotas.check_session(tenant)
         meta = await self.store.create_session(
             tenant=tenant, model=model, template=template_name(template), ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
@@ -82,9 +87,9 @@ class Sessions:
                    metadata: Mapping[str, str] | None = None, sampling: common_pb2.Sampling | None = None,
                    expected_version: int | None = None) -> SessionMeta:
         """A copy of the session (state copied inside Redis); unset arguments keep the source's values."""
-        await self.get(tenant, session_id)
+        source = await self.get(tenant, session_id)
         if sampling is not None:
-            check_sampling(sampling)
+            check_sampling(sampling, _vocab_size(await self.directory.workers(source.model)))
         await self.quotas.check_session(tenant)
         meta = await self.store.fork_session(
             session_id, ttl_ms=self._ttl(ttl_ms),

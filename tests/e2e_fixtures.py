@@ -53,3 +53,59 @@ async def fakes(store: Any) -> AsyncIterator[Callable[..., Awaitable[RunningFake
     yield start
     for fake in started:
         await fake.server.stop(None)
+
+
+class InprocService:
+    """A real front and a real worker (the tiny model) on loopback ports, served by an event loop in a thread of
+    this process: cheap to start, driven from plain (sync) tests and hypothesis through real gRPC."""
+
+    def __init__(self, redis_url: str, model: Any, tokenizer: Any, *, worker: dict[str, Any] | None = None,
+                 front: dict[str, Any] | None = None) -> None:
+        import asyncio
+        import threading
+
+        from worker.server import WorkerCore
+        from worker.server import create_server as create_worker_server
+        from worker.settings import WorkerSettings
+
+        self.redis_url = redis_url
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="inproc-service", daemon=True)
+        self._thread.start()
+        worker_settings = WorkerSettings(**{"redis_url": redis_url, "port": 0, "model_id": "tiny", "max_batch": 4,
+                                            "max_queued": 8, "heartbeat_s": 0.5, "lease_ms": 3_000, "drain_s": 2,
+                                            "grace_s": 0.5, **(worker or {})})
+        front_settings = FrontSettings(**{"host": "127.0.0.1", "port": 0, "redis_url": redis_url, "auth_mode": "dev",
+                                          "discovery_interval_s": 0.0, **(front or {})})
+
+        async def start() -> tuple[Any, Any, FrontServer, int]:
+            core = WorkerCore(worker_settings, model, tokenizer, worker_settings.model_id)
+            worker_server, _ = create_worker_server(worker_settings, core)
+            await worker_server.start()
+            await core.start()
+            front_server, port = create_server(front_settings)
+            await front_server.start()
+            return core, worker_server, front_server, port
+
+        self.core, self._worker_server, self.front, port = self.run(start())
+        self.worker_settings = worker_settings
+        self.target = f"127.0.0.1:{port}"
+
+    def run(self, coro: Any, timeout: float = 60.0) -> Any:
+        """Runs a coroutine on the service's loop and returns its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        from worker.server import shutdown
+
+        async def stop() -> None:
+            await self.front.stop(0)
+            await shutdown(self._worker_server, self.core, self.worker_settings)
+
+        try:
+            self.run(stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
