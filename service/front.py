@@ -13,15 +13,17 @@ from service.settings import FrontSettings
 from service.turns import Turns
 from worker.errors import ModelNotFound
 from worker.store import StateStore
+from worker.telemetry import Telemetry
 from worker.tls import channel_credentials
 
 
 class Front:
     """Everything a public API call needs; the servicer only decodes, calls one of these, and encodes."""
 
-    def __init__(self, store: StateStore, settings: FrontSettings) -> None:
+    def __init__(self, store: StateStore, settings: FrontSettings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.telemetry = telemetry or Telemetry()  # no-op unless main() configured exporters
         pepper = settings.api_key_pepper.get_secret_value() if settings.api_key_pepper else None
         self.auth = Auth(settings.auth_mode, load_key_entries(settings.api_key_hashes, settings.api_keys_file),
                          pepper=pepper, lookup=store.get_api_key if settings.api_keys_in_redis else None,
@@ -36,7 +38,8 @@ class Front:
         if settings.worker_tls_server_name:
             options.append(("grpc.ssl_target_name_override", settings.worker_tls_server_name))
         self.channels = ChannelPool(options, channel_credentials(settings.worker_ca, settings.worker_client_cert,
-                                                                 settings.worker_client_key))
+                                                                 settings.worker_client_key),
+                                    interceptors=self.telemetry.client_interceptors())
         self.admission = Admission(settings.max_inflight_turns, settings.max_inflight_per_worker,
                                    settings.overload_retry_after_s)
         self.router = Router(self.directory, self.channels, max_attempts=settings.max_attempts,
@@ -46,15 +49,15 @@ class Front:
         self.sessions = Sessions(store, self.directory, default_ttl_ms=round(settings.default_ttl_s * 1000),
                                  max_ttl_ms=round(settings.max_ttl_s * 1000), quotas=self.quotas, limits=limits)
         self.turns = Turns(store, self.sessions, self.directory, self.router, busy_retry_s=settings.busy_retry_s,
-                           quotas=self.quotas, max_stream_queue=settings.max_stream_queue)
+                           quotas=self.quotas, max_stream_queue=settings.max_stream_queue, telemetry=self.telemetry)
 
     @classmethod
-    def from_settings(cls, settings: FrontSettings) -> Front:
+    def from_settings(cls, settings: FrontSettings, telemetry: Telemetry | None = None) -> Front:
         store = StateStore.from_url(settings.redis_url, prefix=settings.redis_prefix, ca_cert=settings.redis_ca_cert,
                                     client_cert=settings.redis_client_cert, client_key=settings.redis_client_key,
                                     timeout_s=settings.redis_timeout_s,
                                     connect_timeout_s=settings.redis_connect_timeout_s, retries=settings.redis_retries)
-        return cls(store, settings)
+        return cls(store, settings, telemetry)
 
     async def list_models(self) -> list[common_pb2.ModelInfo]:
         """Served models (with their live worker counts and the presets stored for them)."""

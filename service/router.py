@@ -184,19 +184,22 @@ class ChannelPool:
     """One grpc.aio channel per worker address, reused across turns."""
 
     def __init__(self, options: Sequence[tuple[str, Any]] = (),
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
-        """`credentials`: TLS (or mutual TLS) to the workers; None: plaintext."""
+                 credentials: grpc.ChannelCredentials | None = None, interceptors: Sequence[Any] = ()) -> None:
+        """`credentials`: TLS (or mutual TLS) to the workers; None: plaintext. `interceptors`: client
+        interceptors of every channel (the trace context's)."""
         self._options = list(options)
         self._credentials = credentials
+        self._interceptors = list(interceptors) or None
         self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceStub]] = {}
 
     def stub(self, address: str) -> worker_pb2_grpc.WorkerServiceStub:
         entry = self._stubs.get(address)
         if entry is None:
             if self._credentials is None:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
+                channel = grpc.aio.insecure_channel(address, options=self._options, interceptors=self._interceptors)
             else:
-                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
+                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options,
+                                                  interceptors=self._interceptors)
             entry = self._stubs[address] = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
         return entry[1]
 

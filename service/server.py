@@ -19,6 +19,7 @@ from service.settings import FrontSettings
 from service.wire import add_servicer
 from worker.errors import InvalidArgument, grpc_errors
 from worker.store import StoreConfigError, redact_url
+from worker.telemetry import Telemetry, configure_logging
 from worker.tls import add_port, server_credentials
 
 log = logging.getLogger("rwkv.front")
@@ -64,7 +65,8 @@ class RwkvServicer(api_pb2_grpc.RwkvServiceServicer):
     @grpc_errors
     async def ListSessions(self, request: api_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext):
         metas, token = await self.front.sessions.list(
-            await self._tenant(context), page_size=request.page_size, page_token=request.page_token, model=request.model)
+            await self._tenant(context), page_size=request.page_size, page_token=request.page_token,
+            model=request.model)
         return api_pb2.ListSessionsResponse(sessions=[session_to_pb(m) for m in metas], next_page_token=token)
 
     @grpc_errors
@@ -129,7 +131,8 @@ def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[
     message_bytes = settings.max_message_mb * 1024 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes),
                                       ("grpc.max_send_message_length", message_bytes),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.so_reuseport", 0)],
+                             interceptors=front.telemetry.server_interceptors() or None)
     add_servicer(api_pb2_grpc.add_RwkvServiceServicer_to_server, RwkvServicer(front), server)  # (service/wire.py)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -144,7 +147,8 @@ def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[
 
 async def serve(settings: FrontSettings) -> None:
     """Runs the front until SIGTERM/SIGINT, then drains."""
-    front_server, port = create_server(settings)
+    telemetry = Telemetry.from_settings(settings, "rwkv-front")
+    front_server, port = create_server(settings, Front.from_settings(settings, telemetry))
     await front_server.front.store.verify()  # a wrong Redis password stops the start with a clear message
     await front_server.start()
     log.info("front listening on %s:%d (%s; redis %s)", settings.host, port,
@@ -160,6 +164,7 @@ async def serve(settings: FrontSettings) -> None:
     await stop.wait()
     log.info("draining (grace %.1fs)", settings.grace_s)
     await front_server.stop(settings.grace_s)
+    telemetry.shutdown()
 
 
 def main() -> None:
@@ -175,7 +180,7 @@ def main() -> None:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("redis_url", args.redis_url))
                  if v is not None}
     settings = FrontSettings(**overrides)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except StoreConfigError as exc:

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from worker.telemetry import ObservabilitySettings
 
 
 class TenantLimits(BaseModel):
@@ -16,7 +18,7 @@ class TenantLimits(BaseModel):
     max_tokens: int | None = Field(None, ge=0)
 
 
-class FrontSettings(BaseSettings):
+class FrontSettings(ObservabilitySettings):
     """Everything the front can be told; tests construct it directly."""
 
     model_config = SettingsConfigDict(env_prefix="RWKV_FRONT_", extra="ignore", env_ignore_empty=True)

@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
 from service.quotas import Quotas
 from service.convert import check_sampling
@@ -26,6 +28,7 @@ from worker.errors import (
     WorkerLost,
 )
 from worker.store import StateStore
+from worker.telemetry import Telemetry, failed, send_context, set_session
 
 
 @dataclass
@@ -53,13 +56,15 @@ class Turns:
     """Chat turns and completions on behalf of a tenant."""
 
     def __init__(self, store: StateStore, sessions: Sessions, directory: WorkerDirectory, router: Router, *,
-                 busy_retry_s: float = 1.0, quotas: Quotas | None = None, max_stream_queue: int = 16) -> None:
+                 busy_retry_s: float = 1.0, quotas: Quotas | None = None, max_stream_queue: int = 16,
+                 telemetry: Telemetry | None = None) -> None:
         self.store = store
         self.sessions = sessions
         self.directory = directory
         self.router = router
         self.busy_retry_s = busy_retry_s
         self.quotas = quotas or Quotas(store)  # no limits by default
+        self.telemetry = telemetry or Telemetry()  # no-op unless the process configured tracing
         self.admission = router.admission  # the front's in-flight bounds, shared with the router
         self.max_stream_queue = max_stream_queue
 
@@ -162,13 +167,33 @@ class Turns:
 
     async def _metered(self, tenant: str, plan: TurnPlan,
                        deadline: float | None) -> AsyncIterator[common_pb2.ChatEvent]:
-        """run() within the tenant's token budget: checked before the turn, charged with what it used after
-        (also when it failed or was cancelled part way)."""
-        await self.quotas.check_tokens(tenant)
+        """run() under the turn's `route` span and within the tenant's token budget: checked before the turn,
+        charged with what it used after (also when it failed or was cancelled part way).
+
+        The route span's context goes to the worker in the call's metadata (send_context). It is set again after
+        every event: a Chat stream reads each event in a task of its own (_until), and a retry on another
+        worker may start in any of them."""
+        session_id = plan.request.session_id
+        set_session(session_id)
+        span = self.telemetry.tracer.start_span("route", attributes={
+            "rwkv.session_id": session_id, "rwkv.turn_id": plan.turn_id, "rwkv.model": plan.request.model,
+            "rwkv.candidates": len(plan.candidates)})
+        route = trace.set_span_in_context(span)
+        send_context(route)
         try:
+            await self.quotas.check_tokens(tenant)
             async for event in self.run(plan, deadline):
+                if event.WhichOneof("event") == "turn_start":
+                    span.set_attribute("rwkv.worker_id", event.turn_start.worker_id)
                 yield event
+                send_context(route)
+        except Exception as exc:
+            failed(span, exc)
+            raise
         finally:
+            span.set_attribute("rwkv.prompt_tokens", plan.prompt_tokens)
+            span.set_attribute("rwkv.generated_tokens", plan.generated_tokens)
+            span.end()
             if plan.prompt_tokens or plan.generated_tokens:
                 with contextlib.suppress(Exception):  # a Redis hiccup must not turn a served turn into an error
                     await self.quotas.charge(tenant, plan.prompt_tokens + plan.generated_tokens)

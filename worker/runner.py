@@ -262,7 +262,8 @@ class TurnRunner:
             while True:
                 event = await self._next(turn, deadline, renewal)
                 if isinstance(event, Finished):
-                    self.telemetry.phase_spans(event.timings)  # the engine thread's phases, as child spans
+                    # The engine thread's phases, as child spans of the current one.
+                    self.telemetry.phase_spans(event.timings, decoded=event.generated_tokens > 0)
                     yield event
                     return
                 yield _delta(event)

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import Observation
@@ -171,6 +172,11 @@ class Telemetry:
         return [aio_server_interceptor(tracer_provider=self.tracer_provider,
                                        filter_=filters.negate(filters.health_check()))]
 
+    def client_interceptors(self) -> list[Any]:
+        """Interceptors of the front's channels to the workers: they carry the trace context (see send_context);
+        none when tracing is off."""
+        return [_UnaryTraceContext(), _StreamTraceContext()] if self.tracing else []
+
     # ---- spans ---------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -196,9 +202,10 @@ class Telemetry:
         with self.span("turn", **attributes):
             yield TurnWatch(self)
 
-    def phase_spans(self, timings: Any, **attributes: Any) -> None:
+    def phase_spans(self, timings: Any, decoded: bool = True, **attributes: Any) -> None:
         """The engine's queue/prefill/decode spans of one turn (worker.engine.TurnTimings), under the current
-        span, with the times the engine recorded; and the queue and prefill histograms."""
+        span, with the times the engine recorded; and the queue and prefill histograms. `decoded`: the turn
+        sampled tokens (a prefill-only pass has no decode phase)."""
         if timings is None or not timings.submitted_ns:
             return
         attrs = _attrs(attributes)
@@ -210,7 +217,7 @@ class Telemetry:
             prefilled = timings.prefilled_ns or end
             self._interval("prefill", timings.admitted_ns, prefilled, attrs)
             self.prefill_time.record((prefilled - timings.admitted_ns) / 1e9)
-            if timings.prefilled_ns and end > timings.prefilled_ns:
+            if decoded and timings.prefilled_ns and end > timings.prefilled_ns:
                 self._interval("decode", timings.prefilled_ns, end, attrs)
 
     def _interval(self, name: str, start_ns: int, end_ns: int, attributes: dict[str, Any]) -> None:
@@ -266,6 +273,38 @@ def failed(span: Any, exc: BaseException) -> None:
     """Marks a span failed with the error's class and message (domain messages carry no user text)."""
     span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
     span.set_attribute("error.type", type(exc).__name__)
+
+
+# The trace context that worker calls made from the current task carry (the front's route span). A contextvar
+# and not the OTel "current span": the front relays a turn from several short-lived tasks, and an attached
+# OTel context must be detached in the task that attached it.
+_outgoing: contextvars.ContextVar[otel_context.Context | None] = contextvars.ContextVar("rwkv_outgoing", default=None)
+
+
+def send_context(ctx: otel_context.Context | None) -> None:
+    """Worker calls started from this task (and tasks it starts) from now on carry `ctx`'s trace context."""
+    _outgoing.set(ctx)
+
+
+def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """The call's details with the W3C trace context (send_context's, else the current one) in its metadata."""
+    carried = inject_metadata(_outgoing.get())
+    if not carried:
+        return details
+    metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *carried)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                      details.wait_for_ready)
+
+
+# One class per call kind: grpc.aio files an interceptor under the first kind it implements only.
+class _UnaryTraceContext(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_trace_context(details), request)
+
+
+class _StreamTraceContext(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_trace_context(details), request)
 
 
 def inject_metadata(ctx: otel_context.Context | None = None) -> tuple[tuple[str, str], ...]:
