@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from client._core import tls_credentials
 from client.errors import RWKVError, SessionNotFoundError
 from client.sync import RWKVClient
 from client.types import Session, TurnResult
@@ -136,12 +138,16 @@ def main(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RWKV_API_KEY"),
+    tls: bool = typer.Option(False, "--tls", help="TLS to the front, verified against the system's CAs"),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", envvar="RWKV_TLS_CA",
+                                          help="TLS to the front, verified against this CA certificate (PEM)"),
     message: list[str] = typer.Option([], "--message", "-m",
                                       help="send these messages in order and exit (no REPL)"),
 ) -> None:
     """Chat with an rwkv-serve deployment."""
     console = Console(highlight=False)
-    with RWKVClient(target, api_key=api_key) as rwkv:
+    credentials = tls_credentials(tls_ca) if tls or tls_ca else None
+    with RWKVClient(target, api_key=api_key, credentials=credentials) as rwkv:
         repl = ChatREPL(rwkv, console, _sampling(temperature, top_p, top_k, max_tokens, seed))
         try:
             repl.open(session, model, system, template)

@@ -153,11 +153,13 @@ class Stack:
         return proc
 
     def start(self) -> None:
+        from worker.store import redact_url  # (a password in the URL never reaches the terminal)
+
         if redis_answers(self.redis_url):
             url = self.redis_url
-            self.say(f"using Redis at {url}")
+            self.say(f"using Redis at {redact_url(url)}")
         else:
-            self.say(f"no Redis answers at {self.redis_url}; starting an embedded one")
+            self.say(f"no Redis answers at {redact_url(self.redis_url)}; starting an embedded one")
             self.redis = EmbeddedRedis.start()
             url = self.redis.url
             self.say(f"embedded Redis at {url} (temporary, no persistence)")

@@ -311,6 +311,13 @@ async def test_front_speaks_tls_only(fakes, front_factory, pki: Pki) -> None:  #
     async with AsyncRWKVClient(target, credentials=tls_credentials(pki.ca), timeout=5) as rwkv:
         session = await rwkv.create_session("tiny")
         assert (await rwkv.say(session.session_id, "hello")).text == "w1: hello "
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    cli = await asyncio.to_thread(CliRunner().invoke, app, ["--target", target, "--tls-ca", str(pki.ca),
+                                                            "-m", "over tls"])
+    assert cli.exit_code == 0 and "w1: over tls" in cli.output
     async with AsyncRWKVClient(target, timeout=2) as plaintext:
         with pytest.raises(UnavailableError):
             await plaintext.list_models()

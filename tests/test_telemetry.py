@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -222,3 +223,28 @@ async def test_logs_hold_no_key_and_no_prompt_by_default(stack: Stack, caplog: p
     log_text = stack.worker.telemetry.log_text
     assert (PROMPT in text) is log_text  # prompt text only with the explicit debug setting
     assert caplog.records  # (DEBUG logging was captured: the assertion above could fail)
+
+
+def test_exporters_are_chosen_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    printed = io.StringIO()  # the console exporter's stream (its default, sys.stdout, is bound at import)
+    console_init = ConsoleSpanExporter.__init__
+    monkeypatch.setattr(ConsoleSpanExporter, "__init__", lambda self, **kw: console_init(self, **kw, out=printed))
+    off = Telemetry.from_settings(WorkerSettings(), "rwkv-worker")
+    assert not off.tracing and off.server_interceptors() == [] and off.client_interceptors() == []
+    on = Telemetry.from_settings(WorkerSettings(traces_exporter="console", metrics_exporter="prometheus",
+                                                prometheus_host="127.0.0.1", prometheus_port=0), "rwkv-worker", "w7")
+    try:
+        assert on.tracing and on.prometheus_port > 0
+        with on.span("state.load", on.state_load, session_id="s1"):
+            pass
+        on.ttft.record(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{on.prometheus_port}/metrics", timeout=5) as response:
+            body = response.read().decode()
+        assert "rwkv_turn_time_to_first_token_seconds_bucket" in body
+        assert "rwkv_state_load_duration_seconds_count" in body
+    finally:
+        on.shutdown()
+    out = printed.getvalue()  # the console exporter printed the span (flushed at shutdown)
+    assert '"name": "state.load"' in out and '"rwkv.session_id": "s1"' in out and '"w7"' in out

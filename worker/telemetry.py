@@ -73,6 +73,7 @@ class Telemetry:
         self.meter_provider = meter_provider or metrics.NoOpMeterProvider()
         self.tracer = self.tracer_provider.get_tracer("rwkv_serve")
         self.log_text = log_text
+        self.prometheus_port = 0  # where GET /metrics answers, when that exporter is on
         self._closers: list[Callable[[], Any]] = []
         m = self.meter = self.meter_provider.get_meter("rwkv_serve")
 
@@ -119,6 +120,7 @@ class Telemetry:
             tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
             closers.append(tracer_provider.shutdown)
         meter_provider = None
+        prometheus_port = 0
         if settings.metrics_exporter != "none":
             from opentelemetry.sdk.metrics import MeterProvider
             from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
@@ -131,7 +133,8 @@ class Telemetry:
                 reader: Any = PrometheusMetricReader()
                 server, _ = start_http_server(settings.prometheus_port, settings.prometheus_host)
                 closers.append(server.shutdown)
-                log.info("Prometheus metrics on http://%s:%d/metrics", settings.prometheus_host, server.server_port)
+                prometheus_port = server.server_port
+                log.info("Prometheus metrics on http://%s:%d/metrics", settings.prometheus_host, prometheus_port)
             elif settings.metrics_exporter == "console":
                 reader = PeriodicExportingMetricReader(ConsoleMetricExporter(), export_interval_millis=period_ms)
             else:
@@ -149,6 +152,7 @@ class Telemetry:
             closers.insert(0, RedisInstrumentor().uninstrument)
         telemetry = cls(tracer_provider, meter_provider, log_text=settings.log_text)
         telemetry._closers = closers
+        telemetry.prometheus_port = prometheus_port
         return telemetry
 
     def shutdown(self) -> None:
