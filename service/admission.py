@@ -9,10 +9,12 @@ the session's rendezvous order instead.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from worker.errors import Overloaded
+from worker.errors import Overloaded, Unavailable
 
 
 class Admission:
@@ -24,11 +26,15 @@ class Admission:
         self.max_per_worker = max_per_worker
         self.retry_after_s = retry_after_s
         self.total = 0
+        self.closed = False  # draining: no new turns
         self._per_worker: dict[str, int] = {}
 
     @contextmanager
     def turn(self) -> Iterator[None]:
-        """Holds one of the front's turn places for the block; Overloaded when all are taken."""
+        """Holds one of the front's turn places for the block; Overloaded when all are taken, Unavailable once
+        the front drains."""
+        if self.closed:
+            raise Unavailable("this front is shutting down; retry on another one")
         if self.max_total and self.total >= self.max_total:
             raise Overloaded(f"this front is relaying its limit of {self.max_total} turns", self.retry_after_s)
         self.total += 1
@@ -60,3 +66,16 @@ class Admission:
                 self._per_worker[worker_id] = left
             else:
                 del self._per_worker[worker_id]
+
+    def close(self) -> None:
+        """Takes no more turns (the turns in flight go on)."""
+        self.closed = True
+
+    async def drained(self, timeout_s: float | None) -> bool:
+        """Waits until no turn is in flight; False when `timeout_s` passed first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.total:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True

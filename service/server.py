@@ -119,9 +119,16 @@ class FrontServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: health says NOT_SERVING, new calls are refused, running ones get `grace` seconds."""
+        """Drains: health says NOT_SERVING and new turns are refused (UNAVAILABLE: retry on another front) while
+        the turns in flight get up to `grace` seconds (None: as long as they take) to finish and commit; then the
+        server stops, closing what is left (idle Chat streams, calls past the grace period)."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        admission = self.front.admission
+        admission.close()
+        if grace is None or grace > 0:
+            if not await admission.drained(grace):
+                log.warning("%d turns still running after %.1fs of draining; stopping them", admission.total, grace)
+        await self.server.stop(0 if grace == 0 else 0.5)
         await self.front.close()
 
 
