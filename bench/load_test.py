@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summary()
     summary["setup"] = {"workers": args.workers if stack is not None else None, "model": args.model_id,
                         "machine": platform.machine(), "python": platform.python_version(),
-                        "cpus": os.cpu_count()}
+                        "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(table(summary))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -139,6 +139,7 @@ def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes),
                                       ("grpc.max_send_message_length", message_bytes),
                                       ("grpc.so_reuseport", 0)],
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
                              interceptors=front.telemetry.server_interceptors() or None)
     add_servicer(api_pb2_grpc.add_RwkvServiceServicer_to_server, RwkvServicer(front), server)  # (service/wire.py)
     health_servicer = health.aio.HealthServicer()

@@ -82,6 +82,7 @@ class FrontSettings(ObservabilitySettings):
     max_inflight_per_worker: int = Field(0, ge=0)  # 0 = the worker's own batch + queue size (its registry record)
     max_stream_queue: int = Field(16, ge=1)  # turns waiting on one Chat stream behind its running turn
     overload_retry_after_s: float = Field(0.5, ge=0)  # the hint sent with the front's own refusals
+    max_concurrent_rpcs: int = Field(10_000, ge=0)  # open calls (idle Chat streams too); past it gRPC refuses (0 = off)
 
     # Bad input: limits checked before anything is stored or routed (INVALID_ARGUMENT past them). Text is
     # measured in UTF-8 bytes here; the worker checks the exact token count (RWKV_WORKER_MAX_PROMPT_TOKENS).
