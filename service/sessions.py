@@ -22,10 +22,10 @@ class Sessions:
     """Create, read, list, delete and fork sessions; every call is on behalf of a tenant."""
 
     def __init__(self, store: StateStore, directory: WorkerDirectory, *, default_ttl_ms: int,
-                 max_ttl_ms: int, quotas: Quotas | None = None, limits: InputLimits = InputLimits()) -> None:
+                 max_ttl_ms: int, quotas: Quotas | None = None, limits: InputLimits | None = None) -> None:
         self.store = store
         self.directory = directory
-        self.limits = limits
+        self.limits = limits or InputLimits()
         self.quotas = quotas or Quotas(store)  # no limits by default
         self.default_ttl_ms = default_ttl_ms
         self.max_ttl_ms = max_ttl_ms

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 
 from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
-from service.quotas import Quotas
 from service.convert import check_sampling
+from service.quotas import Quotas
 from service.router import Router, WorkerDirectory, WorkerInfo
 from service.sessions import Sessions
 from worker.errors import (

@@ -90,7 +90,8 @@ def test_a_cancelled_queued_turn_frees_its_place_within_one_step(tiny_model, tok
 
 
 @pytest.fixture
-async def worker(redis_url, store, tiny_model, tokenizer) -> AsyncIterator[tuple[WorkerCore, worker_pb2_grpc.WorkerServiceStub]]:
+async def worker(redis_url, store, tiny_model,
+                 tokenizer) -> AsyncIterator[tuple[WorkerCore, worker_pb2_grpc.WorkerServiceStub]]:
     settings = WorkerSettings(redis_url=redis_url, port=0, model_id="tiny", max_batch=1, max_queued=2,
                               heartbeat_s=0.2, lease_ms=3_000, drain_s=2, grace_s=0.5)
     core = WorkerCore(settings, tiny_model, tokenizer, "tiny")
