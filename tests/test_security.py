@@ -344,7 +344,7 @@ async def test_workers_can_require_the_fronts_client_certificate(redis_url, stor
                                            worker_client_key=pki.client_key)
         _, without_cert = await front_factory(worker_ca=pki.ca, max_attempts=1)
         _, plaintext = await front_factory(max_attempts=1)
-        async with AsyncRWKVClient(with_cert, timeout=20) as rwkv:
+        async with AsyncRWKVClient(with_cert, timeout=60) as rwkv:
             session = await rwkv.create_session("tiny", temperature=0, max_tokens=3)
             result = await rwkv.say(session.session_id, "hello")
             assert result.usage.generated_tokens == 3 and result.state_version == 1
