@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from client import AsyncRWKVClient, AuthenticationError, UnavailableError, tls_credentials
-from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
+from rwkv_serve.v1 import api_pb2, api_pb2_grpc
 from service import admin
 from service.auth import Auth, hash_api_key, new_api_key, parse_key_entries
 from service.quotas import Quotas
@@ -422,4 +422,3 @@ async def test_redis_tls(tmp_path: Path, pki: Pki) -> None:
         await untrusting.close()
         with pytest.raises(ValueError, match="rediss://"):
             StateStore.from_url(f"redis://127.0.0.1:{port}/0", ca_cert=pki.ca)
-    assert common_pb2  # (imported for the protos' registration)
