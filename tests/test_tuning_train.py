@@ -18,7 +18,7 @@ from tuning.evaluate import batch_state, exchanges, greedy_replies, perplexity
 from tuning.evaluate import app as evaluate_app
 from tuning.train import Trainer, TrainConfig, lr_factor, masked_loss
 from tuning.train import app as train_app
-from worker.checkpoint import make_random_checkpoint, random_params
+from worker.checkpoint import make_random_checkpoint
 from worker.model import RWKV5, logits_scale, read_checkpoint
 from worker.state import load_time_state
 from worker.tokenizer import WorldTokenizer
@@ -96,7 +96,8 @@ def test_full_checkpoint_matches_reference_package(full_run, files):
     assert not torch.equal(saved["head.weight"], read_checkpoint(files["base"])["head.weight"])  # it trained
     for k, v in trainer.model.params.items():
         assert torch.equal(saved[k], v.detach())
-    ours, _ = RWKV5.from_checkpoint(exported).forward(torch.tensor([TOKENS]), RWKV5.from_checkpoint(exported).init_state(1))
+    model = RWKV5.from_checkpoint(exported)
+    ours, _ = model.forward(torch.tensor([TOKENS]), model.init_state(1))
     theirs, _ = reference_run(reference_model(exported), TOKENS)
     assert rel_err(ours[0], theirs) < 1e-4
 

@@ -135,12 +135,14 @@ def main(
     console.print(table)
     for name, run in (("full fine-tuning", full_run), ("state tuning", state_run)):
         console.print(f"{name}: {run['steps']} steps in {run['seconds']:.0f} s, {run['tokens_per_s']:,.0f} tok/s, "
-                      f"train loss {run['train_loss_first5']:.3f} -> {run['train_loss_last5']:.3f} (first/last 5 steps)")
+                      f"train loss {run['train_loss_first5']:.3f} -> {run['train_loss_last5']:.3f} "
+                      "(first/last 5 steps)")
     report = {
         "command": " ".join(["python -m tuning.demo", f"--steps {steps}" if steps else f"--minutes {minutes:g}",
                              f"--state-steps {state_steps}" if state_steps else f"--state-minutes {state_minutes:g}",
                              *([f"--threads {threads}"] if threads else [])]),
-        "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
         "model": {"n_layer": n_layer, "n_embd": n_embd, "vocab": 65536, "init": "random", "seed": seed},
         "data": {"train_dialogues": len(train), "train_tokens": train.num_tokens, "val_dialogues": len(val),
                  "val_assistant_tokens": val.num_trainable, "val_topics": val_topics, "template": "chat"},

@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -376,15 +376,20 @@ def main(
 ) -> None:
     """Fine-tune (full) or state-tune (state) an RWKV-5.2 model on a token dataset."""
     console = Console()
-    if mode not in ("full", "state") or windows not in ("random", "document") or precision not in ("auto", "fp32", "bf16"):
-        raise typer.BadParameter("--mode full|state, --windows random|document, --precision auto|fp32|bf16")
-    if save_dtype not in ("same", *_DTYPES):
-        raise typer.BadParameter("--save-dtype same|fp32|bf16|fp16")
-    cfg = TrainConfig(model=model, data=data, out=out, val=val, mode=mode, ctx_len=ctx_len,  # type: ignore[arg-type]
-                      batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, steps=steps,
-                      grad_clip=grad_clip, weight_decay=weight_decay, windows=windows,  # type: ignore[arg-type]
-                      grad_checkpoint=grad_checkpoint, seed=seed, device=device, precision=precision,  # type: ignore[arg-type]
-                      eval_every=eval_every, save_every=save_every, save_dtype=save_dtype)  # type: ignore[arg-type]
+    choices = {"mode": (mode, ("full", "state")), "windows": (windows, ("random", "document")),
+               "precision": (precision, ("auto", "fp32", "bf16")), "save-dtype": (save_dtype, ("same", *_DTYPES))}
+    for option, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise typer.BadParameter(f"--{option} must be one of {', '.join(allowed)}, not {value!r}")
+    # The literals were checked above; typer has no Literal options, hence the str -> Literal ignores.
+    cfg = TrainConfig(model=model, data=data, out=out, val=val, mode=mode,  # type: ignore[arg-type]
+                      ctx_len=ctx_len, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup,
+                      steps=steps, grad_clip=grad_clip, weight_decay=weight_decay,
+                      windows=windows,  # type: ignore[arg-type]
+                      grad_checkpoint=grad_checkpoint, seed=seed, device=device,
+                      precision=precision,  # type: ignore[arg-type]
+                      eval_every=eval_every, save_every=save_every,
+                      save_dtype=save_dtype)  # type: ignore[arg-type]
     trainer = Trainer(cfg)
     if resume is not None:
         trainer.load_checkpoint(resume)
