@@ -98,3 +98,23 @@ def tiny_model(tiny_checkpoint: Path):
     from worker.model import RWKV5
 
     return RWKV5.from_checkpoint(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core box: more intra-op threads only add contention (10x slower steps seen).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The World tokenizer (loading the vocab takes a few seconds: once per test session)."""
+    from worker.tokenizer import WorldTokenizer
+
+    return WorldTokenizer()

@@ -12,23 +12,13 @@ from worker.engine import Delta, Engine, Finished, StateCache, StopReason, Turn,
 from worker.errors import InvalidArgument, Overloaded
 from worker.sampler import SamplingParams
 from worker.state import State
-from worker.tokenizer import WorldTokenizer
 
 GREEDY = SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: intra-op threads only add contention for these tiny matmuls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> WorldTokenizer:
-    return WorldTokenizer()
 
 
 def prompt(n: int, seed: int) -> list[int]:

@@ -18,24 +18,15 @@ from worker.errors import RETRY_AFTER_KEY, DeadlineExceeded, Overloaded
 from worker.sampler import SamplingParams
 from worker.server import WorkerCore, create_server, shutdown
 from worker.settings import WorkerSettings
-from worker.tokenizer import WorldTokenizer
 from worker.turns import sampling_to_pb
 
 LONG = SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=1000)
 SHORT = SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> WorldTokenizer:
-    return WorldTokenizer()
 
 
 def _step(engine: Engine, events: dict[int, list], n: int = 1) -> None:

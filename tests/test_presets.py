@@ -17,23 +17,14 @@ from worker.errors import StateCorrupt
 from worker.runner import RunnerConfig, TurnRunner
 from worker.state import State, StateFormatError, load_time_state, state_from_bytes
 from worker.store import StateStore
-from worker.tokenizer import WorldTokenizer
 from worker.turns import InputKind, TextDelta, TurnInput
 
 MODEL_ID = "tiny-rwkv5"  # the conftest checkpoint's file stem: the id a worker serves it under by default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> WorldTokenizer:
-    return WorldTokenizer()
 
 
 def write_state(path: Path, model, seed: int) -> Path:

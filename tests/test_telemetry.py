@@ -32,7 +32,6 @@ from worker.server import WorkerCore, shutdown
 from worker.server import create_server as create_worker
 from worker.settings import WorkerSettings
 from worker.telemetry import ContextFilter, JsonFormatter, Telemetry, set_session
-from worker.tokenizer import WorldTokenizer
 
 API_KEY = "rwkv_key-that-must-never-be-logged-42"
 PROMPT = "zebra-quartz-lighthouse"  # a prompt no log line may contain (unless log_text is on)
@@ -49,9 +48,6 @@ class Stack:
     worker: WorkerCore
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> WorldTokenizer:
-    return WorldTokenizer()
 
 
 @pytest.fixture

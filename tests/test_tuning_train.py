@@ -21,23 +21,13 @@ from tuning.train import app as train_app
 from worker.checkpoint import make_random_checkpoint
 from worker.model import RWKV5, logits_scale, read_checkpoint
 from worker.state import load_time_state
-from worker.tokenizer import WorldTokenizer
 
 TOKENS = [3, 14, 15, 92, 65, 35, 261, 89, 79]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: more intra-op threads only add contention (10x slower steps here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> WorldTokenizer:
-    return WorldTokenizer()
 
 
 @pytest.fixture(scope="module")

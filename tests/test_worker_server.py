@@ -17,23 +17,14 @@ from worker.server import SERVICE_NAME, WorkerCore, create_server, shutdown
 from worker.settings import WorkerSettings
 from worker.state import State
 from worker.store import StateStore
-from worker.tokenizer import WorldTokenizer
 from worker.turns import sampling_to_pb
 
 MODEL_ID = "tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> WorldTokenizer:
-    return WorldTokenizer()
 
 
 class Worker:
