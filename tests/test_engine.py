@@ -272,3 +272,23 @@ async def test_failed_step_fails_its_turns_and_the_engine_goes_on(tiny_model, to
         assert isinstance(events[-1], Finished) and events[-1].reason is StopReason.MAX_TOKENS
     finally:
         await engine.close()
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_sampled(tiny_checkpoint, tokenizer) -> None:
+    # World models have 65536 output rows but 65530 tokens: make a spare row win every argmax.
+    from worker.model import RWKV5, read_checkpoint
+
+    params = dict(read_checkpoint(tiny_checkpoint))
+    head = params["head.weight"].clone()
+    head[65534] = head[65534].sign() * 50  # huge logit for an id with no token
+    params["head.weight"] = head
+    model = RWKV5(params)
+    assert model.forward(torch.tensor([prompt(5, 1)]), model.init_state(1))[0].argmax().item() == 65534
+    engine = Engine(model, tokenizer, max_batch=2)
+    run = Collector(engine)
+    hot = engine.submit(TurnRequest(prompt(5, 1), GREEDY))
+    sampled = engine.submit(TurnRequest(prompt(5, 2), replace(GREEDY, temperature=1.0, seed=3, banned_tokens=(65535,))))
+    run.run()
+    for turn in (hot, sampled):
+        assert run.finished(turn) is not None and run.finished(turn).reason is StopReason.MAX_TOKENS
+        assert len(run.tokens(turn)) == 8 and max(run.tokens(turn)) < tokenizer.vocab_size

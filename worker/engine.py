@@ -195,6 +195,9 @@ class Engine:
             raise ValueError("max_batch and prefill_chunk must be positive, max_queued non-negative")
         self.model = model
         self.tokenizer = tokenizer
+        # Sample only ids the tokenizer can decode: World models have 65536 output rows but 65530 tokens, and a
+        # random or poorly trained model does pick the 6 spare rows (one such id used to fail the whole batch).
+        self.sample_vocab = min(model.config.vocab_size, getattr(tokenizer, "vocab_size", model.config.vocab_size))
         self.max_batch = max_batch
         self.max_queued = max_queued
         self.prefill_chunk = prefill_chunk
@@ -401,7 +404,7 @@ class Engine:
             slot.consumed += 1
         rows = [i for i, s in enumerate(lane) if s.phase is Phase.DECODE]
         if rows:
-            samples = sample_batch(logits[rows], [lane[i].sampler for i in rows])
+            samples = sample_batch(logits[rows, : self.sample_vocab], [lane[i].sampler for i in rows])
             for i, sample in zip(rows, samples):
                 self._on_sample(lane[i], sample, out)
         for i, slot in enumerate(lane):
@@ -422,7 +425,7 @@ class Engine:
             self._finish(slot, out)
             return
         slot.phase = Phase.DECODE
-        (sample,) = sample_batch(logits, [slot.sampler])
+        (sample,) = sample_batch(logits[:, : self.sample_vocab], [slot.sampler])
         self._on_sample(slot, sample, out)
         if slot.phase is Phase.CLOSING and not slot.feed:
             self._finish(slot, out)

@@ -246,7 +246,7 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[S
         pen_rows += [r] * len(cols)
         pen_cols += cols
         pen_vals += vals
-        banned = state.params.banned_tokens
+        banned = [t for t in state.params.banned_tokens if t < vocab]  # ids past the sampled range can't be drawn
         ban_rows += [r] * len(banned)
         ban_cols += banned
     if pen_cols or ban_cols:
