@@ -7,11 +7,13 @@ from client.errors import (
     ConflictError,
     DataLossError,
     DeadlineExceededError,
+    ForeignStateError,
     InternalError,
     InvalidArgumentError,
     ModelNotFoundError,
     NotFoundError,
     PermissionDeniedError,
+    PresetExistsError,
     PresetNotFoundError,
     QuotaExceededError,
     RequestCancelledError,
@@ -26,6 +28,7 @@ from client.sync import ChatStream, RWKVClient
 from client.types import (
     ChatTemplate,
     ModelInfo,
+    Preset,
     Session,
     SessionPage,
     StopReason,
@@ -38,8 +41,9 @@ from client.types import (
 
 __all__ = [
     "AsyncChatStream", "AsyncRWKVClient", "AuthenticationError", "ChatStream", "ChatTemplate", "ConflictError",
-    "DataLossError", "DeadlineExceededError", "InternalError", "InvalidArgumentError", "ModelInfo",
-    "ModelNotFoundError", "NotFoundError", "PermissionDeniedError", "PresetNotFoundError", "QuotaExceededError",
+    "DataLossError", "DeadlineExceededError", "ForeignStateError", "InternalError", "InvalidArgumentError",
+    "ModelInfo", "ModelNotFoundError", "NotFoundError", "PermissionDeniedError", "Preset", "PresetExistsError",
+    "PresetNotFoundError", "QuotaExceededError",
     "RequestCancelledError",
     "ResourceExhaustedError", "RWKVError", "RWKVClient", "Session", "SessionBusyError", "SessionNotFoundError",
     "SessionPage", "StopReason", "TextDelta", "TokenLogprob", "TurnResult", "TurnStarted", "UnavailableError",

@@ -20,6 +20,7 @@ from client.types import (
     ChatEvent,
     ChatTemplate,
     ModelInfo,
+    Preset,
     Session,
     SessionPage,
     StopReason,
@@ -143,6 +144,33 @@ def list_models() -> Unary[list[ModelInfo]]:
 
 def tokenize(model: str, text: str) -> Unary[list[int]]:
     return Unary("Tokenize", api_pb2.TokenizeRequest(model=model, text=text), lambda pb: list(pb.token_ids))
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------
+
+# The first bytes of a state record (worker/state.py MAGIC; copied so that the SDK needs no torch, and
+# tests/test_preset_api.py keeps the two equal). Anything else is sent as a time_state .pth.
+STATE_RECORD_MAGIC = b"RWKV5ST\x00"
+
+
+def register_preset(model: str, name: str, path_or_bytes: str | Path | bytes, *, description: str = "",
+                    replace: bool = False) -> Unary[Preset]:
+    """A RegisterPreset call: a file path or the bytes themselves, either a time_state .pth (RWKV-LM / RWKV-PEFT
+    state tuning) or a state record (told apart by the record's magic bytes)."""
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    source = "state_record" if data.startswith(STATE_RECORD_MAGIC) else "time_state_pth"
+    request = api_pb2.RegisterPresetRequest(model=model, name=name, description=description, replace=replace,
+                                            **{source: data})
+    return Unary("RegisterPreset", request, Preset.from_pb)
+
+
+def list_presets(model: str) -> Unary[list[Preset]]:
+    return Unary("ListPresets", api_pb2.ListPresetsRequest(model=model),
+                 lambda pb: [Preset.from_pb(p) for p in pb.presets])
+
+
+def delete_preset(model: str, name: str) -> Unary[None]:
+    return Unary("DeletePreset", api_pb2.DeletePresetRequest(model=model, name=name), lambda _: None)
 
 
 # ---- turns -----------------------------------------------------------------------------------------------------

@@ -47,8 +47,16 @@ class PresetNotFoundError(NotFoundError):
     """The model has no preset state with this name."""
 
 
+class ForeignStateError(InvalidArgumentError):
+    """An uploaded preset state belongs to another model: other shapes or weights (FAILED_PRECONDITION)."""
+
+
 class ConflictError(RWKVError):
-    """A test-and-set failed (ABORTED): re-read the session and retry."""
+    """A test-and-set failed (ABORTED), or a name is taken (ALREADY_EXISTS)."""
+
+
+class PresetExistsError(ConflictError):
+    """The model already has a preset of this name (register with replace=True to overwrite it)."""
 
 
 class SessionBusyError(ConflictError):
@@ -122,6 +130,8 @@ _REFINED: dict[str, type[RWKVError]] = {
     "SessionNotFound": SessionNotFoundError,
     "ModelNotFound": ModelNotFoundError,
     "PresetNotFound": PresetNotFoundError,
+    "PresetExists": PresetExistsError,
+    "ForeignState": ForeignStateError,
     "SessionBusy": SessionBusyError,
     "VersionConflict": VersionConflictError,
     "LeaseLost": VersionConflictError,

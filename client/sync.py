@@ -5,13 +5,14 @@ from __future__ import annotations
 import queue
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from client import _core
 from client.errors import from_rpc_error
-from client.types import ChatEvent, ChatTemplate, ModelInfo, Session, SessionPage, TurnResult
+from client.types import ChatEvent, ChatTemplate, ModelInfo, Preset, Session, SessionPage, TurnResult
 from rwkv_serve.v1 import api_pb2_grpc
 
 T = TypeVar("T")
@@ -159,6 +160,25 @@ class RWKVClient:
     def tokenize(self, model: str, text: str, *, timeout: float | None = None) -> list[int]:
         """Token ids of `text` under the model's tokenizer."""
         return self._unary(_core.tokenize(model, text), timeout)
+
+    # ---- presets ---------------------------------------------------------------------------------------------
+
+    def register_preset(self, model: str, name: str, path_or_bytes: str | Path | bytes, description: str = "", *,
+                        replace: bool = False, timeout: float | None = None) -> Preset:
+        """Registers a state-tuned file (a time_state .pth, as RWKV-LM / RWKV-PEFT save it) or a state record as
+        preset `name` of the model; sessions then start from it with `create_session(model, preset=name)`.
+        Needs a preset admin API key (PermissionDeniedError otherwise); a taken name is PresetExistsError unless
+        `replace`; a state of another model is ForeignStateError."""
+        op = _core.register_preset(model, name, path_or_bytes, description=description, replace=replace)
+        return self._unary(op, timeout)
+
+    def list_presets(self, model: str, *, timeout: float | None = None) -> list[Preset]:
+        """The model's presets, by name."""
+        return self._unary(_core.list_presets(model), timeout)
+
+    def delete_preset(self, model: str, name: str, *, timeout: float | None = None) -> None:
+        """Deletes a preset (PresetNotFoundError when there is none; a preset admin API key is needed)."""
+        self._unary(_core.delete_preset(model, name), timeout)
 
     # ---- turns -----------------------------------------------------------------------------------------------
 

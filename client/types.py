@@ -159,11 +159,28 @@ class ModelInfo:
     random_init: bool
     presets: list[str]
     workers: int
+    head_size: int = 64
 
     @classmethod
     def from_pb(cls, pb: common_pb2.ModelInfo) -> ModelInfo:
         return cls(pb.id, pb.n_layer, pb.n_embd, pb.n_head, pb.vocab_size, pb.state_bytes, pb.fingerprint,
-                   pb.random_init, list(pb.presets), pb.workers)
+                   pb.random_init, list(pb.presets), pb.workers, pb.head_size or 64)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model's preset initial state (a state-tuned file registered under a name)."""
+
+    model: str
+    name: str
+    description: str
+    tokens: int  # tokens the state has consumed (0 for a state-tuned file)
+    created_at: datetime | None
+    state_bytes: int
+
+    @classmethod
+    def from_pb(cls, pb: api_pb2.Preset) -> Preset:
+        return cls(pb.model, pb.name, pb.description, pb.tokens, _time(pb.created), pb.state_bytes)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from worker.errors import InvalidArgument
 from worker.turns import sampling_to_pb
 
 if TYPE_CHECKING:
-    from worker.store import SessionMeta
+    from worker.store import PresetInfo, SessionMeta
 
 # The enum of the public API <-> the template names worker/templates.py and the store use.
 TEMPLATE_NAMES: dict[int, str] = {
@@ -116,4 +116,12 @@ def session_to_pb(meta: SessionMeta) -> api_pb2.Session:
     pb.created_at.FromMilliseconds(meta.created_ms)
     pb.updated_at.FromMilliseconds(meta.updated_ms)
     pb.ttl.FromMilliseconds(meta.ttl_ms)
+    return pb
+
+
+def preset_to_pb(info: PresetInfo) -> api_pb2.Preset:
+    pb = api_pb2.Preset(model=info.model, name=info.name, description=info.description, tokens=info.tokens,
+                        state_bytes=info.state_bytes)
+    if info.created_ms:
+        pb.created.FromMilliseconds(info.created_ms)
     return pb

@@ -6,6 +6,7 @@ from rwkv_serve.v1 import common_pb2, worker_pb2
 from service.admission import Admission
 from service.auth import Auth, load_key_entries
 from service.convert import InputLimits
+from service.presets import Presets
 from service.quotas import Quotas
 from service.router import ChannelPool, Router, WorkerDirectory
 from service.sessions import Sessions
@@ -15,6 +16,11 @@ from worker.errors import ModelNotFound
 from worker.store import StateStore
 from worker.telemetry import Telemetry
 from worker.tls import channel_credentials
+
+
+def max_message_bytes(settings: FrontSettings) -> int:
+    """The gRPC message limit of the public port and of the channels to the workers: room for a preset upload."""
+    return max(settings.max_message_mb, settings.max_preset_mb + 1) * 1024 * 1024
 
 
 class Front:
@@ -32,7 +38,7 @@ class Front:
                              window_s=settings.tenant_token_window_s, per_tenant=settings.tenant_limits)
         self.directory = WorkerDirectory(store.list_workers, refresh_s=settings.discovery_interval_s,
                                          suspect_s=settings.suspect_s)
-        message_bytes = settings.max_message_mb * 1024 * 1024
+        message_bytes = max_message_bytes(settings)  # a preset upload goes on to a worker, and comes back
         options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", message_bytes),
                                                 ("grpc.max_send_message_length", message_bytes)]
         if settings.worker_tls_server_name:
@@ -48,6 +54,8 @@ class Front:
                              settings.metadata_max_value_bytes)
         self.sessions = Sessions(store, self.directory, default_ttl_ms=round(settings.default_ttl_s * 1000),
                                  max_ttl_ms=round(settings.max_ttl_s * 1000), quotas=self.quotas, limits=limits)
+        self.presets = Presets(store, self.directory, self.router, max_bytes=settings.max_preset_mb * 1024 * 1024,
+                               admins=settings.preset_admin_tenants if self.auth.enabled else None)
         self.turns = Turns(store, self.sessions, self.directory, self.router, busy_retry_s=settings.busy_retry_s,
                            quotas=self.quotas, max_stream_queue=settings.max_stream_queue, telemetry=self.telemetry)
 

@@ -35,8 +35,8 @@ from worker.errors import (
 
 log = logging.getLogger(__name__)
 
-_MODEL_INFO_FIELDS = ("n_layer", "n_embd", "n_head", "vocab_size", "state_bytes", "fingerprint", "random_init",
-                      "presets")
+_MODEL_INFO_FIELDS = ("n_layer", "n_embd", "n_head", "head_size", "vocab_size", "state_bytes", "fingerprint",
+                      "random_init", "presets")
 
 
 @dataclass(frozen=True)

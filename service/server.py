@@ -13,8 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
-from service.convert import session_to_pb
-from service.front import Front
+from service.convert import preset_to_pb, session_to_pb
+from service.front import Front, max_message_bytes
 from service.settings import FrontSettings
 from service.wire import add_servicer
 from worker.errors import InvalidArgument, grpc_errors
@@ -105,6 +105,26 @@ class RwkvServicer(api_pb2_grpc.RwkvServiceServicer):
         token_ids = await self.front.tokenize(request.model, request.text, _deadline(context))
         return api_pb2.TokenizeResponse(token_ids=token_ids)
 
+    @grpc_errors
+    async def RegisterPreset(self, request: api_pb2.RegisterPresetRequest, context: grpc.aio.ServicerContext):
+        source = request.WhichOneof("source") or ""
+        info = await self.front.presets.register(
+            await self._tenant(context), model=request.model, name=request.name, source=source,
+            data=getattr(request, source) if source else b"", description=request.description,
+            replace=request.replace, deadline=_deadline(context))
+        return preset_to_pb(info)
+
+    @grpc_errors
+    async def ListPresets(self, request: api_pb2.ListPresetsRequest, context: grpc.aio.ServicerContext):
+        await self._tenant(context)
+        presets = await self.front.presets.list(request.model)
+        return api_pb2.ListPresetsResponse(presets=[preset_to_pb(p) for p in presets])
+
+    @grpc_errors
+    async def DeletePreset(self, request: api_pb2.DeletePresetRequest, context: grpc.aio.ServicerContext):
+        await self.front.presets.delete(await self._tenant(context), request.model, request.name)
+        return api_pb2.DeletePresetResponse()
+
 
 class FrontServer:
     """A started-or-not front: the grpc.aio server, its Front and its health servicer."""
@@ -135,7 +155,7 @@ class FrontServer:
 def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[FrontServer, int]:
     """Builds (but does not start) the front's server; returns it and the bound port."""
     front = front or Front.from_settings(settings)
-    message_bytes = settings.max_message_mb * 1024 * 1024
+    message_bytes = max_message_bytes(settings)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes),
                                       ("grpc.max_send_message_length", message_bytes),
                                       ("grpc.so_reuseport", 0)],

@@ -48,6 +48,9 @@ class FrontSettings(ObservabilitySettings):
     api_keys_in_redis: bool = True  # also accept keys stored in Redis (rwkv:apikey:<hash>)
     api_key_cache_s: float = Field(5.0, ge=0)  # Redis answers reused this long: a revoked key dies within it
     default_tenant: str = "default"
+    # Tenants that may register and delete presets (RegisterPreset, DeletePreset): a preset is shared by every
+    # tenant of its model. Everyone may in auth_mode dev; nobody else is allowed by default.
+    preset_admin_tenants: list[str] = Field(default_factory=list)
 
     # Per-tenant limits, enforced by the front (0 = unlimited); tenant_limits overrides them per tenant.
     tenant_max_sessions: int = Field(0, ge=0)  # live sessions; CreateSession/ForkSession past it: RESOURCE_EXHAUSTED
@@ -76,6 +79,10 @@ class FrontSettings(ObservabilitySettings):
     busy_retry_s: float = 1.0
     grace_s: float = 10.0  # on SIGTERM, running turns get this long to finish
     max_message_mb: int = 16  # gRPC message size limit
+    # The largest RegisterPreset upload (the 12B model's state is 41 MiB). The port's message limit is the larger
+    # of this (+1 MiB for the request's other fields) and max_message_mb; other calls' fields have limits of
+    # their own (max_text_bytes, metadata_*). Workers need RWKV_WORKER_MAX_PRESET_MB at least as large.
+    max_preset_mb: int = Field(64, ge=1)
 
     # Overload: bounded everywhere, refused at once with RESOURCE_EXHAUSTED + retry-after-ms, never queued.
     max_inflight_turns: int = Field(1024, ge=0)  # turns this front relays at once (0 = unbounded)

@@ -36,7 +36,8 @@ def test_every_server_error_becomes_its_typed_exception() -> None:
         "DeadlineExceeded": client.DeadlineExceededError, "Cancelled": client.RequestCancelledError,
         "Unauthenticated": client.AuthenticationError, "PermissionDenied": client.PermissionDeniedError,
         "QuotaExceeded": client.QuotaExceededError, "WorkerLost": client.UnavailableError,
-        "StoreUnavailable": client.UnavailableError,
+        "StoreUnavailable": client.UnavailableError, "PresetExists": client.PresetExistsError,
+        "ForeignState": client.ForeignStateError,
     }
     for cls in server_errors.STATUS_CODES:  # what the server sends for each domain error
         exc = cls("boom")

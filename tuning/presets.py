@@ -1,23 +1,31 @@
-"""State-tuned files as named session presets in the service's Redis store (register, list, delete).
+"""State-tuned files as named session presets: register, list, delete (through the API, or straight in Redis).
 
-A preset is stored as the service's own state record (`worker.state.state_to_bytes`) under
+`--target HOST:PORT` goes through the public API (RegisterPreset, ListPresets, DeletePreset): a worker serving the
+model checks the file, and the API key must belong to one of the front's preset admin tenants. `--redis-url` is the
+operators' way in, for a model no worker serves yet: the checkpoint is read here (`--model`) to check the state's
+shapes and stamp its fingerprint, and the record is written to the store directly.
+
+Either way a preset is the service's own state record (`worker.state.state_to_bytes`) under
 `rwkv:preset:<model id>:<name>`, stamped with the model's weight fingerprint, so a worker serving another model
 refuses it instead of running from a foreign state. A session created with `preset=<name>` starts from it
 (`worker.runner` decodes it, then feeds the template's opening and the system prompt, if any, on top).
-The public gRPC API can only *use* presets (CreateSession.preset, ListModels); registering one is this command.
 """
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 
-from worker.errors import InvalidArgument
+from client import RWKVClient, RWKVError, tls_credentials
+from worker.errors import PresetExists, ServeError
 from worker.model import config_from_params, read_checkpoint, weights_fingerprint
-from worker.state import load_time_state, state_from_bytes, state_to_bytes
-from worker.store import StateStore
+from worker.state import StateFormatError, load_time_state, state_to_bytes
+from worker.store import PresetInfo, StateStore
+
+__all__ = ["PresetExists", "app", "delete_preset", "list_presets", "model_id_for", "preset_record", "register_preset"]
 
 
 def model_id_for(model_path: str | Path) -> str:
@@ -36,78 +44,37 @@ def preset_record(model_path: str | Path, state_file: str | Path) -> bytes:
     return state_to_bytes(state, weights_fingerprint(params), tokens_consumed=0)
 
 
-class PresetExists(ValueError):
-    """A preset of that name is registered already (pass overwrite=True to replace it)."""
-
-
-async def register_preset_in(store: StateStore, model_id: str, name: str, record: bytes, *,
-                             overwrite: bool = False) -> None:
-    """Store a preset record; replacing one also drops the model's prefix cache, which may hold states built on it."""
-    state_from_bytes(record, None)  # refuse anything that is not a well-formed record before it reaches workers
-    if await store.has_preset(model_id, name):
-        if not overwrite:
-            raise PresetExists(f"preset {name!r} exists for model {model_id!r}")
-        # The runner caches "preset + system prompt" states under a digest of the preset's *name*: after the
-        # name points at a new state those entries are wrong. The cache only saves prefill, so drop all of it.
-        await _drop_prefix_cache(store, model_id)
-    await store.put_preset(model_id, name, record)
-
-
-async def _drop_prefix_cache(store: StateStore, model_id: str) -> int:
-    keys = [k async for k in store.redis.scan_iter(match=store._prefix_key(model_id, "*"), count=500)]
-    if keys:
-        await store.redis.delete(*keys)
-    return len(keys)
-
-
-async def delete_preset_in(store: StateStore, model_id: str, name: str) -> bool:
-    """Remove a preset (existing sessions built on it keep their own states); False when there was none."""
-    # StateStore has put/get/has/list for presets but no delete; the key is the store's own.
-    removed = bool(await store.redis.delete(store._preset_key(model_id, name)))
-    if removed:
-        await _drop_prefix_cache(store, model_id)
-    return removed
-
-
-def register_preset(redis_url: str, model_path: str | Path, state_file: str | Path, name: str,
-                    model_id: str | None = None, *, overwrite: bool = False, prefix: str = "rwkv") -> str:
-    """Register `state_file` (blocks.N.att.time_state) as preset `name` of the model; returns the model id used."""
-    model_id = model_id or model_id_for(model_path)
-    record = preset_record(model_path, state_file)
-
-    async def run() -> None:
+def _with_store(redis_url: str, prefix: str, work):  # noqa: ANN001, ANN202 - a coroutine function of the store
+    async def run():  # noqa: ANN202
         store = StateStore.from_url(redis_url, prefix)
         try:
-            await register_preset_in(store, model_id, name, record, overwrite=overwrite)
+            return await work(store)
         finally:
             await store.close()
 
-    asyncio.run(run())
+    return asyncio.run(run())
+
+
+def register_preset(redis_url: str, model_path: str | Path, state_file: str | Path, name: str,
+                    model_id: str | None = None, *, overwrite: bool = False, prefix: str = "rwkv",
+                    description: str = "") -> str:
+    """Register `state_file` (blocks.N.att.time_state) as preset `name` of the model straight in Redis; returns the
+    model id used. PresetExists when the name is taken and not `overwrite`."""
+    model_id = model_id or model_id_for(model_path)
+    record = preset_record(model_path, state_file)
+    _with_store(redis_url, prefix, lambda store: store.put_preset(model_id, name, record, description=description,
+                                                                  replace=overwrite))
     return model_id
 
 
 def list_presets(redis_url: str, model_id: str, prefix: str = "rwkv") -> list[str]:
     """Names of the presets stored for a model id."""
-    async def run() -> list[str]:
-        store = StateStore.from_url(redis_url, prefix)
-        try:
-            return await store.list_presets(model_id)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return _with_store(redis_url, prefix, lambda store: store.list_presets(model_id))
 
 
 def delete_preset(redis_url: str, model_id: str, name: str, prefix: str = "rwkv") -> bool:
-    """Remove a preset; False when there was none."""
-    async def run() -> bool:
-        store = StateStore.from_url(redis_url, prefix)
-        try:
-            return await delete_preset_in(store, model_id, name)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    """Remove a preset (and the model's prefix cache); False when there was none."""
+    return _with_store(redis_url, prefix, lambda store: store.delete_preset(model_id, name))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,8 +82,17 @@ def delete_preset(redis_url: str, model_id: str, name: str, prefix: str = "rwkv"
 # ---------------------------------------------------------------------------------------------------------------
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
-_REDIS = typer.Option("redis://127.0.0.1:6379/0", envvar="REDIS_URL", help="The service's Redis.")
-_PREFIX = typer.Option("rwkv", help="Key prefix of the store.")
+_TARGET = typer.Option(None, "--target", envvar="RWKV_TARGET",
+                       help="The front (host:port): go through the API instead of Redis.")
+_API_KEY = typer.Option(None, "--api-key", envvar="RWKV_API_KEY", help="API key of a preset admin tenant.")
+_TLS_CA = typer.Option(None, "--tls-ca", envvar="RWKV_TLS_CA", help="TLS to the front, verified against this CA.")
+_REDIS = typer.Option("redis://127.0.0.1:6379/0", envvar="REDIS_URL",
+                      help="The service's Redis (used when no --target is given).")
+_PREFIX = typer.Option("rwkv", help="Key prefix of the store (with --redis-url).")
+
+
+def _client(target: str, api_key: str | None, tls_ca: Path | None) -> RWKVClient:
+    return RWKVClient(target, api_key, timeout=300.0, credentials=tls_credentials(tls_ca) if tls_ca else None)
 
 
 def _model_id(model: Path | None, model_id: str | None) -> str:
@@ -127,49 +103,92 @@ def _model_id(model: Path | None, model_id: str | None) -> str:
     return model_id_for(model)
 
 
+def _fail(error: object) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {error}")
+    raise typer.Exit(1)
+
+
+def _describe(info: PresetInfo) -> str:
+    return f"{info.name}\t{info.description}" if info.description else info.name
+
+
 @app.command()
 def register(
-    model: Path = typer.Option(..., help="The served checkpoint (.pth) the state was tuned on."),
-    state: Path = typer.Option(..., help="State-tuned file: blocks.N.att.time_state tensors."),
+    state: Path = typer.Option(..., help="State-tuned file: blocks.N.att.time_state tensors (or a state record)."),
     name: str = typer.Option(..., help="Preset name, as given to CreateSession(preset=...)."),
-    model_id: str | None = typer.Option(None, help="Served model id (default: the checkpoint's file stem)."),
+    model: Optional[Path] = typer.Option(None, help="The checkpoint (.pth) the state was tuned on; needed with "
+                                                    "--redis-url, its file stem is the default model id."),
+    model_id: Optional[str] = typer.Option(None, help="Served model id (default: the checkpoint's file stem)."),
+    description: str = typer.Option("", help="Shown by `list`."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing preset of that name."),
+    target: Optional[str] = _TARGET,
+    api_key: Optional[str] = _API_KEY,
+    tls_ca: Optional[Path] = _TLS_CA,
     redis_url: str = _REDIS,
     prefix: str = _PREFIX,
 ) -> None:
     """Register a state-tuned file as a session preset."""
+    used = _model_id(model, model_id)
     try:
-        used = register_preset(redis_url, model, state, name, model_id, overwrite=overwrite, prefix=prefix)
-    except (ValueError, OSError, InvalidArgument) as e:  # exists, bad state file or checkpoint, malformed name
-        Console(stderr=True).print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
+        if target:
+            with _client(target, api_key, tls_ca) as rwkv:
+                rwkv.register_preset(used, name, state, description, replace=overwrite)
+        else:
+            if model is None:
+                raise typer.BadParameter("--redis-url mode reads the checkpoint: give --model (or use --target)")
+            register_preset(redis_url, model, state, name, used, overwrite=overwrite, prefix=prefix,
+                            description=description)
+    except (RWKVError, ServeError, StateFormatError, OSError) as e:  # taken name, bad file, refused by the service
+        _fail(e)
     Console().print(f"registered preset [bold]{name}[/bold] for model [bold]{used}[/bold]")
 
 
 @app.command("list")
 def list_command(
-    model: Path | None = typer.Option(None, help="Checkpoint whose file stem is the model id."),
-    model_id: str | None = typer.Option(None, help="Served model id."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint whose file stem is the model id."),
+    model_id: Optional[str] = typer.Option(None, help="Served model id."),
+    target: Optional[str] = _TARGET,
+    api_key: Optional[str] = _API_KEY,
+    tls_ca: Optional[Path] = _TLS_CA,
     redis_url: str = _REDIS,
     prefix: str = _PREFIX,
 ) -> None:
-    """List a model's presets."""
-    for name in list_presets(redis_url, _model_id(model, model_id), prefix):
-        typer.echo(name)
+    """List a model's presets (name, then the description when there is one)."""
+    used = _model_id(model, model_id)
+    try:
+        if target:
+            with _client(target, api_key, tls_ca) as rwkv:
+                infos = [PresetInfo(p.model, p.name, p.description, p.tokens, 0, p.state_bytes)
+                         for p in rwkv.list_presets(used)]
+        else:
+            infos = _with_store(redis_url, prefix, lambda store: store.describe_presets(used))
+    except (RWKVError, ServeError) as e:
+        _fail(e)
+    for info in infos:
+        typer.echo(_describe(info))
 
 
 @app.command()
 def delete(
     name: str = typer.Option(..., help="Preset name."),
-    model: Path | None = typer.Option(None, help="Checkpoint whose file stem is the model id."),
-    model_id: str | None = typer.Option(None, help="Served model id."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint whose file stem is the model id."),
+    model_id: Optional[str] = typer.Option(None, help="Served model id."),
+    target: Optional[str] = _TARGET,
+    api_key: Optional[str] = _API_KEY,
+    tls_ca: Optional[Path] = _TLS_CA,
     redis_url: str = _REDIS,
     prefix: str = _PREFIX,
 ) -> None:
     """Delete a preset."""
-    if not delete_preset(redis_url, _model_id(model, model_id), name, prefix):
-        Console(stderr=True).print(f"[red]error:[/red] no preset {name!r}")
-        raise typer.Exit(1)
+    used = _model_id(model, model_id)
+    try:
+        if target:
+            with _client(target, api_key, tls_ca) as rwkv:
+                rwkv.delete_preset(used, name)
+        elif not delete_preset(redis_url, used, name, prefix):
+            _fail(f"no preset {name!r}")
+    except (RWKVError, ServeError) as e:
+        _fail(e)
     typer.echo(f"deleted preset {name}")
 
 

@@ -40,6 +40,14 @@ class PresetNotFound(ServeError):
     """No preset state with this name exists for the model."""
 
 
+class PresetExists(ServeError):
+    """The model already has a preset of this name (register with replace to overwrite it)."""
+
+
+class ForeignState(ServeError):
+    """An uploaded state belongs to another model: other shapes, or a record stamped with other weights."""
+
+
 class SessionBusy(ServeError):
     """Another turn holds the session's lease; one turn runs at a time per session."""
 
@@ -118,6 +126,8 @@ STATUS_CODES: dict[type[ServeError], grpc.StatusCode] = {
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     PresetNotFound: grpc.StatusCode.NOT_FOUND,
+    PresetExists: grpc.StatusCode.ALREADY_EXISTS,
+    ForeignState: grpc.StatusCode.FAILED_PRECONDITION,
     SessionBusy: grpc.StatusCode.ABORTED,
     VersionConflict: grpc.StatusCode.ABORTED,
     LeaseLost: grpc.StatusCode.ABORTED,

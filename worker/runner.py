@@ -20,6 +20,7 @@ from typing import Any
 from worker.engine import Delta, Engine, Finished, StateCache, Turn, TurnRequest
 from worker.errors import (
     DeadlineExceeded,
+    ForeignState,
     InvalidArgument,
     ModelNotFound,
     StateCorrupt,
@@ -27,12 +28,21 @@ from worker.errors import (
     VersionConflict,
 )
 from worker.sampler import SamplingParams
-from worker.state import State, StateFormatError, state_from_bytes, state_to_bytes
+from worker.state import (
+    ForeignStateError,
+    State,
+    StateFormatError,
+    check_finite,
+    state_from_bytes,
+    state_to_bytes,
+    time_state_from_bytes,
+)
 from worker.store import Lease, SessionMeta, StateStore
 from worker.telemetry import Telemetry, set_session
 from worker.templates import ChatTemplate, get_template
 from worker.turns import (
     InputKind,
+    PreparedState,
     StopReason,
     TextDelta,
     TokenLogprob,
@@ -118,6 +128,34 @@ class TurnRunner:
                     if watch.text is not None:
                         log.debug("turn %s reply: %r", turn.turn_id, "".join(watch.text))
                 yield event
+
+    async def prepare_state(self, source: str, data: bytes) -> PreparedState:
+        """An uploaded preset state checked against this model, as a state record (nothing is stored here).
+
+        source "time_state_pth": a torch .pth of blocks.N.att.time_state tensors, converted (zero shift vectors,
+        stamped with this model's fingerprint). source "state_record": a record, verified (format, checksum,
+        fingerprint) and returned unchanged. InvalidArgument for bytes that are neither; ForeignState for a
+        state of another model."""
+        c, fingerprint = self.model.config, self.model.fingerprint
+
+        def convert() -> PreparedState:
+            if source == "time_state_pth":
+                state = time_state_from_bytes(data, c.n_layer, c.n_head, c.head_size, c.n_embd)
+                record, tokens = state_to_bytes(check_finite(state), fingerprint, tokens_consumed=0), 0
+            elif source == "state_record":
+                state, tokens = state_from_bytes(data, fingerprint)
+                record = bytes(data)
+                check_finite(state)
+            else:
+                raise InvalidArgument("the upload needs time_state_pth or state_record")
+            return PreparedState(record, fingerprint.hex(), tokens)
+
+        try:
+            return await asyncio.to_thread(convert)
+        except ForeignStateError as exc:
+            raise ForeignState(f"not a state of model {self.config.model_id!r}: {exc}") from None
+        except StateFormatError as exc:
+            raise InvalidArgument(f"not a state: {exc}") from None
 
     # ---- the three kinds of turn ------------------------------------------------------------------------
 
@@ -205,12 +243,18 @@ class TurnRunner:
     async def _initial_state(self, meta: SessionMeta) -> tuple[State | None, int]:
         """A new session's state: its preset (or zeros) plus the template's opening and the system prompt."""
         base: State | None = None
+        preset_digest = b""
         if meta.preset:
-            base, _ = await self._decode(await self.store.get_preset(meta.model, meta.preset), f"preset {meta.preset}")
+            data = await self.store.get_preset(meta.model, meta.preset)
+            base, _ = await self._decode(data, f"preset {meta.preset}")
+            # The prefix cache is keyed by the preset's bytes, not its name: a preset replaced under the same name
+            # (RegisterPreset with replace) can never be served from entries built on the old one, even those
+            # written by a prefill that was running while it was replaced.
+            preset_digest = (await asyncio.to_thread(hashlib.sha256, data)).hexdigest().encode()
         tokens = await self.tokenize(get_template(meta.template).prefix(meta.system_prompt))
         if not tokens:
             return base, 0
-        key = hashlib.sha256(meta.preset.encode() + b"\0" + array("i", tokens).tobytes()).hexdigest()
+        key = hashlib.sha256(preset_digest + b"\0" + array("i", tokens).tobytes()).hexdigest()
         data = await self.store.get_prefix(meta.model, key, self.config.prefix_ttl_ms)
         if data is not None:
             try:

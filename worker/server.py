@@ -94,6 +94,7 @@ class WorkerCore:
         self.description = ModelDescription(
             id=model_id, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
             state_bytes=cfg.state_bytes, fingerprint=model.fingerprint.hex(), random_init=random_init,
+            head_size=cfg.head_size,
         )
         self.health = health_aio.HealthServicer()
         self.address = ""
@@ -154,7 +155,12 @@ class WorkerCore:
 
 def create_server(settings: WorkerSettings, core: WorkerCore) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with WorkerService, health and reflection, bound to settings.host:settings.port."""
-    server = grpc.aio.server(interceptors=core.telemetry.server_interceptors() or None)
+    # Turns are small messages; PrepareState carries a whole preset upload (41 MiB for the 12B model), and this
+    # limit (plus room for the request's other fields) is what lets it in.
+    receive_bytes = settings.max_preset_mb * 1024 * 1024 + (1 << 20)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", receive_bytes),
+                                      ("grpc.max_send_message_length", receive_bytes)],
+                             interceptors=core.telemetry.server_interceptors() or None)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(core.runner, core.load), server)
     health_pb2_grpc.add_HealthServicer_to_server(core.health, server)
     reflection.enable_server_reflection(

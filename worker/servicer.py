@@ -9,8 +9,8 @@ from typing import Protocol
 import grpc
 
 from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.errors import Unavailable, grpc_errors
-from worker.turns import TurnEvent, TurnInput, WorkerLoad
+from worker.errors import ModelNotFound, Unavailable, grpc_errors
+from worker.turns import PreparedState, TurnEvent, TurnInput, WorkerLoad
 
 
 class Runner(Protocol):
@@ -19,6 +19,8 @@ class Runner(Protocol):
     def run(self, turn: TurnInput, deadline: float | None = None) -> AsyncIterator[TurnEvent]: ...
 
     async def tokenize(self, text: str) -> list[int]: ...
+
+    async def prepare_state(self, source: str, data: bytes) -> PreparedState: ...
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -51,3 +53,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.WorkerTokenizeRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.WorkerTokenizeResponse:
         return worker_pb2.WorkerTokenizeResponse(token_ids=await self.runner.tokenize(request.text))
+
+    @grpc_errors
+    async def PrepareState(
+        self, request: worker_pb2.PrepareStateRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrepareStateResponse:
+        served = self.load().model.id
+        if request.model and request.model != served:
+            raise ModelNotFound(f"this worker serves {served!r}, not {request.model!r}")
+        source = request.WhichOneof("source") or ""
+        prepared = await self.runner.prepare_state(source, getattr(request, source) if source else b"")
+        return prepared.to_pb()

@@ -63,6 +63,8 @@ class WorkerSettings(ObservabilitySettings):
     max_prompt_tokens: int = Field(16_384, ge=1)  # a turn's input; longer is INVALID_ARGUMENT (the seed's context)
     default_max_tokens: int = Field(256, ge=1)
     cache_bytes: int = Field(1 << 30, ge=0)  # local LRU of recent session states (host memory)
+    # The largest preset upload (PrepareState) this worker reads; the front's max_preset_mb should not exceed it.
+    max_preset_mb: int = Field(64, ge=1)
 
     # Shutdown: stop taking turns, let running ones finish for drain_s, then stop the server with grace_s.
     drain_s: float = Field(30.0, ge=0)

@@ -1,8 +1,11 @@
 """The recurrent state of RWKV-5 sessions: a typed, batched record and its versioned byte format."""
 from __future__ import annotations
 
+import io
+import re
 import struct
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,13 @@ _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 class StateFormatError(ValueError):
     """Bytes that are not a state record of this model: truncated, corrupted, foreign or of an unknown version."""
+
+
+class ForeignStateError(StateFormatError):
+    """A well-formed state of another model: other shapes, or a record stamped with another fingerprint."""
+
+
+_TIME_STATE_KEY = re.compile(r"blocks\.(\d+)\.att\.time_state")
 
 
 @dataclass
@@ -110,7 +120,7 @@ def state_from_bytes(
     `fingerprint` None skips the model check (for tools that only inspect records)."""
     h = read_header(data)
     if fingerprint is not None and h["fingerprint"] != fingerprint:
-        raise StateFormatError(
+        raise ForeignStateError(
             f"state belongs to another model (fingerprint {h['fingerprint'].hex()[:16]}…, "
             f"this model {fingerprint.hex()[:16]}…; shapes L{h['n_layer']} D{h['n_embd']} H{h['n_head']})"
         )
@@ -153,19 +163,61 @@ def load_time_state(path: str | Path, n_layer: int, n_head: int, head_size: int,
     return time_state_from_dict(sd, n_layer, n_head, head_size, n_embd)
 
 
+def time_state_from_bytes(data: bytes, n_layer: int, n_head: int, head_size: int, n_embd: int) -> State:
+    """`load_time_state` for an upload: the bytes of a torch .pth (zip format, the default since torch 1.6).
+
+    Read with weights_only (no code runs); the zip's declared sizes are checked first, so that a small upload
+    cannot unpack into more memory than a state of this model needs."""
+    buffer = io.BytesIO(data)
+    try:
+        with zipfile.ZipFile(buffer) as archive:
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise StateFormatError(f"not a torch .pth file (zip format): {e}") from None
+    # Room for the tensors in float64 plus the pickle; a file of the right shapes is far below it.
+    limit = 2 * n_layer * n_head * head_size * head_size * 4 + (1 << 20)
+    if unpacked > limit:
+        raise StateFormatError(f"the .pth unpacks to {unpacked} bytes; a time_state of this model needs at most "
+                               f"{limit}")
+    buffer.seek(0)
+    try:
+        sd = torch.load(buffer, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable upload gets the same clear message
+        raise StateFormatError(f"cannot read the .pth: {e}") from None
+    return time_state_from_dict(sd, n_layer, n_head, head_size, n_embd)
+
+
 def time_state_from_dict(sd: dict, n_layer: int, n_head: int, head_size: int, n_embd: int) -> State:
-    """The initial state held in a dict of `blocks.N.att.time_state` tensors."""
+    """The initial state held in a dict of `blocks.N.att.time_state` tensors (one per layer, no more, no fewer).
+
+    StateFormatError when the dict holds no such tensors; ForeignStateError when it holds them for another
+    model (another layer count or head shape)."""
+    if not isinstance(sd, dict):
+        raise StateFormatError(f"a state file holds a dict of tensors, not a {type(sd).__name__}")
+    layers = {int(m.group(1)): t for k, t in sd.items() if (m := _TIME_STATE_KEY.fullmatch(str(k)))}
+    if not layers:
+        raise StateFormatError(f"state file has no blocks.N.att.time_state tensors (keys: {sorted(map(str, sd))[:4]}…)")
+    if sorted(layers) != list(range(n_layer)):
+        raise ForeignStateError(f"state file has time_state tensors for layers {sorted(layers)[:8]}…, the model has "
+                                f"{n_layer} layers")
     wkv = torch.zeros(n_layer, 1, n_head, head_size, head_size)
-    for i in range(n_layer):
+    for i, t in sorted(layers.items()):
         key = f"blocks.{i}.att.time_state"
-        if key not in sd:
-            raise StateFormatError(f"state file has no {key} (keys: {sorted(sd)[:4]}…)")
-        t = sd[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise StateFormatError(f"{key} is not a floating-point tensor")
         if tuple(t.shape) != (n_head, head_size, head_size):
-            raise StateFormatError(f"{key} has shape {tuple(t.shape)}, the model needs {(n_head, head_size, head_size)}")
+            raise ForeignStateError(f"{key} has shape {tuple(t.shape)}, the model needs "
+                                    f"{(n_head, head_size, head_size)}")
         wkv[i, 0] = t.float().transpose(1, 2)
     zeros = torch.zeros(n_layer, 1, n_embd)
     return State(zeros, wkv, zeros.clone())
+
+
+def check_finite(state: State) -> State:
+    """The state itself; StateFormatError when it holds NaN or infinity (a session would only produce garbage)."""
+    if not all(bool(torch.isfinite(t).all()) for t in state.tensors()):
+        raise StateFormatError("the state holds NaN or infinite values")
+    return state
 
 
 def time_state_to_dict(state: State) -> dict[str, torch.Tensor]:

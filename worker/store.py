@@ -8,6 +8,7 @@ Keys (a session's keys share one hash tag so Redis Cluster keeps them in one slo
   rwkv:tenant:<tenant>:sessions  sorted-set index for ListSessions (lazily pruned of expired sessions)
   rwkv:worker:<id>     a worker's registry record (JSON) with a heartbeat TTL; rwkv:workers indexes the ids
   rwkv:preset:<model>:<name>     preset initial states (state-tuned files), no TTL
+  rwkv:presetinfo:<model>        hash: preset name -> JSON (description, tokens, created, bytes)
   rwkv:prefix:<model>:<sha256>   state after a token prefix (content-addressed), TTL refreshed on use
   rwkv:apikey:<hash>   the tenant of an API key, keyed by the key's hash (service/auth.py); the key itself is
                        never stored
@@ -39,6 +40,7 @@ from redis.backoff import ExponentialBackoff
 from worker.errors import (
     InvalidArgument,
     LeaseLost,
+    PresetExists,
     PresetNotFound,
     SessionBusy,
     SessionNotFound,
@@ -50,6 +52,9 @@ from worker.errors import (
 _SID_RE = re.compile(r"^[A-Za-z0-9_-]{6,64}(\.[A-Za-z0-9_-]{4,32})?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+# New preset names: short, and safe in a URL, a shell and a Redis SCAN pattern. (Reads take the older, looser
+# _NAME_RE, so presets registered before this check stay usable.)
+_PRESET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STAGING_TTL_MS = 120_000  # a commit's staged bytes outlive a crashed worker by at most this
 
 
@@ -91,6 +96,40 @@ def _check_name(kind: str, name: str) -> str:
     if not _NAME_RE.match(name):
         raise InvalidArgument(f"malformed {kind} {name!r}")
     return name
+
+
+def check_preset_name(name: str) -> str:
+    """A new preset's name: 1-64 of [A-Za-z0-9_.-], starting with a letter or digit; InvalidArgument otherwise."""
+    if not _PRESET_NAME_RE.match(name):
+        raise InvalidArgument(f"a preset name is 1-64 of [A-Za-z0-9_.-] starting with a letter or digit, "
+                              f"not {name[:80]!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """What the store keeps about a preset beside its state bytes."""
+
+    model: str
+    name: str
+    description: str = ""
+    tokens: int = 0  # tokens the state has consumed (0 for a state-tuned file)
+    created_ms: int = 0  # 0: stored before registration times were kept
+    state_bytes: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"description": self.description, "tokens": self.tokens, "created": self.created_ms,
+                           "bytes": self.state_bytes}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, model: str, name: str, raw: bytes | None) -> PresetInfo:
+        """Parses an info entry; a missing or unreadable one gives the defaults (the state bytes are what count)."""
+        try:
+            h = json.loads(raw) if raw else {}
+            return cls(model, name, str(h.get("description", "")), int(h.get("tokens", 0)),
+                       int(h.get("created", 0)), int(h.get("bytes", 0)))
+        except (ValueError, TypeError, AttributeError):
+            return cls(model, name)
 
 
 @dataclass(frozen=True)
@@ -566,8 +605,27 @@ class StateStore:
     def _preset_key(self, model: str, name: str) -> str:
         return f"{self.prefix}:preset:{_check_name('model', model)}:{_check_name('preset', name)}"
 
-    async def put_preset(self, model: str, name: str, data: bytes) -> None:
-        await self.redis.set(self._preset_key(model, name), data)
+    def _preset_info_key(self, model: str) -> str:
+        return f"{self.prefix}:presetinfo:{_check_name('model', model)}"
+
+    async def put_preset(self, model: str, name: str, data: bytes, *, description: str = "", tokens: int = 0,
+                         replace: bool = True) -> PresetInfo:
+        """Stores a preset's state record (the caller has validated it) and its info.
+
+        replace=False refuses a taken name (PresetExists, atomically: SET NX). Replacing a preset drops the
+        model's prefix cache: workers key its entries by the preset's bytes, so the old entries would only sit
+        there until their TTL (and workers from before that keyed them by the preset's name)."""
+        key = self._preset_key(model, check_preset_name(name))
+        info = PresetInfo(model, name, description, tokens, now_ms(), len(data))
+        existed = bool(await self.redis.exists(key))
+        if not await self.redis.set(key, data, nx=not replace):
+            raise PresetExists(f"preset {name!r} already exists for model {model!r}")
+        # Not one transaction: the two keys may live in different Cluster slots. A reader between the two writes
+        # sees the new state with the old (or no) info, which is harmless.
+        await self.redis.hset(self._preset_info_key(model), name, info.to_json())
+        if existed:
+            await self.drop_prefix_cache(model)
+        return info
 
     async def get_preset(self, model: str, name: str) -> bytes:
         data = await self.redis.get(self._preset_key(model, name))
@@ -579,9 +637,43 @@ class StateStore:
         return bool(await self.redis.exists(self._preset_key(model, name)))
 
     async def list_presets(self, model: str) -> list[str]:
+        """Names of the model's presets, sorted. (A SCAN of the keyspace: the state keys are the truth, also for
+        presets stored before the info hash existed.)"""
         prefix = f"{self.prefix}:preset:{_check_name('model', model)}:"
         names = [key.decode()[len(prefix) :] async for key in self.redis.scan_iter(match=prefix + "*", count=500)]
         return sorted(names)
+
+    async def describe_presets(self, model: str) -> list[PresetInfo]:
+        """The model's presets with their info, sorted by name."""
+        names = await self.list_presets(model)
+        if not names:
+            return []
+        raws = await self.redis.hmget(self._preset_info_key(model), names)
+        return [PresetInfo.from_json(model, name, raw) for name, raw in zip(names, raws)]
+
+    async def delete_preset(self, model: str, name: str) -> bool:
+        """Removes a preset and its info, and drops the model's prefix cache (states built on it); False when there
+        was none. Sessions that already ran a turn keep their own states."""
+        removed = bool(await self.redis.delete(self._preset_key(model, name)))
+        await self.redis.hdel(self._preset_info_key(model), name)
+        if removed:
+            await self.drop_prefix_cache(model)
+        return removed
+
+    async def drop_prefix_cache(self, model: str) -> int:
+        """Deletes every cached prefix state of the model; returns how many. The cache only saves prefill, and
+        its keys do not say which preset an entry was built on, so all of it goes."""
+        pattern = self._prefix_key(model, "*")
+        dropped = 0
+        batch: list[bytes] = []
+        async for key in self.redis.scan_iter(match=pattern, count=500):
+            batch.append(key)
+            if len(batch) == 500:
+                dropped += await self.redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            dropped += await self.redis.unlink(*batch)
+        return dropped
 
     def _prefix_key(self, model: str, digest: str) -> str:
         return f"{self.prefix}:prefix:{_check_name('model', model)}:{digest}"

@@ -219,6 +219,23 @@ def event_from_pb(pb: common_pb2.ChatEvent) -> TurnEvent:
 
 
 @dataclass(frozen=True)
+class PreparedState:
+    """An uploaded preset state as a worker checked it: the state record to store, and what it says."""
+
+    record: bytes
+    fingerprint: str  # hex of the model fingerprint the record is stamped with
+    tokens: int  # tokens the state has consumed
+
+    def to_pb(self) -> worker_pb2.PrepareStateResponse:
+        return worker_pb2.PrepareStateResponse(state_record=self.record, fingerprint=self.fingerprint,
+                                               tokens=self.tokens)
+
+    @classmethod
+    def from_pb(cls, pb: worker_pb2.PrepareStateResponse) -> PreparedState:
+        return cls(pb.state_record, pb.fingerprint, pb.tokens)
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """The model a worker serves."""
 
@@ -231,12 +248,13 @@ class ModelDescription:
     fingerprint: str  # hex
     random_init: bool
     presets: tuple[str, ...] = ()
+    head_size: int = 64
 
     def to_pb(self) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(
             id=self.id, n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, vocab_size=self.vocab_size,
             state_bytes=self.state_bytes, fingerprint=self.fingerprint, random_init=self.random_init,
-            presets=list(self.presets),
+            presets=list(self.presets), head_size=self.head_size,
         )
 
 
@@ -267,5 +285,6 @@ class WorkerLoad:
             "capacity": self.capacity, "active": self.active, "queued": self.queued,
             "max_queued": self.max_queued, "serving": self.serving,
             "n_layer": self.model.n_layer, "n_embd": self.model.n_embd, "n_head": self.model.n_head,
-            "vocab_size": self.model.vocab_size, "state_bytes": self.model.state_bytes,
+            "head_size": self.model.head_size, "vocab_size": self.model.vocab_size,
+            "state_bytes": self.model.state_bytes,
         }

@@ -203,3 +203,59 @@ class TokenizeResponse(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RegisterPresetRequest(_message.Message):
+    __slots__ = ("model", "name", "time_state_pth", "state_record", "description", "replace")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TIME_STATE_PTH_FIELD_NUMBER: _ClassVar[int]
+    STATE_RECORD_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    name: str
+    time_state_pth: bytes
+    state_record: bytes
+    description: str
+    replace: bool
+    def __init__(self, model: _Optional[str] = ..., name: _Optional[str] = ..., time_state_pth: _Optional[bytes] = ..., state_record: _Optional[bytes] = ..., description: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class Preset(_message.Message):
+    __slots__ = ("model", "name", "description", "tokens", "created", "state_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    name: str
+    description: str
+    tokens: int
+    created: _timestamp_pb2.Timestamp
+    state_bytes: int
+    def __init__(self, model: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., tokens: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state_bytes: _Optional[int] = ...) -> None: ...
+
+class ListPresetsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListPresetsResponse(_message.Message):
+    __slots__ = ("presets",)
+    PRESETS_FIELD_NUMBER: _ClassVar[int]
+    presets: _containers.RepeatedCompositeFieldContainer[Preset]
+    def __init__(self, presets: _Optional[_Iterable[_Union[Preset, _Mapping]]] = ...) -> None: ...
+
+class DeletePresetRequest(_message.Message):
+    __slots__ = ("model", "name")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    name: str
+    def __init__(self, model: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class DeletePresetResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -81,6 +81,21 @@ class RwkvServiceStub:
                 request_serializer=rwkv__serve_dot_v1_dot_api__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=rwkv__serve_dot_v1_dot_api__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.RegisterPreset = channel.unary_unary(
+                '/rwkv_serve.v1.RwkvService/RegisterPreset',
+                request_serializer=rwkv__serve_dot_v1_dot_api__pb2.RegisterPresetRequest.SerializeToString,
+                response_deserializer=rwkv__serve_dot_v1_dot_api__pb2.Preset.FromString,
+                _registered_method=True)
+        self.ListPresets = channel.unary_unary(
+                '/rwkv_serve.v1.RwkvService/ListPresets',
+                request_serializer=rwkv__serve_dot_v1_dot_api__pb2.ListPresetsRequest.SerializeToString,
+                response_deserializer=rwkv__serve_dot_v1_dot_api__pb2.ListPresetsResponse.FromString,
+                _registered_method=True)
+        self.DeletePreset = channel.unary_unary(
+                '/rwkv_serve.v1.RwkvService/DeletePreset',
+                request_serializer=rwkv__serve_dot_v1_dot_api__pb2.DeletePresetRequest.SerializeToString,
+                response_deserializer=rwkv__serve_dot_v1_dot_api__pb2.DeletePresetResponse.FromString,
+                _registered_method=True)
 
 
 class RwkvServiceServicer:
@@ -155,6 +170,34 @@ class RwkvServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterPreset(self, request, context):
+        """Registers a preset initial state for a model under a name that CreateSession.preset then names. A worker
+        serving the model checks the upload (shapes, weight fingerprint) before anything is stored. Presets are
+        shared by every tenant of the model, so only the front's preset admin tenants may register
+        (PERMISSION_DENIED otherwise). Bytes that are not a state: INVALID_ARGUMENT; a state of another model:
+        FAILED_PRECONDITION; a taken name without `replace`: ALREADY_EXISTS. The upload is limited by the front's
+        max_preset_mb setting (64 MiB by default; the 12B model's state is 41 MiB).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPresets(self, request, context):
+        """The presets stored for a model, by name. Any caller may list them (every tenant's sessions can use them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePreset(self, request, context):
+        """Deletes a preset (preset admin tenants only; NOT_FOUND when there is none). Sessions that already ran a
+        turn keep their own states; a session created with the preset but not yet run fails its first turn with
+        NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RwkvServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +245,21 @@ def add_RwkvServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=rwkv__serve_dot_v1_dot_api__pb2.TokenizeRequest.FromString,
                     response_serializer=rwkv__serve_dot_v1_dot_api__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'RegisterPreset': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterPreset,
+                    request_deserializer=rwkv__serve_dot_v1_dot_api__pb2.RegisterPresetRequest.FromString,
+                    response_serializer=rwkv__serve_dot_v1_dot_api__pb2.Preset.SerializeToString,
+            ),
+            'ListPresets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPresets,
+                    request_deserializer=rwkv__serve_dot_v1_dot_api__pb2.ListPresetsRequest.FromString,
+                    response_serializer=rwkv__serve_dot_v1_dot_api__pb2.ListPresetsResponse.SerializeToString,
+            ),
+            'DeletePreset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePreset,
+                    request_deserializer=rwkv__serve_dot_v1_dot_api__pb2.DeletePresetRequest.FromString,
+                    response_serializer=rwkv__serve_dot_v1_dot_api__pb2.DeletePresetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +506,87 @@ class RwkvService:
             '/rwkv_serve.v1.RwkvService/Tokenize',
             rwkv__serve_dot_v1_dot_api__pb2.TokenizeRequest.SerializeToString,
             rwkv__serve_dot_v1_dot_api__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterPreset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rwkv_serve.v1.RwkvService/RegisterPreset',
+            rwkv__serve_dot_v1_dot_api__pb2.RegisterPresetRequest.SerializeToString,
+            rwkv__serve_dot_v1_dot_api__pb2.Preset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPresets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rwkv_serve.v1.RwkvService/ListPresets',
+            rwkv__serve_dot_v1_dot_api__pb2.ListPresetsRequest.SerializeToString,
+            rwkv__serve_dot_v1_dot_api__pb2.ListPresetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePreset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rwkv_serve.v1.RwkvService/DeletePreset',
+            rwkv__serve_dot_v1_dot_api__pb2.DeletePresetRequest.SerializeToString,
+            rwkv__serve_dot_v1_dot_api__pb2.DeletePresetResponse.FromString,
             options,
             channel_credentials,
             insecure,

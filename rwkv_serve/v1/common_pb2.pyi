@@ -144,7 +144,7 @@ class ChatEvent(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., turn_start: _Optional[_Union[TurnStart, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., turn_end: _Optional[_Union[TurnEnd, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "n_layer", "n_embd", "n_head", "vocab_size", "state_bytes", "fingerprint", "random_init", "presets", "workers")
+    __slots__ = ("id", "n_layer", "n_embd", "n_head", "vocab_size", "state_bytes", "fingerprint", "random_init", "presets", "workers", "head_size")
     ID_FIELD_NUMBER: _ClassVar[int]
     N_LAYER_FIELD_NUMBER: _ClassVar[int]
     N_EMBD_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class ModelInfo(_message.Message):
     RANDOM_INIT_FIELD_NUMBER: _ClassVar[int]
     PRESETS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     id: str
     n_layer: int
     n_embd: int
@@ -165,4 +166,5 @@ class ModelInfo(_message.Message):
     random_init: bool
     presets: _containers.RepeatedScalarFieldContainer[str]
     workers: int
-    def __init__(self, id: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., vocab_size: _Optional[int] = ..., state_bytes: _Optional[int] = ..., fingerprint: _Optional[str] = ..., random_init: _Optional[bool] = ..., presets: _Optional[_Iterable[str]] = ..., workers: _Optional[int] = ...) -> None: ...
+    head_size: int
+    def __init__(self, id: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., vocab_size: _Optional[int] = ..., state_bytes: _Optional[int] = ..., fingerprint: _Optional[str] = ..., random_init: _Optional[bool] = ..., presets: _Optional[_Iterable[str]] = ..., workers: _Optional[int] = ..., head_size: _Optional[int] = ...) -> None: ...

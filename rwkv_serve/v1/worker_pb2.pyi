@@ -65,6 +65,26 @@ class LoadInfo(_message.Message):
     serving: bool
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., capacity: _Optional[int] = ..., active: _Optional[int] = ..., queued: _Optional[int] = ..., max_queued: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
 
+class PrepareStateRequest(_message.Message):
+    __slots__ = ("model", "time_state_pth", "state_record")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TIME_STATE_PTH_FIELD_NUMBER: _ClassVar[int]
+    STATE_RECORD_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    time_state_pth: bytes
+    state_record: bytes
+    def __init__(self, model: _Optional[str] = ..., time_state_pth: _Optional[bytes] = ..., state_record: _Optional[bytes] = ...) -> None: ...
+
+class PrepareStateResponse(_message.Message):
+    __slots__ = ("state_record", "fingerprint", "tokens")
+    STATE_RECORD_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    state_record: bytes
+    fingerprint: str
+    tokens: int
+    def __init__(self, state_record: _Optional[bytes] = ..., fingerprint: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+
 class WorkerTokenizeRequest(_message.Message):
     __slots__ = ("text",)
     TEXT_FIELD_NUMBER: _ClassVar[int]

@@ -51,6 +51,11 @@ class WorkerServiceStub:
                 request_serializer=rwkv__serve_dot_v1_dot_worker__pb2.WorkerTokenizeRequest.SerializeToString,
                 response_deserializer=rwkv__serve_dot_v1_dot_worker__pb2.WorkerTokenizeResponse.FromString,
                 _registered_method=True)
+        self.PrepareState = channel.unary_unary(
+                '/rwkv_serve.v1.WorkerService/PrepareState',
+                request_serializer=rwkv__serve_dot_v1_dot_worker__pb2.PrepareStateRequest.SerializeToString,
+                response_deserializer=rwkv__serve_dot_v1_dot_worker__pb2.PrepareStateResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -79,6 +84,16 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareState(self, request, context):
+        """Checks an uploaded preset state against this worker's model and returns it as a state record (the front
+        stores it; this call stores nothing). A time_state .pth is converted; a state record is verified and
+        returned unchanged. INVALID_ARGUMENT: bytes that are neither; FAILED_PRECONDITION: a state of another model
+        (other shapes or, for a record, another fingerprint); NOT_FOUND: `model` is not this worker's model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +111,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=rwkv__serve_dot_v1_dot_worker__pb2.WorkerTokenizeRequest.FromString,
                     response_serializer=rwkv__serve_dot_v1_dot_worker__pb2.WorkerTokenizeResponse.SerializeToString,
+            ),
+            'PrepareState': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareState,
+                    request_deserializer=rwkv__serve_dot_v1_dot_worker__pb2.PrepareStateRequest.FromString,
+                    response_serializer=rwkv__serve_dot_v1_dot_worker__pb2.PrepareStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +200,33 @@ class WorkerService:
             '/rwkv_serve.v1.WorkerService/Tokenize',
             rwkv__serve_dot_v1_dot_worker__pb2.WorkerTokenizeRequest.SerializeToString,
             rwkv__serve_dot_v1_dot_worker__pb2.WorkerTokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rwkv_serve.v1.WorkerService/PrepareState',
+            rwkv__serve_dot_v1_dot_worker__pb2.PrepareStateRequest.SerializeToString,
+            rwkv__serve_dot_v1_dot_worker__pb2.PrepareStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
