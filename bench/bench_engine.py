@@ -64,12 +64,13 @@ def measure(engine: str, checkpoint: str, prefill_len: int, decode_steps: int, b
         res["decode_tok_s"] = {}
         for b in batches:
             _, state = model.forward(torch.tensor([prompt[:8]] * b), model.init_state(b))
-            box = [state]
+            box = [state, state.clone()]  # two buffers, alternating, as the engine's decode lane does
             col = torch.tensor(prompt[:decode_steps]).view(-1, 1).expand(-1, b).contiguous()
 
             def steps():
                 for t in range(decode_steps):
-                    _, box[0] = model.forward(col[t].view(b, 1), box[0])
+                    _, new = model.forward(col[t].view(b, 1), box[0], out=box[1])
+                    box[:] = [new, box[0]]
 
             steps()
             res["decode_tok_s"][str(b)] = b * decode_steps / statistics.median(_timed(steps, 5 if b < 32 else 3))

@@ -176,6 +176,7 @@ class _Lane:
 
     slots: list[_Slot] = field(default_factory=list)
     state: State | None = None
+    spare: State | None = None  # last step's input buffer: the next step writes its output there (no page faults)
 
 
 class Engine:
@@ -396,8 +397,13 @@ class Engine:
 
     def _decode(self, lane: list[_Slot], out: list[tuple[Turn, TurnEvent]]) -> None:
         tokens = torch.tensor([[s.feed.pop(0)] for s in lane], dtype=torch.long, device=self.model.device)
-        logits, state = self.model.forward(tokens, self._lane_state(lane))  # (B, V)
-        self._lane = _Lane(list(lane), state)
+        current = self._lane_state(lane)
+        spare = self._lane.spare
+        if spare is not None and (spare.batch_size != current.batch_size or spare is current):
+            spare = None
+        logits, state = self.model.forward(tokens, current, out=spare)  # (B, V)
+        # The input buffer is the engine's own (built by cat, or last step's output), so it can be written next step.
+        self._lane = _Lane(list(lane), state, spare=current)
         if self.on_decode is not None:
             self.on_decode(len(lane))
         for slot in lane:

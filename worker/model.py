@@ -242,7 +242,8 @@ class RWKV5:
             if name == "emb.weight" and not trainable:
                 p[name] = t  # stays in host memory, see below
                 continue
-            p[name] = t.to(device=self.device, dtype=torch.float32 if small else dtype)
+            # Small tensors are copied so that nothing keeps the checkpoint's memory mapping alive after loading.
+            p[name] = t.to(device=self.device, dtype=torch.float32 if small else dtype, copy=small)
         # fp16 overflows past 65504: like the reference, divide the outputs that feed the residual stream by
         # 2^(layer // 6) in the weights and multiply back in fp32 (exact in powers of two).
         scales = [float(2 ** (i // 6)) if dtype == torch.float16 else 1.0 for i in range(cfg.n_layer)]
@@ -268,6 +269,9 @@ class RWKV5:
         self.ffn = [ChannelMix(p, i, scales[i], pack=not trainable) for i in range(cfg.n_layer)]
         self.ln_out = (p["ln_out.weight"], p["ln_out.bias"])
         self.head = Linear(p["head.weight"], pack=not trainable)  # (V, D)
+        if not trainable:  # the matrices now live in the Linears and self.emb: let go of the file's mapped views
+            for name in [k for k, v in p.items() if v.dim() >= 2 and "time_" not in k]:
+                del p[name]
         self.grad_checkpoint = False  # trainable only: recompute each block in backward to save activation memory
 
     @classmethod
@@ -292,15 +296,22 @@ class RWKV5:
         return State(z(c.n_layer, batch_size, c.n_embd), z(c.n_layer, batch_size, c.n_head, c.head_size, c.head_size),
                      z(c.n_layer, batch_size, c.n_embd))
 
-    def forward(self, tokens: torch.Tensor, state: State, *, all_logits: bool = False) -> tuple[torch.Tensor, State]:
+    def forward(self, tokens: torch.Tensor, state: State, *, all_logits: bool = False,
+                out: State | None = None) -> tuple[torch.Tensor, State]:
         """Run B sessions over T tokens each. tokens: (B, T) int64; returns fp32 logits (B, V), or (B, T, V) with
-        `all_logits`, and the new state (the input state is not modified). A trainable model records autograd."""
-        if self.trainable:
-            return self._forward(tokens, state, all_logits)
-        with torch.inference_mode():
-            return self._forward(tokens, state, all_logits)
+        `all_logits`, and the new state (the input state is not modified). A trainable model records autograd.
 
-    def _forward(self, tokens: torch.Tensor, state: State, all_logits: bool) -> tuple[torch.Tensor, State]:
+        `out`: a state of the same shapes to write the new state into (and return). A batch of 32 sessions has
+        ~80 MB of state at D=768; a fresh buffer every step costs ~20 ms of page faults, so a decode loop keeps two
+        buffers and alternates (see worker/engine.py)."""
+        if out is not None and (out is state or any(o.shape != t.shape for o, t in zip(out.tensors(), state.tensors()))):
+            raise ValueError("out must be a distinct state of the same shapes as state")
+        if self.trainable:
+            return self._forward(tokens, state, all_logits, None)
+        with torch.inference_mode():
+            return self._forward(tokens, state, all_logits, out)
+
+    def _forward(self, tokens: torch.Tensor, state: State, all_logits: bool, out: State | None) -> tuple[torch.Tensor, State]:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -316,7 +327,7 @@ class RWKV5:
             x = F.layer_norm(x, (D,), *self.ln0)
             x, new = self._blocks_autograd(x, state)
         else:
-            new = State(*(torch.empty_like(t) for t in state.tensors()))  # written layer by layer, no stacking copy
+            new = out or State(*(torch.empty_like(t) for t in state.tensors()))  # written layer by layer, no stacking
             for i in range(self.config.n_layer):
                 x, *_ = self._block(i, x, state, new)
         if not all_logits:
