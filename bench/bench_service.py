@@ -5,8 +5,11 @@ Four measurements on a random-init checkpoint (default L12 D768; `--shape`, or `
      directly (worker.engine in a process of its own, same model, concurrency, prompt and max_tokens; greedy,
      stop token banned so every reply runs to max_tokens);
   2. latency of turn 100 against turn 1 of one session (same prompt, same max_tokens);
-  3. state save + load through the store's real path (lease, compare-and-set commit, release, load) against a
-     raw Redis SET + GET of the same bytes, at the 12B state size and at the benchmark model's;
+  3. state save + load through the store calls a worker's turn makes (`begin_turn`: lease + meta + state bytes in
+     one round trip, as on a cache miss; `commit_and_release`: staging SET + compare-and-set script that also
+     releases the lease, pipelined) against a raw Redis SET + GET of the same bytes, at the 12B state size and at
+     the benchmark model's (`--only store` runs just this, on a redis-server of its own, and updates the JSON's
+     store section in place);
   4. time to first token and inter-token latency (p50/p99) at 1, 8 and 32 concurrent sessions.
 
 The processes are the real ones (`service.stack.Stack`: redis-server, `worker.server`, `service.server`); the
@@ -299,8 +302,12 @@ async def turn_series(service: Service, turns: int, max_tokens: int, paired: int
 
 
 async def state_io(store: Any, shape: dict, reps: int) -> dict:
-    """Store path (lease, CAS commit, release, load) vs raw SET + GET of the same record, interleaved;
-    plus the record's (de)serialization, which a worker runs around the store path."""
+    """The store calls of a worker's turn (worker/runner.py `_session_turn`, cache miss) vs raw SET + GET of the
+    same record, interleaved; plus the record's (de)serialization, which a worker runs around the store path.
+
+    A turn: begin_turn (lease + meta + state, one round trip), the engine, commit_and_release (one round trip).
+    Here a save + load is a commit_and_release followed by the next turn's begin_turn, whose lease the following
+    repetition commits on, so each repetition times exactly the two calls of a turn."""
     import torch
 
     from worker.state import State, state_from_bytes, state_to_bytes
@@ -315,8 +322,8 @@ async def state_io(store: Any, shape: dict, reps: int) -> dict:
     sid, raw_key = meta.session_id, f"bench:raw:{meta.session_id}"
     r = store.redis
     version = 0
-    samples: dict[str, list[float]] = {k: [] for k in
-                                       ("raw", "store", "lease", "commit", "release", "load", "to_bytes", "from_bytes")}
+    samples: dict[str, list[float]] = {k: [] for k in ("raw", "store", "commit", "begin", "to_bytes", "from_bytes")}
+    lease, _, _ = await store.begin_turn(sid, 30_000, holder="bench")
 
     async def raw() -> None:
         t = time.perf_counter()
@@ -326,18 +333,14 @@ async def state_io(store: Any, shape: dict, reps: int) -> dict:
         assert len(got) == len(data)
 
     async def through_store() -> None:
-        nonlocal version
+        nonlocal version, lease
         t = [time.perf_counter()]
-        lease = await store.acquire_lease(sid, 30_000)
+        version = await store.commit_and_release(lease, version, data, state_tokens=1)  # the turn's save
         t.append(time.perf_counter())
-        version = await store.commit_state(lease, version, data, state_tokens=1)
-        t.append(time.perf_counter())
-        await store.release_lease(lease)
-        t.append(time.perf_counter())
-        stored, got = await store.load_state(sid)
+        lease, stored, got = await store.begin_turn(sid, 30_000, holder="bench")  # the next turn's load
         t.append(time.perf_counter())
         assert stored.version == version and got is not None and len(got) == len(data)
-        for name, a, b in zip(("lease", "commit", "release", "load"), t, t[1:]):
+        for name, a, b in zip(("commit", "begin"), t, t[1:]):
             samples[name].append(b - a)
         samples["store"].append(t[-1] - t[0])
 
@@ -354,6 +357,7 @@ async def state_io(store: Any, shape: dict, reps: int) -> dict:
         t = time.perf_counter()
         state_from_bytes(data, fingerprint)
         samples["from_bytes"].append(time.perf_counter() - t)
+    await store.release_lease(lease)
     await store.delete_session(sid)
     await r.delete(raw_key)
     return {"record_bytes": len(data), "state_bytes": state.nbytes, "median_s": {k: statistics.median(v)
@@ -464,12 +468,7 @@ def summarize(cfg: dict, raw: dict) -> dict:
         f"ttft_turn_{n}_ms": statistics.median(s["ttft_s"][-1] for s in series) * 1e3,
         "session_redis_bytes": series[0]["session_redis_bytes"],
     }
-    state = {}
-    for name, res in raw["state_io"].items():
-        med = res["median_s"]
-        state[name] = {"record_bytes": res["record_bytes"], "state_bytes": res["state_bytes"],
-                       **{f"{k}_ms": v * 1e3 for k, v in med.items()}, "ratio": med["store"] / med["raw"],
-                       "raw_gb_s": 2 * res["record_bytes"] / med["raw"] / 1e9}
+    state = summarize_state(raw["state_io"])
     ratios = {f"throughput_front_vs_engine@{c}": v["ratio_paired"] for c, v in thr.items()}
     ratios[f"turn_{n}_vs_turn_1"] = turns["ratio_paired"]
     ratios.update({f"state_store_vs_raw@{name}": v["ratio"] for name, v in state.items()})
@@ -534,15 +533,7 @@ def print_report(cfg: dict, summary: dict, model: dict, out: Path) -> None:
               f"{tu['slope_ms_per_turn']:+.3f}", f"{mem.get('1', 0):,} / {mem.get(str(n), 0):,}")
     c.print(t)
 
-    t = Table(title="State save + load (ms, medians): store path vs raw SET+GET of the same record")
-    for col in ("state", "record bytes", "raw SET+GET", "store total", "lease", "commit", "release", "load",
-                "ratio", "to_bytes", "from_bytes"):
-        t.add_column(col, justify="right")
-    for name, v in summary["state_io"].items():
-        t.add_row(name, f"{v['record_bytes']:,}", f"{v['raw_ms']:.2f}", f"{v['store_ms']:.2f}", f"{v['lease_ms']:.2f}",
-                  f"{v['commit_ms']:.2f}", f"{v['release_ms']:.2f}", f"{v['load_ms']:.2f}", f"{v['ratio']:.2f}",
-                  f"{v['to_bytes_ms']:.2f}", f"{v['from_bytes_ms']:.2f}")
-    c.print(t)
+    print_state_io(c, summary["state_io"])
 
     t = Table(title="CPU ms per generated token, by process (medians)")
     procs = ["engine", "worker", "front", "client", "redis"]
@@ -560,6 +551,84 @@ def print_report(cfg: dict, summary: dict, model: dict, out: Path) -> None:
     c.print(f"JSON: {out}")
 
 
+def print_state_io(c: Any, state_io: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="State save + load (ms, medians): a turn's store calls vs raw SET+GET of the same record")
+    for col in ("state", "record bytes", "raw SET+GET", "store total", "commit_and_release", "begin_turn",
+                "ratio", "to_bytes", "from_bytes"):
+        t.add_column(col, justify="right")
+    for name, v in state_io.items():
+        t.add_row(name, f"{v['record_bytes']:,}", f"{v['raw_ms']:.2f}", f"{v['store_ms']:.2f}", f"{v['commit_ms']:.2f}",
+                  f"{v['begin_ms']:.2f}", f"{v['ratio']:.2f}", f"{v['to_bytes_ms']:.2f}", f"{v['from_bytes_ms']:.2f}")
+    c.print(t)
+
+
+def summarize_state(raw_state_io: dict) -> dict:
+    state = {}
+    for name, res in raw_state_io.items():
+        med = res["median_s"]
+        state[name] = {"record_bytes": res["record_bytes"], "state_bytes": res["state_bytes"],
+                       **{f"{k}_ms": v * 1e3 for k, v in med.items()}, "ratio": med["store"] / med["raw"],
+                       "raw_gb_s": 2 * res["record_bytes"] / med["raw"] / 1e9}
+    return state
+
+
+async def bench_store(cfg: dict, n_layer: int, n_embd: int) -> dict:
+    """Section 3 alone: a redis-server of its own, no model (the state is random; a random checkpoint's heads are
+    64 wide, so the model's state shape follows from --shape)."""
+    from service.stack import EmbeddedRedis
+    from worker.store import StateStore
+
+    with contextlib.redirect_stdout(sys.stderr):
+        redis = EmbeddedRedis.start()
+    store = StateStore.from_url(redis.url)
+    out: dict[str, Any] = {}
+    try:
+        model = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_embd // 64, "head_size": 64}
+        for name, shape, reps in (("12B", STATE_12B, cfg["state_reps_12b"]),
+                                  ("bench model", model, cfg["state_reps_model"])):
+            out[name] = await state_io(store, shape, reps)
+            med = out[name]["median_s"]
+            print(f"[bench_service] state {name}: raw {med['raw'] * 1e3:.2f} ms, store {med['store'] * 1e3:.2f} ms",
+                  file=sys.stderr, flush=True)
+    finally:
+        await store.close()
+        with contextlib.redirect_stdout(sys.stderr):
+            redis.stop()
+    return out
+
+
+def store_only(cfg: dict, n_layer: int, n_embd: int, out: Path) -> None:
+    """Runs section 3 and replaces the store section of `out` (other sections kept as they are)."""
+    from rich.console import Console
+
+    started, load_before = time.perf_counter(), os.getloadavg()
+    raw = asyncio.run(bench_store(cfg, n_layer, n_embd))
+    state = summarize_state(raw)
+    report = json.loads(out.read_text()) if out.exists() else {"summary": {"ratios": {}}, "raw": {}}
+    report["summary"]["state_io"] = state
+    report["summary"]["ratios"].update({f"state_store_vs_raw@{name}": v["ratio"] for name, v in state.items()})
+    report["raw"]["state_io"] = {name: {k: v for k, v in res.items() if k != "samples_s"} for name, res in raw.items()}
+    report["state_io_run"] = {  # the store section comes from a run of its own
+        "config": {"shape": f"{n_layer}x{n_embd}", "state_reps_model": cfg["state_reps_model"],
+                   "state_reps_12b": cfg["state_reps_12b"]},
+        "code": checkout(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                    "duration_s": time.perf_counter() - started},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    c = Console(width=150)
+    print_state_io(c, state)
+    for name, v in state.items():
+        ok = v["ratio"] <= GOALS["state_io"]
+        c.print(f"state_store_vs_raw@{name}: {v['ratio']:.2f} (goal <= {GOALS['state_io']}) "
+                f"{'[green]met[/green]' if ok else '[red]missed[/red]'}")
+    c.print(f"JSON: {out}")
+
+
 def main(
     shape: str = typer.Option("12x768", help="n_layer x n_embd of the random checkpoint"),
     quick: bool = typer.Option(False, help="a small model (2x128), one round, shorter replies: a fast smoke run"),
@@ -572,6 +641,7 @@ def main(
     state_reps: int = typer.Option(15, help="interleaved repetitions of the state save + load at the model's size"),
     torch_threads: int = typer.Option(0, help="intra-op threads of the worker and the engine (0: torch's default)"),
     out: Path = typer.Option(RESULTS / "service.json"),
+    only: str = typer.Option("", help="'store': only the state save + load section (updates that section of --out)"),
     engine_child_ckpt: str = typer.Option("", "--engine-child", hidden=True),
     max_batch: int = typer.Option(32, hidden=True),
 ) -> None:
@@ -586,6 +656,11 @@ def main(
            "turn_max_tokens": turn_max_tokens, "paired": paired, "torch_threads": torch_threads,
            "concurrency": [int(c) for c in concurrency.split(",")],
            "state_reps_model": state_reps, "state_reps_12b": max(3, state_reps // 3), "prompt": PROMPT}
+    if only:
+        if only != "store":
+            raise typer.BadParameter("--only takes 'store'")
+        store_only(cfg, n_layer, n_embd, out)
+        return
     from worker.checkpoint import make_random_checkpoint
 
     ckpt = ROOT / "bench" / ".cache" / f"random-L{n_layer}-D{n_embd}-fp32.pth"

@@ -176,13 +176,18 @@ class TurnRunner:
             yield self._ended(event, meta.version, meta.state_tokens) if isinstance(event, Finished) else event
 
     async def _session_turn(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
-        lease = await self.store.acquire_lease(turn.session_id, self.config.lease_ms, holder=self.config.worker_id)
+        # Two store round trips per turn: the lease with the session's meta (and, unless the local cache should
+        # hit, its state bytes) in one, the commit with the lease's release in the other.
+        sid = turn.session_id
+        lease, meta, data = await self.store.begin_turn(sid, self.config.lease_ms, holder=self.config.worker_id,
+                                                        with_state=not self._cached(sid))
         renewal = asyncio.create_task(self._keep_lease(lease))
         released = False
         try:
-            meta = await self._meta(turn)
+            self._check_meta(turn, meta)
             with self.telemetry.span("state.load", self.telemetry.state_load, session_id=meta.session_id):
-                state, consumed = await self._session_state(meta)
+                state, consumed = await self._session_state(meta, data)
+            del data  # the decoded state is all that is needed now
             request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
             async for event in self._generate(request, deadline, renewal):
                 if not isinstance(event, Finished):
@@ -190,22 +195,36 @@ class TurnRunner:
                     continue
                 if event.state is None:  # cancelled: the stored state stays as it was
                     ended = self._ended(event, meta.version, meta.state_tokens)
+                    released = True
+                    await self._release(lease, renewal)
                 else:
-                    ended = self._ended(event, await self._commit(lease, meta, event))
-                # Commit, release, and only then turn_end: a client that sends its next turn the moment it
-                # sees this one end must find the session free.
-                released = True
-                await self._release(lease, renewal)
+                    # Commit and release in one call, and only then turn_end: a client that sends its next turn
+                    # the moment it sees this one end must find the session free. (If the commit fails, the
+                    # finally below releases the lease: a no-op when the commit script already did.)
+                    version = await self._commit(lease, meta, event)
+                    released = True
+                    self._stop_renewal(renewal)
+                    ended = self._ended(event, version)
                 yield ended
         finally:
             if not released:
                 await self._release(lease, renewal)
 
+    def _cached(self, sid: str) -> bool:
+        """Whether the local cache holds some version of sid (then the turn skips the state read, betting on a
+        hit; a miss costs one more round trip)."""
+        return sid in getattr(self.cache, "_entries", {})
+
+    @staticmethod
+    def _stop_renewal(renewal: asyncio.Task[None]) -> None:
+        if renewal.done() and not renewal.cancelled():
+            renewal.exception()  # retrieved: it already surfaced through _next as LeaseLost (or lost the race
+            # with the commit that released the lease)
+        renewal.cancel()
+
     async def _release(self, lease: Lease, renewal: asyncio.Task[None]) -> None:
         """Stops renewing the lease and releases it (it expires on its own if Redis cannot be reached)."""
-        if renewal.done() and not renewal.cancelled():
-            renewal.exception()  # retrieved: it already surfaced through _next as LeaseLost
-        renewal.cancel()
+        self._stop_renewal(renewal)
         try:
             # Shielded: a call cancelled now (its deadline, the client gone) must still let the lease go, or the
             # session stays busy until the lease's TTL.
@@ -216,7 +235,9 @@ class TurnRunner:
     # ---- steps ------------------------------------------------------------------------------------------
 
     async def _meta(self, turn: TurnInput) -> SessionMeta:
-        meta = await self.store.get_session(turn.session_id)
+        return self._check_meta(turn, await self.store.get_session(turn.session_id))
+
+    def _check_meta(self, turn: TurnInput, meta: SessionMeta) -> SessionMeta:
         if meta.model != self.config.model_id:
             raise InvalidArgument(f"session {meta.session_id} runs on model {meta.model!r}, "
                                   f"this worker serves {self.config.model_id!r}")
@@ -225,14 +246,18 @@ class TurnRunner:
                                   f"not {turn.expected_version}")
         return meta
 
-    async def _session_state(self, meta: SessionMeta) -> tuple[State | None, int]:
-        """The session's state at meta.version on the model's device, and the tokens it has consumed."""
+    async def _session_state(self, meta: SessionMeta, prefetched: bytes | None = None) -> tuple[State | None, int]:
+        """The session's state at meta.version on the model's device, and the tokens it has consumed.
+
+        `prefetched`: the state bytes at meta.version, when the caller read them along with meta."""
         cached = self.cache.get(meta.session_id, meta.version)
         if cached is not None:
             state, consumed = cached
             return await asyncio.to_thread(state.to, self.model.device), consumed
         if meta.version == 0:
             return await self._initial_state(meta)
+        if prefetched is not None:
+            return await self._decode(prefetched, f"session {meta.session_id}")
         stored, data = await self.store.load_state(meta.session_id)
         if stored.version != meta.version:
             raise VersionConflict(f"session {meta.session_id} moved to version {stored.version}")
@@ -346,7 +371,8 @@ class TurnRunner:
         with self.telemetry.span("state.commit", self.telemetry.state_commit, session_id=meta.session_id) as span:
             host = await asyncio.to_thread(state.to, "cpu")
             data = await asyncio.to_thread(state_to_bytes, host, self.model.fingerprint, finished.tokens_consumed)
-            version = await self.store.commit_state(lease, meta.version, data, state_tokens=finished.tokens_consumed)
+            version = await self.store.commit_and_release(lease, meta.version, data,
+                                                          state_tokens=finished.tokens_consumed)
             span.set_attribute("rwkv.state_bytes", len(data))
             span.set_attribute("rwkv.state_version", version)
         self.telemetry.state_size.record(len(data))

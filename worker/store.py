@@ -220,6 +220,17 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 return 1
 """
 
+# KEYS: meta, state, lease. ARGV: token, lease ms. _ACQUIRE that also returns the meta hash, so a turn's lease and
+# its session read are one round trip: {1, {field, value, ...}} (acquired), {0} (busy), {-1} (no such session).
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+local ttl = redis.call('HGET', KEYS[1], 'ttl')
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {1, redis.call('HGETALL', KEYS[1])}
+"""
+
 # KEYS: lease. ARGV: token, lease ms. Returns 1 when still held (and extended), else 0.
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -240,11 +251,14 @@ if token and string.sub(token, 1, string.len(ARGV[1])) == ARGV[1] then return re
 return 0
 """
 
-# KEYS: meta, state, lease, staging. ARGV: token, expected version, now ms, state tokens, turns added.
+# KEYS: meta, state, lease, staging. ARGV: token, expected version, now ms, state tokens, turns added, release
+# ('1': also delete the lease, whatever the outcome, once the token is checked to be ours).
 # Compare-and-set: the staged bytes become the state only if the lease is still ours and the version is the
 # expected one; a stale worker can never overwrite a newer state. RENAME is O(1) whatever the state's size.
-# Returns {new version} or {-1} (lease lost), {-2} (session gone), {-3, current version}.
+# Returns {new version} or {-1} (lease lost), {-2} (session gone), {-3, current version}, {-4} (staging gone).
 _COMMIT = """
+local ours = redis.call('GET', KEYS[3]) == ARGV[1]
+if ours and ARGV[6] == '1' then redis.call('DEL', KEYS[3]) end
 local function fail(code, extra)
   redis.call('DEL', KEYS[4])
   if extra then return {code, extra} end
@@ -252,7 +266,7 @@ local function fail(code, extra)
 end
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return fail(-2) end
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return fail(-1) end
+if not ours then return fail(-1) end
 if tonumber(version) ~= tonumber(ARGV[2]) then return fail(-3, tonumber(version)) end
 if redis.call('EXISTS', KEYS[4]) == 0 then return fail(-4) end
 local new_version = tonumber(version) + 1
@@ -321,6 +335,7 @@ class StateStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._commit = client.register_script(_COMMIT)
+        self._begin = client.register_script(_BEGIN)
         self._fork = client.register_script(_FORK)
         self._break = client.register_script(_BREAK)
 
@@ -536,6 +551,49 @@ class StateStore:
             raise SessionBusy(f"session {sid} is running another turn")
         return lease
 
+    async def begin_turn(self, sid: str, ttl_ms: int, holder: str = "", *, with_state: bool = True
+                         ) -> tuple[Lease, SessionMeta, bytes | None]:
+        """acquire_lease + get_session (+ the state bytes' GET when with_state) in one round trip.
+
+        The lease script (take the lease, refresh the TTL, return the meta hash) and a GET of the state are
+        pipelined: the GET runs right after the script, while this caller holds the lease, so no commit can come
+        between them (every commit checks the lease token) and the bytes are those of meta.version. Without
+        with_state (a caller that expects its local cache to hit), or at version 0, the bytes are None.
+        SessionNotFound / SessionBusy as acquire_lease."""
+        token = secrets.token_hex(16)
+        lease = Lease(sid, f"{_check_name('lease holder', holder)}|{token}" if holder else token, ttl_ms)
+        meta_key, state_key, lease_key = self._keys(sid)
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(self._begin.sha, 3, meta_key, state_key, lease_key, lease.token, ttl_ms)
+            if with_state:
+                pipe.get(state_key)
+
+        result, *data = await self._run_with_script(self._begin, build)
+        if result[0] == -1:
+            raise SessionNotFound(f"session {sid} not found")
+        if result[0] == 0:
+            raise SessionBusy(f"session {sid} is running another turn")
+        fields = result[1]
+        meta = SessionMeta.from_hash(sid, dict(zip(fields[::2], fields[1::2])))
+        return lease, meta, (data[0] if data and meta.version > 0 else None)
+
+    async def _run_with_script(self, script: Any, build: Any) -> list[Any]:
+        """Runs the commands `build` queues on a plain (non-transaction) pipeline, one of them an EVALSHA of
+        `script`: one round trip. (redis-py's own script-in-pipeline support sends SCRIPT EXISTS first, every
+        time: a round trip more.) When Redis does not know the script (a restart, SCRIPT FLUSH) it is loaded and
+        the pipeline run once more: every command queued here must be safe to repeat."""
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    return await pipe.execute()
+                except redis.exceptions.NoScriptError:
+                    if attempt:
+                        raise
+            script.sha = await self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
+
     async def renew_lease(self, lease: Lease) -> None:
         """Extends the lease by its TTL; LeaseLost when it expired or was taken over."""
         if not await self._renew(keys=[self.session_key(lease.session_id, "lease")], args=[lease.token, lease.ttl_ms]):
@@ -576,20 +634,33 @@ class StateStore:
     ) -> int:
         """Stores data as the state at expected_version + 1 if the lease is still held and nobody committed
         since expected_version (compare-and-set). Returns the new version; LeaseLost / VersionConflict /
-        SessionNotFound otherwise, and the stored state is untouched."""
+        SessionNotFound otherwise, and the stored state is untouched. The lease stays held."""
+        return await self._commit_pipeline(lease, expected_version, data, state_tokens, turns, release=False)
+
+    async def commit_and_release(
+        self, lease: Lease, expected_version: int, data: bytes, *, state_tokens: int, turns: int = 1
+    ) -> int:
+        """commit_state + release_lease in one round trip (the staging SET and the compare-and-set script,
+        pipelined; the script deletes the lease after checking its token). Same checks and errors as
+        commit_state; the lease is let go whatever the outcome, if it was still this holder's. When this raises
+        StoreUnavailable the commit may or may not have happened: release_lease stays safe to call."""
+        return await self._commit_pipeline(lease, expected_version, data, state_tokens, turns, release=True)
+
+    async def _commit_pipeline(self, lease: Lease, expected_version: int, data: bytes, state_tokens: int,
+                               turns: int, *, release: bool) -> int:
         sid = lease.session_id
         meta_key, state_key, lease_key = self._keys(sid)
         staging = self.session_key(sid, f"staging:{lease.token}")
+
         # One round trip: the bytes go to a staging key with a plain SET (no copy through Lua), then the
-        # script renames it onto the state if the checks pass.
-        async with self.redis.pipeline(transaction=False) as pipe:
+        # script renames it onto the state if the checks pass. (Repeating both, as on NOSCRIPT, is safe: the
+        # SET rewrites the same staging key, and the script has not run.)
+        def build(pipe: Any) -> None:
             pipe.set(staging, data, px=STAGING_TTL_MS)
-            await self._commit(  # queued on the pipeline, not run yet
-                keys=[meta_key, state_key, lease_key, staging],
-                args=[lease.token, expected_version, now_ms(), state_tokens, turns],
-                client=pipe,
-            )
-            _, result = await pipe.execute()
+            pipe.evalsha(self._commit.sha, 4, meta_key, state_key, lease_key, staging, lease.token,
+                         expected_version, now_ms(), state_tokens, turns, "1" if release else "0")
+
+        _, result = await self._run_with_script(self._commit, build)
         if result[0] == -1:
             raise LeaseLost(f"lease on session {sid} was lost; state not committed")
         if result[0] == -2:
