@@ -520,3 +520,7 @@ class StateCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, sid: str) -> bool:
+        """Whether some version of sid is cached (which one is checked by get())."""
+        return sid in self._entries

@@ -213,7 +213,7 @@ class TurnRunner:
     def _cached(self, sid: str) -> bool:
         """Whether the local cache holds some version of sid (then the turn skips the state read, betting on a
         hit; a miss costs one more round trip)."""
-        return sid in getattr(self.cache, "_entries", {})
+        return self.cache is not None and sid in self.cache
 
     @staticmethod
     def _stop_renewal(renewal: asyncio.Task[None]) -> None:
