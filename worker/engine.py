@@ -281,22 +281,32 @@ class Engine:
             self._task = asyncio.get_running_loop().create_task(self.run(), name="rwkv-engine")
 
     async def run(self) -> None:
-        """Steps while there is work; sleeps on an event otherwise. Events are delivered on this loop."""
+        """Sleeps on an event while idle; otherwise the engine thread steps until idle. Events are delivered on
+        this loop."""
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
-            self._wakeup.clear()
-            while not self.idle:
-                try:
-                    deliveries = await loop.run_in_executor(self._executor, self.step_sync)
-                except Exception as exc:  # a bug or e.g. out of device memory: fail this batch, keep serving
-                    log.exception("engine step failed; failing the %d turns in the batch", len(self._slots))
-                    deliveries = self._fail_batch(exc)
-                self._deliver(deliveries)
+            self._wakeup.clear()  # a submit() from now on sets it again, so no wake-up is lost
+            await loop.run_in_executor(self._executor, self._step_until_idle, loop)
+
+    def _step_until_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Engine thread: step back to back while there is work, handing each step's events to the event loop.
+        The next step starts without waiting for the loop to be scheduled (it was idle ~15% of the time when
+        every step went through run_in_executor)."""
+        while not self.idle:
+            try:
+                deliveries = self.step_sync()
+            except Exception as exc:  # a bug or e.g. out of device memory: fail this batch, keep serving
+                log.exception("engine step failed; failing the %d turns in the batch", len(self._slots))
+                deliveries = self._fail_batch(exc)
+            try:
+                loop.call_soon_threadsafe(self._deliver, deliveries)
+            except RuntimeError:  # the event loop is closed: nobody is left to deliver to
+                return
 
     def _fail_batch(self, exc: Exception) -> list[tuple[Turn, TurnEvent | Exception]]:
-        """Drops every admitted turn (the engine thread is idle: its step raised); waiting turns go on."""
+        """Drops every admitted turn (engine thread, after its step raised); waiting turns go on."""
         failed, self._slots, self._lane = self._slots, [], _Lane()
         error = RuntimeError(f"engine step failed: {exc!r}")
         return [(slot.turn, error) for slot in failed]
