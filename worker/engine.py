@@ -126,6 +126,15 @@ class Turn:
             raise event
         return event
 
+    def poll(self) -> TurnEvent | None:
+        """The next event if one is already delivered (None otherwise); raises like next_event()."""
+        if self._events.empty():
+            return None
+        event = self._events.get_nowait()
+        if isinstance(event, BaseException):
+            raise event
+        return event
+
     async def __aiter__(self) -> AsyncIterator[TurnEvent]:
         while True:
             event = await self.next_event()

@@ -9,6 +9,7 @@ the stored state bytes, or, before the first turn, the preset plus the template'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -116,18 +117,21 @@ class TurnRunner:
             events = self._ephemeral(turn, deadline)
         else:
             events = self._session_turn(turn, deadline)
-        with self.telemetry.turn_span(session_id=turn.session_id, turn_id=turn.turn_id, kind=turn.kind.value,
-                                      model=self.config.model_id, worker_id=self.config.worker_id) as watch:
-            if watch.text is not None:
-                log.debug("turn %s input: %r", turn.turn_id, turn.text)
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    watch.delta(len(event.token_ids), event.text)
-                elif isinstance(event, TurnEnded):
-                    watch.ended(event.prompt_tokens, event.generated_tokens, event.reason.value)
-                    if watch.text is not None:
-                        log.debug("turn %s reply: %r", turn.turn_id, "".join(watch.text))
-                yield event
+        # aclosing: when the caller stops early (client cancel, disconnect), the inner generator's finally (which
+        # frees the batch slot and the lease) runs now, not whenever the garbage collector reaches it.
+        async with contextlib.aclosing(events):
+            with self.telemetry.turn_span(session_id=turn.session_id, turn_id=turn.turn_id, kind=turn.kind.value,
+                                          model=self.config.model_id, worker_id=self.config.worker_id) as watch:
+                if watch.text is not None:
+                    log.debug("turn %s input: %r", turn.turn_id, turn.text)
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        watch.delta(len(event.token_ids), event.text)
+                    elif isinstance(event, TurnEnded):
+                        watch.ended(event.prompt_tokens, event.generated_tokens, event.reason.value)
+                        if watch.text is not None:
+                            log.debug("turn %s reply: %r", turn.turn_id, "".join(watch.text))
+                    yield event
 
     async def prepare_state(self, source: str, data: bytes) -> PreparedState:
         """An uploaded preset state checked against this model, as a state record (nothing is stored here).
@@ -340,6 +344,11 @@ class TurnRunner:
             turn.cancel()  # no-op once finished; otherwise frees the batch slot within one step
 
     async def _next(self, turn: Turn, deadline: float | None, renewal: asyncio.Task[None] | None) -> Delta | Finished:
+        # Fast path (a backlog of delivered events): no task and no asyncio.wait per token, same checks.
+        if (renewal is None or not renewal.done()) and (deadline is None or time.monotonic() < deadline):
+            ready = turn.poll()
+            if ready is not None:
+                return ready
         waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(turn.next_event())}
         if renewal is not None:
             waiters.add(renewal)
