@@ -22,3 +22,6 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# The native CPU matmul kernels: built once here (~20 s) rather than by the first worker; a failure only warns
+# (the engine then uses oneDNN / torch and logs why).
+python -m worker.cpu_kernels || true

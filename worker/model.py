@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from worker import cpu_kernels
 from worker.state import State
 
 HEAD_SIZE_DIVISOR = 8  # RWKV-5 trains with head_size_divisor 8: GroupNorm eps 1e-5 on y/8 == eps 64e-5 on y
@@ -42,24 +43,53 @@ class RWKV5Config:
         return 4 * self.n_layer * (2 * self.n_embd + self.n_head * self.head_size**2)
 
 
-class Linear:
-    """y = x W^T in the weight's dtype, returned in fp32. On CPU the weight is prepacked for oneDNN, which reads it
-    at close to memory bandwidth for one token (1.3-2x `F.linear` here: see bench/); elsewhere plain `F.linear`."""
+KERNELS = ("auto", "native", "onednn", "torch")  # how a CPU model multiplies by its weights (see Linear)
 
-    def __init__(self, weight: torch.Tensor, pack: bool = True):  # (out, in), nn.Linear layout as in the checkpoint
+
+class Linear:
+    """y = x W^T, returned in fp32. On CPU the weight is repacked once for the kernel chosen (`kernel`):
+    - "native": worker/csrc/cpu_kernels.cpp (AVX2+FMA, fp32/bf16/fp16 weights, fp32 x and accumulation). It reads the
+      weights at ~90% of the memory bandwidth for one token and runs bf16 GEMMs ~6x faster than torch here;
+    - "onednn": oneDNN's prepacked linear (fp32; bf16 only where the CPU has AVX512-BF16);
+    - "torch": plain `F.linear` (GPUs, training, and anything the others cannot take).
+    "auto" picks the first that works, in that order."""
+
+    def __init__(self, weight: torch.Tensor, kernel: str = "auto"):  # (out, in), nn.Linear layout as in the checkpoint
         self.dtype, self.shape = weight.dtype, tuple(weight.shape)
-        self.weight, self.packed = weight, None
-        if pack and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok(weight.dtype):
+        self.kernel = choose_kernel(weight, kernel)
+        self.weight = None  # whichever copy the kernel needs replaces the checkpoint's: one copy of the weights in RAM
+        if self.kernel == "native":
+            self.packed = cpu_kernels.pack(weight)  # (O/16, in, 16)
+        elif self.kernel == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
-            self.weight = None  # the packed copy replaces it: one copy of the weights in RAM
+        else:
+            self.weight, self.packed = weight, None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).to(self.dtype)
-        if self.packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if self.kernel == "native":
+            y = cpu_kernels.linear(x.float().contiguous(), self.packed, self.shape[0])
+        elif self.kernel == "onednn":
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype).contiguous(), self.packed, None, "none", [], "")
         else:
-            y = F.linear(x, self.weight)
+            y = F.linear(x.to(self.dtype), self.weight)
         return y.float().view(*lead, self.shape[0])
+
+
+def choose_kernel(weight: torch.Tensor, requested: str = "auto") -> str:
+    """The kernel a Linear over `weight` uses: `requested` when it can run here, else the next in Linear's order."""
+    if requested not in KERNELS:
+        raise ValueError(f"unknown kernel {requested!r}; expected one of {KERNELS}")
+    if weight.device.type != "cpu" or requested == "torch":
+        return "torch"
+    if requested in ("auto", "native") and weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if cpu_kernels.available():
+            return "native"
+        if requested == "native":
+            raise RuntimeError(f"native CPU kernels unavailable: {cpu_kernels.why_unavailable()}")
+    if weight.dtype in (torch.float32, torch.bfloat16) and _onednn_ok(weight.dtype):
+        return "onednn"
+    return "torch"
 
 
 _ONEDNN: dict[torch.dtype, bool] = {}
@@ -84,11 +114,14 @@ def _onednn_ok(dtype: torch.dtype) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def wkv_step(r, k, v, w, u, s, out=None):
+def wkv_step(r, k, v, w, u, s, out=None, native: bool = False):
     """One token of the WKV recurrence for B sessions. r, k, v: (B, H, N); w, u: (H, N); s: (B, H, N, N) [key, value].
 
     Returns y (B, H, N) and the new state, written into `out` when given (the state is the big tensor at large B:
-    it is read and written once, never materialised as k v^T separately)."""
+    it is never materialised as k v^T separately). `native`: the fused CPU kernel, one pass over the state."""
+    if native:
+        out = torch.empty_like(s) if out is None else out
+        return cpu_kernels.wkv_step(r, k, v, w, u, s, out), out
     B, H, N = r.shape
     y = (r.unsqueeze(-2) @ s).squeeze(-2) + (r * u * k).sum(-1, keepdim=True) * v  # r.(u k v^T + S)
     out = torch.mul(s, w.unsqueeze(-1), out=out)  # w S ...
@@ -147,10 +180,10 @@ def token_shift(xx, shift):
 class TimeMix:
     """RWKV-5.2 attention ("time mixing") of one block."""
 
-    def __init__(self, p: dict[str, torch.Tensor], i: int, cfg: RWKV5Config, scale: float, pack: bool = True):
+    def __init__(self, p: dict[str, torch.Tensor], i: int, cfg: RWKV5Config, scale: float, kernel: str = "auto"):
         self.p, self.a = p, f"blocks.{i}.att."
-        self.rkvg = [Linear(p[self.a + f"{n}.weight"], pack) for n in ("receptance", "key", "value", "gate")]  # 4 x (D, D)
-        self.output = Linear(p[self.a + "output.weight"], pack)  # (D, D), pre-divided by `scale` in fp16 (see RWKV5)
+        self.rkvg = [Linear(p[self.a + f"{n}.weight"], kernel) for n in ("receptance", "key", "value", "gate")]  # 4 x (D, D)
+        self.output = Linear(p[self.a + "output.weight"], kernel)  # (D, D), pre-divided by `scale` in fp16 (see RWKV5)
         self.H, self.N, self.scale = cfg.n_head, cfg.head_size, scale
         self.refresh()
 
@@ -172,7 +205,8 @@ class TimeMix:
         g = F.silu(g)
         heads = lambda z: z.view(B, T, self.H, self.N).transpose(1, 2)  # noqa: E731 - (B, H, T, N)
         if T == 1:
-            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s, s_out)
+            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s, s_out,
+                            native=self.output.kernel == "native")
             y = y.view(B * T, D)
         else:
             y, s = wkv_chunked(heads(r), heads(k), heads(v), self.log_w, self.u, s)
@@ -195,9 +229,9 @@ class TimeMix:
 class ChannelMix:
     """RWKV-5 feed-forward ("channel mixing") of one block."""
 
-    def __init__(self, p: dict[str, torch.Tensor], i: int, scale: float, pack: bool = True):
+    def __init__(self, p: dict[str, torch.Tensor], i: int, scale: float, kernel: str = "auto"):
         self.p, self.f = p, f"blocks.{i}.ffn."
-        self.key, self.value, self.receptance = (Linear(p[self.f + n + ".weight"], pack) for n in ("key", "value", "receptance"))
+        self.key, self.value, self.receptance = (Linear(p[self.f + n + ".weight"], kernel) for n in ("key", "value", "receptance"))
         self.scale = scale
         self.refresh()
 
@@ -226,9 +260,11 @@ class RWKV5:
     """An RWKV-5.2 language model: pure `forward(tokens, state) -> (logits, state)`, B sessions at a time."""
 
     def __init__(self, params: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, fingerprint: bytes | None = None, trainable: bool = False):
+                 dtype: torch.dtype = torch.float32, fingerprint: bytes | None = None, trainable: bool = False,
+                 kernel: str = "auto"):
         """`trainable`: keep every weight as a plain fp32 tensor in `self.params` (the checkpoint's names) that
-        autograd can reach, and derive nothing from them ahead of time; the same forward then trains."""
+        autograd can reach, and derive nothing from them ahead of time; the same forward then trains.
+        `kernel`: how the matrices are multiplied on CPU, one of KERNELS (see Linear); `self.kernel` says which ran."""
         self.config = config_from_params(params)
         self.device, self.dtype, self.trainable = torch.device(device), dtype, trainable
         if trainable and dtype != torch.float32:
@@ -265,10 +301,12 @@ class RWKV5:
         self.ln0 = (p["blocks.0.ln0.weight"], p["blocks.0.ln0.bias"])
         self.ln1 = [(p[f"blocks.{i}.ln1.weight"], p[f"blocks.{i}.ln1.bias"]) for i in range(cfg.n_layer)]
         self.ln2 = [(p[f"blocks.{i}.ln2.weight"], p[f"blocks.{i}.ln2.bias"]) for i in range(cfg.n_layer)]
-        self.att = [TimeMix(p, i, cfg, scales[i], pack=not trainable) for i in range(cfg.n_layer)]
-        self.ffn = [ChannelMix(p, i, scales[i], pack=not trainable) for i in range(cfg.n_layer)]
+        kernel = "torch" if trainable else kernel
+        self.att = [TimeMix(p, i, cfg, scales[i], kernel) for i in range(cfg.n_layer)]
+        self.ffn = [ChannelMix(p, i, scales[i], kernel) for i in range(cfg.n_layer)]
         self.ln_out = (p["ln_out.weight"], p["ln_out.bias"])
-        self.head = Linear(p["head.weight"], pack=not trainable)  # (V, D)
+        self.head = Linear(p["head.weight"], kernel)  # (V, D)
+        self.kernel = self.head.kernel
         if not trainable:  # the matrices now live in the Linears and self.emb: let go of the file's mapped views
             for name in [k for k, v in p.items() if v.dim() >= 2 and "time_" not in k]:
                 del p[name]
@@ -276,12 +314,12 @@ class RWKV5:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, trainable: bool = False) -> RWKV5:
+                        dtype: torch.dtype = torch.float32, trainable: bool = False, kernel: str = "auto") -> RWKV5:
         """Load an official BlinkDL RWKV-5.2 `.pth` (fp32/fp16/bf16) without holding two full copies in RAM."""
         params = read_checkpoint(path)
         if trainable:  # own, writable fp32 copies (not views of the read-only mapping)
             params = {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in params.items()}
-        return cls(params, device=device, dtype=dtype, trainable=trainable)
+        return cls(params, device=device, dtype=dtype, trainable=trainable, kernel=kernel)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under their official names and shapes (a trainable model's current values), for saving."""

@@ -53,7 +53,9 @@ def load_model(settings: WorkerSettings) -> tuple[RWKV5, str, bool]:
         if not path.exists():
             make_random_checkpoint(path, n_layer=settings.random_n_layer, n_embd=settings.random_n_embd, seed=0)
         log.warning("no model given: serving a RANDOM-INIT RWKV-5 model (%s); its output is gibberish", path)
-    model = RWKV5.from_checkpoint(path, device=settings.device, dtype=_DTYPES[settings.dtype])
+    model = RWKV5.from_checkpoint(path, device=settings.device, dtype=_DTYPES[settings.dtype],
+                                  kernel=settings.cpu_kernel)
+    log.info("model %s: %s on %s, matmul kernel %s", path, settings.dtype, settings.device, model.kernel)
     model_id = settings.model_id or ("rwkv5-random" if random_init else Path(path).stem)
     return model, model_id, random_init
 

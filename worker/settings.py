@@ -22,6 +22,9 @@ class WorkerSettings(ObservabilitySettings):
     vocab_path: Path | None = None  # World vocab .txt or HF tokenizer .json; None = the standard World vocab
     device: str = "cpu"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # CPU matmul: the native AVX2 kernels (built on first use, ~20 s), oneDNN, or plain torch; auto = the first
+    # that works here (see worker.model.Linear)
+    cpu_kernel: Literal["auto", "native", "onednn", "torch"] = "auto"
     random_n_layer: int = 2  # shape of the random-init model
     random_n_embd: int = 128
     random_dir: Path | None = None  # where the random checkpoint is written (None = a temporary directory)

@@ -1,0 +1,113 @@
+"""The native CPU kernels (worker/csrc/cpu_kernels.cpp) equal float64 arithmetic, and every kernel gives the same model."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from worker import cpu_kernels
+from worker.model import RWKV5, choose_kernel, logits_scale, wkv_step
+
+CAN_BUILD = {"avx2", "fma", "f16c"} <= cpu_kernels._cpu_flags() and shutil.which("c++") is not None
+native = pytest.mark.skipif(not CAN_BUILD, reason="needs an AVX2/FMA/F16C CPU and a C++ compiler")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@native
+def test_native_kernels_build_here():
+    # A machine that can build them must not fall back silently (that would halve decode speed unnoticed).
+    assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+
+
+@native
+@settings(max_examples=60, deadline=None)
+@given(out_features=st.integers(1, 80), in_features=st.integers(1, 300), rows=st.integers(1, 40),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_native_linear_equals_float64(out_features, in_features, rows, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    x = torch.randn(rows, in_features, generator=g)
+    y = cpu_kernels.linear(x, cpu_kernels.pack(w), out_features)
+    exact = x.double() @ w.double().T  # the weights as stored (already rounded to dtype), exact arithmetic
+    assert y.shape == (rows, out_features) and y.dtype == torch.float32
+    # fp32 accumulation over <= 300 products: relative error ~1e-6 of the sum of |terms|
+    bound = 1e-5 * (x.double().abs() @ w.double().abs().T).max().item() + 1e-30
+    assert (y.double() - exact).abs().max().item() <= bound
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_linear_model_shapes(dtype):
+    # Shapes of a real layer, 1 row (decode at B=1), 6 (one microkernel tile), 32 (several tiles and the widened path)
+    g = torch.Generator().manual_seed(1)
+    for out_features, in_features in ((768, 768), (2688, 768), (768, 2688), (4099, 64)):
+        w = torch.randn(out_features, in_features, generator=g).to(dtype)
+        packed = cpu_kernels.pack(w)
+        for rows in (1, 6, 32):
+            x = torch.randn(rows, in_features, generator=g)
+            ref = F.linear(x.double(), w.double())
+            err = (cpu_kernels.linear(x, packed, out_features).double() - ref).abs().max().item()
+            assert err <= 1e-5 * ref.abs().max().item()
+
+
+@native
+def test_native_linear_rejects_bad_arguments():
+    packed = cpu_kernels.pack(torch.randn(32, 8))
+    with pytest.raises(RuntimeError, match="features"):
+        cpu_kernels.linear(torch.randn(2, 9), packed, 32)
+    with pytest.raises(RuntimeError, match="panels"):
+        cpu_kernels.linear(torch.randn(2, 8), packed, 33)
+    with pytest.raises(RuntimeError, match="fp32"):
+        cpu_kernels.linear(torch.randn(2, 8).double(), packed, 32)
+
+
+@native
+@pytest.mark.parametrize("batch,heads,size", [(1, 12, 64), (5, 3, 64), (2, 2, 8), (3, 1, 1)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_native_wkv_step_equals_torch(batch, heads, size, in_place):
+    g = torch.Generator().manual_seed(batch * 100 + size)
+    r, k, v = (torch.randn(batch, heads, size, generator=g) for _ in range(3))
+    w, u = torch.rand(heads, size, generator=g), torch.randn(heads, size, generator=g)
+    s = torch.randn(batch, heads, size, size, generator=g)
+    y_ref, s_ref = wkv_step(r, k, v, w, u, s.clone())
+    out = s.clone() if in_place else torch.full_like(s, float("nan"))
+    y, s_new = wkv_step(r, k, v, w, u, out if in_place else s, out, native=True)
+    assert s_new is out
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_new, s_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        choose_kernel(torch.randn(4, 4), "mkl")
+
+
+def test_torch_kernel_for_tensors_no_cpu_kernel_takes():
+    assert choose_kernel(torch.randn(4, 4).double(), "auto") == "torch"
+    assert choose_kernel(torch.randn(4, 4), "torch") == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_kernel_gives_the_same_model(tiny_checkpoint, dtype):
+    """The same checkpoint through native, oneDNN (where it takes the dtype) and F.linear: same logits, same state."""
+    tokens = torch.randint(0, 65536, (3, 9), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for kernel in ("native", "onednn", "torch"):
+        if kernel == "native" and not CAN_BUILD:
+            continue
+        model = RWKV5.from_checkpoint(tiny_checkpoint, dtype=dtype, kernel=kernel)
+        logits, state = model.forward(tokens, model.init_state(3))
+        step, _ = model.forward(tokens[:, :1], state)  # and one decode step after the prefill
+        results[model.kernel] = (logits, step, state.wkv)
+    ref_logits, ref_step, ref_wkv = results["torch"]
+    # bf16 paths round activations differently (oneDNN/F.linear round x to bf16, native keeps it fp32)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for name, (logits, step, wkv) in results.items():
+        assert (logits - ref_logits).abs().max().item() <= tol * logits_scale(ref_logits), name
+        assert (step - ref_step).abs().max().item() <= tol * logits_scale(ref_step), name
+        assert (wkv - ref_wkv).abs().max().item() <= tol * max(ref_wkv.abs().max().item(), 1e-6), name
+    if CAN_BUILD:
+        assert "native" in results

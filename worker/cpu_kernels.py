@@ -1,0 +1,104 @@
+"""Native CPU kernels of the engine (worker/csrc/cpu_kernels.cpp): built once with the system compiler, then cached."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NR = 16  # output features per packed panel (see cpu_kernels.cpp)
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_loaded: bool | None = None
+_why_not = ""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them on first call: ~1 min, then cached)."""
+    global _loaded, _why_not
+    if _loaded is None:
+        _loaded = False
+        flags = _cpu_flags()
+        if not {"avx2", "fma", "f16c"} <= flags:
+            _why_not = "the CPU lacks AVX2/FMA/F16C"
+        elif shutil.which(os.environ.get("CXX", "c++")) is None:
+            _why_not = "no C++ compiler"
+        else:
+            try:
+                _build()
+                _loaded = True
+            except Exception as e:  # noqa: BLE001 - any build failure means "use the fallback", said once
+                _why_not = f"build failed: {type(e).__name__}: {str(e)[-400:]}"
+        if not _loaded:
+            log.warning("native CPU kernels unavailable (%s); using oneDNN / F.linear", _why_not)
+    return _loaded
+
+
+def why_unavailable() -> str:
+    return _why_not
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    try:  # the `ninja` wheel, when the venv is not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    cpp_extension.load(name="rwkv_cpu_kernels", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
+                       extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"])
+
+
+_BF16_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(O, K) fp32/bf16/fp16 -> (ceil(O/16), K, 16) panels of 16 output rows, zero-padded."""
+    O, K = weight.shape
+    P = -(-O // NR)
+    w = weight
+    if P * NR != O:
+        w = torch.cat([w, w.new_zeros(P * NR - O, K)])
+    w = w.view(P, NR, K)
+    if weight.dtype == torch.bfloat16:
+        w = w[:, _BF16_ORDER]
+    return w.transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, out_features) fp32."""
+    return torch.ops.rwkv_cpu.linear(x, packed, out_features)
+
+
+def wkv_step(r, k, v, w, u, s, out) -> torch.Tensor:
+    """The fused WKV step: y (B, H, N); the new state is written into `out` (which may be `s`)."""
+    return torch.ops.rwkv_cpu.wkv_step(r.contiguous(), k.contiguous(), v.contiguous(), w, u, s, out)
+
+
+def peak_gflops(iterations: int = 20_000_000) -> float:
+    """FMA throughput of all torch threads together, GFLOP/s (a roofline for fp32 compute)."""
+    return torch.ops.rwkv_cpu.peak_gflops(iterations)
+
+
+if __name__ == "__main__":  # build ahead of time (scripts/setup.sh) and say whether it worked
+    logging.basicConfig(level=logging.INFO)
+    ok = available()
+    print("native CPU kernels:", "ready" if ok else f"unavailable ({_why_not})")
+    sys.exit(0)
