@@ -55,9 +55,10 @@ def measure(engine: str, checkpoint: str, prefill_len: int, decode_steps: int, b
     else:
         from worker.model import RWKV5
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[engine.split("-")[1]]
-        model = RWKV5.from_checkpoint(checkpoint, dtype=dtype)
-        res["state_bytes"] = model.config.state_bytes
+        _, dt, *kernel = engine.split("-")  # ours-<dtype>[-<kernel>]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+        model = RWKV5.from_checkpoint(checkpoint, dtype=dtype, kernel=kernel[0] if kernel else "auto")
+        res["state_bytes"], res["kernel"] = model.config.state_bytes, model.kernel
         toks = torch.tensor([prompt])
         model.forward(toks[:, :16], model.init_state(1))
         res["prefill_tok_s"] = prefill_len / statistics.median(_timed(lambda: model.forward(toks, model.init_state(1)), 3))
@@ -87,8 +88,31 @@ def memory_bandwidth_gbs() -> float:
     return buf.numel() * 4 / statistics.median(_timed(lambda: buf.sum(), 5)) / 1e9
 
 
+def machine_info() -> dict:
+    """CPU model, the vector extensions that decide which kernels run, bandwidth and FMA peak."""
+    info: dict = {"cpu": platform.processor() or platform.machine(), "threads": os.cpu_count()}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+        flags = next(ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags"))
+        info["vector_extensions"] = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    except (OSError, StopIteration):
+        pass
+    info["read_bandwidth_gb_s"] = memory_bandwidth_gbs()
+    from worker import cpu_kernels
+
+    if cpu_kernels.available():  # register-only FMA loops on every thread: no fp32 kernel can beat this
+        info["fma_peak_gflop_s"] = statistics.median(cpu_kernels.peak_gflops() for _ in range(3))
+    return info
+
+
+DEFAULT_ENGINES = "reference-fp32,ours-fp32,ours-bf16,ours-fp32-onednn"
+
+
 def main(
     rounds: int = typer.Option(3, help="interleaved rounds per configuration"),
+    engines_csv: str = typer.Option(DEFAULT_ENGINES, "--engines",
+                                    help="reference-fp32 and ours-<fp32|bf16|fp16>[-<native|onednn|torch>]"),
     shape: str = typer.Option("12x768", help="n_layer x n_embd of the random checkpoint"),
     prefill_len: int = typer.Option(512),
     decode_steps: int = typer.Option(16),
@@ -110,7 +134,10 @@ def main(
     ckpt = ROOT / "bench" / ".cache" / f"random-L{n_layer}-D{n_embd}-fp32.pth"
     if not ckpt.exists():
         make_random_checkpoint(ckpt, n_layer, n_embd, seed=0)
-    engines = ["reference-fp32", "ours-fp32", "ours-bf16"]
+    engines = engines_csv.split(",")
+    for required in ("reference-fp32", "ours-fp32", "ours-bf16"):
+        if required not in engines:
+            raise typer.BadParameter(f"{required} is needed for the ratios", param_hint="--engines")
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for r in range(rounds):
@@ -127,13 +154,15 @@ def main(
         vals = [x[key][b] if b else x[key] for x in runs[e] if (b is None or b in x.get(key, {}))]
         return statistics.median(vals) if vals else None
 
-    bw = memory_bandwidth_gbs()
+    machine = machine_info()
+    bw = machine["read_bandwidth_gb_s"]
     summary = {}
     for e in engines:
         summary[e] = {
             "prefill_tok_s": med(e, "prefill_tok_s"),
             "decode_tok_s": {b: med(e, "decode_tok_s", b) for b in map(str, batches) if med(e, "decode_tok_s", b)},
             "peak_rss_mib": med(e, "peak_rss_bytes") / 2**20,
+            "kernel": runs[e][0].get("kernel", "-"),
         }
     ref_dec, ref_pre = summary["reference-fp32"]["decode_tok_s"]["1"], summary["reference-fp32"]["prefill_tok_s"]
     weight_bytes = ckpt.stat().st_size  # fp32 file: bytes read per decoded token at B=1 (embedding row aside)
@@ -150,10 +179,18 @@ def main(
     from worker.model import config_from_params, read_checkpoint
 
     cfg = config_from_params(read_checkpoint(ckpt))
+    # What bounds B=32: every decoded token costs 2 FLOPs per matrix weight (the embedding is a row lookup).
+    flops_per_token = 2 * (weight_bytes / 4 - cfg.vocab_size * cfg.n_embd)
+    for e in ("ours-fp32", "ours-bf16"):
+        b32 = summary[e]["decode_tok_s"]["32"]
+        ratios[f"{e}_b32_gflop_s"] = b32 * flops_per_token / 1e9
+        if "fma_peak_gflop_s" in machine:
+            # B=32 at the FMA peak with nothing else to do, over the B=1 reached: the most the ratio could be
+            ceiling = machine["fma_peak_gflop_s"] * 1e9 / flops_per_token
+            ratios[f"{e}_b32_vs_b1_ceiling_at_fma_peak"] = ceiling / summary[e]["decode_tok_s"]["1"]
     report = {
         "shape": {"n_layer": n_layer, "n_embd": n_embd, "vocab": 65536},
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": os.cpu_count(),
-                    "read_bandwidth_gb_s": bw},
+        "machine": machine, "flops_per_token": flops_per_token,
         "rounds": rounds, "prefill_len": prefill_len, "decode_steps": decode_steps,
         "state_bytes": cfg.state_bytes, "median": summary, "ratios": ratios, "runs": runs,
     }
@@ -161,16 +198,18 @@ def main(
     out.write_text(json.dumps(report, indent=2))
 
     t = Table(title=f"RWKV-5.2 L{n_layer} D{n_embd} random, CPU, medians of {rounds} interleaved rounds")
-    for col in ("engine", f"prefill {prefill_len} tok/s", "decode B=1", "B=8 agg", "B=32 agg", "peak RSS MiB"):
+    for col in ("engine", "kernel", f"prefill {prefill_len} tok/s", "decode B=1", "B=8 agg", "B=32 agg", "peak RSS MiB"):
         t.add_column(col, justify="right")
     for e in engines:
         s = summary[e]
         d = s["decode_tok_s"]
-        t.add_row(e, f"{s['prefill_tok_s']:.0f}", f"{d['1']:.1f}", f"{d.get('8', 0):.0f}" if "8" in d else "-",
+        t.add_row(e, s["kernel"], f"{s['prefill_tok_s']:.0f}", f"{d['1']:.1f}", f"{d.get('8', 0):.0f}" if "8" in d else "-",
                   f"{d.get('32', 0):.0f}" if "32" in d else "-", f"{s['peak_rss_mib']:.0f}")
     c = Console()
     c.print(t)
-    c.print(f"state bytes per session: {cfg.state_bytes:,}; read bandwidth {bw:.1f} GB/s")
+    c.print(f"{machine['cpu']} ({', '.join(machine.get('vector_extensions', []))}), {machine['threads']} threads; "
+            f"read bandwidth {bw:.1f} GB/s; FMA peak {machine.get('fma_peak_gflop_s', float('nan')):.0f} GFLOP/s")
+    c.print(f"state bytes per session: {cfg.state_bytes:,}")
     for k, v in ratios.items():
         c.print(f"{k}: {v:.2f}")
     c.print(f"JSON: {out}")

@@ -83,13 +83,24 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x (M, K) fp32 -> (M, out_features) fp32."""
-    return torch.ops.rwkv_cpu.linear(x, packed, out_features)
+    """x (..., K) fp32 -> (..., out_features) fp32."""
+    return torch.ops.rwkv_cpu.linear.default(x, packed, out_features)
+
+
+def linear_op():
+    """The op itself, for callers that make many calls (skips two attribute lookups per call)."""
+    return torch.ops.rwkv_cpu.linear.default
 
 
 def wkv_step(r, k, v, w, u, s, out) -> torch.Tensor:
     """The fused WKV step: y (B, H, N); the new state is written into `out` (which may be `s`)."""
     return torch.ops.rwkv_cpu.wkv_step(r.contiguous(), k.contiguous(), v.contiguous(), w, u, s, out)
+
+
+def block_step(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv, new_ffn_shift, scale: float):
+    """One block for one token per session (see cpu_kernels.cpp); returns the new x."""
+    return torch.ops.rwkv_cpu.block_step.default(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv,
+                                                 new_ffn_shift, scale)
 
 
 def peak_gflops(iterations: int = 20_000_000) -> float:
