@@ -1,10 +1,13 @@
 """Native CPU kernels of the engine (worker/csrc/cpu_kernels.cpp): built once with the system compiler, then cached."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +16,7 @@ log = logging.getLogger(__name__)
 
 NR = 16  # output features per packed panel (see cpu_kernels.cpp)
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
 _loaded: bool | None = None
 _why_not = ""
 
@@ -53,17 +57,30 @@ def why_unavailable() -> str:
 
 
 def _build() -> None:
-    from torch.utils import cpp_extension
+    """Load the kernels from a build directory keyed by everything that affects the binary, building them there
+    first if needed. A built library is loaded directly: torch's loader takes a lock file on every load, and a
+    process killed while holding it (a worker SIGKILLed at start) would leave every later start waiting forever."""
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), " ".join(_CFLAGS).encode(), torch.__version__.encode(),
+                                     sys.version.encode(), platform.machine().encode()])).hexdigest()[:16]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    build_dir = root / f"rwkv_cpu_kernels-{key}"
+    library, lock = build_dir / "rwkv_cpu_kernels.so", build_dir / "lock"
+    if not library.exists() or lock.exists():  # not built, or another process is building it now
+        from torch.utils import cpp_extension
 
-    try:  # the `ninja` wheel, when the venv is not on PATH
-        import ninja
+        try:  # the `ninja` wheel, when the venv is not on PATH
+            import ninja
 
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    cpp_extension.load(name="rwkv_cpu_kernels", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
-                       extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"])
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # left by a build that was killed
+            lock.unlink(missing_ok=True)
+        cpp_extension.load(name="rwkv_cpu_kernels", sources=[str(_SOURCE)], build_directory=str(build_dir),
+                           is_python_module=False, verbose=False, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"])
+    else:
+        torch.ops.load_library(str(library))
 
 
 _BF16_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
