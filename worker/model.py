@@ -303,8 +303,12 @@ class RWKV5:
         self.ln1 = [(p[f"blocks.{i}.ln1.weight"], p[f"blocks.{i}.ln1.bias"]) for i in range(cfg.n_layer)]
         self.ln2 = [(p[f"blocks.{i}.ln2.weight"], p[f"blocks.{i}.ln2.bias"]) for i in range(cfg.n_layer)]
         kernel = "torch" if trainable else kernel
-        self.att = [TimeMix(p, i, cfg, scales[i], kernel) for i in range(cfg.n_layer)]
-        self.ffn = [ChannelMix(p, i, scales[i], kernel) for i in range(cfg.n_layer)]
+        self.att, self.ffn = [], []
+        for i in range(cfg.n_layer):
+            self.att.append(TimeMix(p, i, cfg, scales[i], kernel))
+            self.ffn.append(ChannelMix(p, i, scales[i], kernel))
+            if not trainable:  # block i's matrices now live (packed) in its Linears: drop converted copies as we go,
+                self._drop_matrices(p, f"blocks.{i}.")  # so that bf16-from-fp32 never holds two full copies
         self.ln_out = (p["ln_out.weight"], p["ln_out.bias"])
         self.head = Linear(p["head.weight"], kernel)  # (V, D)
         self.kernel = self.head.kernel
@@ -312,9 +316,13 @@ class RWKV5:
         # the same arithmetic as _block below, without the per-op dispatch that is ~25% of a bf16 step at D=768.
         self._native_blocks = [self._native_block_params(i) for i in range(cfg.n_layer)] if self.kernel == "native" else None
         if not trainable:  # the matrices now live in the Linears and self.emb: let go of the file's mapped views
-            for name in [k for k, v in p.items() if v.dim() >= 2 and "time_" not in k]:
-                del p[name]
+            self._drop_matrices(p, "")
         self.grad_checkpoint = False  # trainable only: recompute each block in backward to save activation memory
+
+    @staticmethod
+    def _drop_matrices(p: dict[str, torch.Tensor], prefix: str) -> None:
+        for name in [k for k, v in p.items() if k.startswith(prefix) and v.dim() >= 2 and "time_" not in k]:
+            del p[name]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
