@@ -241,7 +241,8 @@ async def test_long_turn_renews_its_lease_and_a_lost_lease_aborts(worker: Worker
 
     worker.core.runner.config = replace(worker.core.runner.config, lease_ms=150)  # renewed every 50 ms
     sid = (await store.create_session(tenant="t", model=MODEL_ID, template="raw", ttl_ms=60_000)).session_id
-    long = worker_pb2.RunTurnRequest(session_id=sid, kind=worker_pb2.INPUT_KIND_RAW, text="go", sampling=greedy(60))
+    # 400 tokens: ~1.8 s with the native kernels here (60 once took > 0.3 s, and no longer does)
+    long = worker_pb2.RunTurnRequest(session_id=sid, kind=worker_pb2.INPUT_KIND_RAW, text="go", sampling=greedy(400))
     started = asyncio.get_running_loop().time()
     _, _, end, _ = await run(worker.stub, long)
     assert asyncio.get_running_loop().time() - started > 0.3 and end.state_version == 1  # outlived 2 lease TTLs
