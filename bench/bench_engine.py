@@ -167,9 +167,10 @@ def main(
     ref_dec, ref_pre = summary["reference-fp32"]["decode_tok_s"]["1"], summary["reference-fp32"]["prefill_tok_s"]
     from worker.model import config_from_params, read_checkpoint
 
-    cfg = config_from_params(read_checkpoint(ckpt))
+    params = read_checkpoint(ckpt)
+    cfg = config_from_params(params)
     # Weights read per decoded token at B=1: every matrix but the embedding (a row lookup), in fp32 here
-    fp32_bytes_per_token = 4 * sum(t.numel() for n, t in read_checkpoint(ckpt).items() if t.dim() == 2 and n != "emb.weight")
+    fp32_bytes_per_token = 4 * sum(t.numel() for n, t in params.items() if t.dim() == 2 and n != "emb.weight")
     ratios = {
         "decode_b1_fp32_vs_ref": summary["ours-fp32"]["decode_tok_s"]["1"] / ref_dec,
         "decode_b1_bf16_vs_ref_fp32": summary["ours-bf16"]["decode_tok_s"]["1"] / ref_dec,

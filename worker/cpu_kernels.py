@@ -31,22 +31,26 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def missing_prerequisite() -> str:
+    """What this machine lacks to build the kernels ('' when nothing): the CPU extensions, or a C++ compiler."""
+    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return "the CPU lacks AVX2/FMA/F16C"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler"
+    return ""
+
+
 def available() -> bool:
-    """Whether the native kernels are built and loaded (building them on first call: ~1 min, then cached)."""
+    """Whether the native kernels are built and loaded (building them on first call: ~20 s, then cached)."""
     global _loaded, _why_not
     if _loaded is None:
-        _loaded = False
-        flags = _cpu_flags()
-        if not {"avx2", "fma", "f16c"} <= flags:
-            _why_not = "the CPU lacks AVX2/FMA/F16C"
-        elif shutil.which(os.environ.get("CXX", "c++")) is None:
-            _why_not = "no C++ compiler"
-        else:
+        _why_not = missing_prerequisite()
+        if not _why_not:
             try:
                 _build()
-                _loaded = True
             except Exception as e:  # noqa: BLE001 - any build failure means "use the fallback", said once
                 _why_not = f"build failed: {type(e).__name__}: {str(e)[-400:]}"
+        _loaded = not _why_not
         if not _loaded:
             log.warning("native CPU kernels unavailable (%s); using oneDNN / F.linear", _why_not)
     return _loaded

@@ -115,14 +115,11 @@ def _onednn_ok(dtype: torch.dtype) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def wkv_step(r, k, v, w, u, s, out=None, native: bool = False):
+def wkv_step(r, k, v, w, u, s, out=None):
     """One token of the WKV recurrence for B sessions. r, k, v: (B, H, N); w, u: (H, N); s: (B, H, N, N) [key, value].
 
     Returns y (B, H, N) and the new state, written into `out` when given (the state is the big tensor at large B:
-    it is never materialised as k v^T separately). `native`: the fused CPU kernel, one pass over the state."""
-    if native:
-        out = torch.empty_like(s) if out is None else out
-        return cpu_kernels.wkv_step(r, k, v, w, u, s, out), out
+    it is read and written once, never materialised as k v^T separately)."""
     B, H, N = r.shape
     y = (r.unsqueeze(-2) @ s).squeeze(-2) + (r * u * k).sum(-1, keepdim=True) * v  # r.(u k v^T + S)
     out = torch.mul(s, w.unsqueeze(-1), out=out)  # w S ...
@@ -206,8 +203,7 @@ class TimeMix:
         g = F.silu(g)
         heads = lambda z: z.view(B, T, self.H, self.N).transpose(1, 2)  # noqa: E731 - (B, H, T, N)
         if T == 1:
-            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s, s_out,
-                            native=self.output.kernel == "native")
+            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s, s_out)
             y = y.view(B * T, D)
         else:
             y, s = wkv_chunked(heads(r), heads(k), heads(v), self.log_w, self.u, s)

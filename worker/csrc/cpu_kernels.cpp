@@ -195,6 +195,18 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_
 // Each (session, head) state matrix is read once and its successor written once, where torch needs three passes
 // over it (r @ S, w * S, + k v^T): at 32 sessions of a 768-wide model that is 78 MB of state per layer and step.
 // `out` may be `s` itself (each element is read before it is written).
+// y = (x - mean) / sqrt(var + eps) * w + b over n values (LayerNorm of a row, GroupNorm of a head), times `gate`
+// when given. Mean and variance accumulate in double.
+inline void normalize(const float* x, float* y, int64_t n, const float* w, const float* b, double eps,
+                      const float* gate = nullptr) {
+  double mean = 0.0, var = 0.0;
+  for (int64_t j = 0; j < n; ++j) mean += x[j];
+  mean /= n;
+  for (int64_t j = 0; j < n; ++j) var += (x[j] - mean) * (x[j] - mean);
+  const float inv = static_cast<float>(1.0 / std::sqrt(var / n + eps)), m = static_cast<float>(mean);
+  for (int64_t j = 0; j < n; ++j) y[j] = ((x[j] - m) * inv * w[j] + b[j]) * (gate ? gate[j] : 1.0f);
+}
+
 // The WKV step over raw pointers: r, k, v, y (B, H, N); w, u (H, N); s, out (B, H, N, N). With `ln_w` given, y is
 // then GroupNorm'ed per head (ln_x: weight/bias per channel, eps) and multiplied by `gate` (B, H*N).
 void wkv_core(const float* rp, const float* kp, const float* vp, const float* wp, const float* up, const float* sp,
@@ -219,18 +231,11 @@ void wkv_core(const float* rp, const float* kp, const float* vp, const float* wp
           Oi[j] = wi * sij + ki * vj;
         }
       }
-      float* yy = yp + bh * N;
       if (ln_w == nullptr) {
-        std::copy(acc, acc + N, yy);
-        continue;
+        std::copy(acc, acc + N, yp + bh * N);
+      } else {
+        normalize(acc, yp + bh * N, N, ln_w + h * N, ln_b + h * N, eps, gate + bh * N);
       }
-      double mean = 0.0, var = 0.0;
-      for (int64_t j = 0; j < N; ++j) mean += acc[j];
-      mean /= N;
-      for (int64_t j = 0; j < N; ++j) var += (acc[j] - mean) * (acc[j] - mean);
-      const float inv = static_cast<float>(1.0 / std::sqrt(var / N + eps)), m = static_cast<float>(mean);
-      const float *lw = ln_w + h * N, *lb = ln_b + h * N, *gg = gate + bh * N;
-      for (int64_t j = 0; j < N; ++j) yy[j] = ((acc[j] - m) * inv * lw[j] + lb[j]) * gg[j];
     }
   });
 }
@@ -259,15 +264,7 @@ at::Tensor wkv_step(const at::Tensor& r, const at::Tensor& k, const at::Tensor& 
 }
 
 void layer_norm_rows(const float* x, float* y, int64_t B, int64_t D, const float* w, const float* b) {
-  for (int64_t i = 0; i < B; ++i) {
-    const float* xi = x + i * D;
-    double mean = 0.0, var = 0.0;
-    for (int64_t d = 0; d < D; ++d) mean += xi[d];
-    mean /= D;
-    for (int64_t d = 0; d < D; ++d) var += (xi[d] - mean) * (xi[d] - mean);
-    const float inv = static_cast<float>(1.0 / std::sqrt(var / D + 1e-5)), m = static_cast<float>(mean);
-    for (int64_t d = 0; d < D; ++d) y[i * D + d] = (xi[d] - m) * inv * w[d] + b[d];
-  }
+  for (int64_t i = 0; i < B; ++i) normalize(x + i * D, y + i * D, D, w, b, 1e-5);
 }
 
 // Indices into block_step's parameter list (built by worker/model.py, RWKV5._native_block_params).
