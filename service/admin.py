@@ -17,8 +17,7 @@ from worker.store import StateStore, StoreConfigError
 
 
 def _store(settings: FrontSettings) -> StateStore:
-    return StateStore.from_url(settings.redis_url, prefix=settings.redis_prefix, ca_cert=settings.redis_ca_cert,
-                               client_cert=settings.redis_client_cert, client_key=settings.redis_client_key)
+    return settings.open_store()
 
 
 def _pepper(settings: FrontSettings) -> str | None:

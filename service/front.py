@@ -61,11 +61,7 @@ class Front:
 
     @classmethod
     def from_settings(cls, settings: FrontSettings, telemetry: Telemetry | None = None) -> Front:
-        store = StateStore.from_url(settings.redis_url, prefix=settings.redis_prefix, ca_cert=settings.redis_ca_cert,
-                                    client_cert=settings.redis_client_cert, client_key=settings.redis_client_key,
-                                    timeout_s=settings.redis_timeout_s,
-                                    connect_timeout_s=settings.redis_connect_timeout_s, retries=settings.redis_retries)
-        return cls(store, settings, telemetry)
+        return cls(settings.open_store(), settings, telemetry)
 
     async def list_models(self) -> list[common_pb2.ModelInfo]:
         """Served models (with their live worker counts and the presets stored for them)."""

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from worker.store import RedisSettings
 from worker.telemetry import ObservabilitySettings
 
 
@@ -18,25 +19,16 @@ class TenantLimits(BaseModel):
     max_tokens: int | None = Field(None, ge=0)
 
 
-class FrontSettings(ObservabilitySettings):
+class FrontSettings(ObservabilitySettings, RedisSettings):
     """Everything the front can be told; tests construct it directly."""
 
     model_config = SettingsConfigDict(env_prefix="RWKV_FRONT_", extra="ignore", env_ignore_empty=True)
 
     host: str = "0.0.0.0"  # bind address of the public gRPC port
     port: int = 50051  # 0 picks a free port (create_server returns it)
-    # The store every worker and front shares; plain REDIS_URL works too (compose, run.sh).
+    # The store every worker and front shares (connection fields: RedisSettings); plain REDIS_URL works too.
     redis_url: str = Field("redis://127.0.0.1:6379/0",
                            validation_alias=AliasChoices("RWKV_FRONT_REDIS_URL", "REDIS_URL", "redis_url"))
-    redis_prefix: str = "rwkv"  # key prefix; must equal the workers' prefix
-    # Redis TLS (rediss:// URLs): the CA that signed the server's certificate, and a client certificate for servers
-    # that require one. A password goes in the URL: redis://:PASSWORD@host:port/db.
-    redis_ca_cert: Path | None = None
-    redis_client_cert: Path | None = None
-    redis_client_key: Path | None = None
-    redis_timeout_s: float = Field(2.0, gt=0)  # per Redis read/write; a stuck Redis fails calls (UNAVAILABLE)
-    redis_connect_timeout_s: float = Field(2.0, gt=0)
-    redis_retries: int = Field(1, ge=0)  # reconnect-and-retry per call (the first call after a Redis restart)
 
     # Authentication. "keys": every call needs an API key whose hash is configured here (api_key_hashes,
     # api_keys_file) or stored in Redis (`python -m service.admin keys create --tenant T`). "dev": none at all,

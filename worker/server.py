@@ -72,12 +72,7 @@ class WorkerCore:
         self.model = model
         self.tokenizer = tokenizer
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.store = store or StateStore.from_url(settings.redis_url, ca_cert=settings.redis_ca_cert,
-                                                  client_cert=settings.redis_client_cert,
-                                                  client_key=settings.redis_client_key,
-                                                  timeout_s=settings.redis_timeout_s,
-                                                  connect_timeout_s=settings.redis_connect_timeout_s,
-                                                  retries=settings.redis_retries)
+        self.store = store or settings.open_store()
         self.engine = Engine(
             model, tokenizer, max_batch=settings.max_batch, max_queued=settings.max_queued,
             prefill_chunk=settings.prefill_chunk, max_tokens_limit=settings.max_tokens_limit,

@@ -8,10 +8,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from worker.store import RedisSettings
 from worker.telemetry import ObservabilitySettings
 
 
-class WorkerSettings(ObservabilitySettings):
+class WorkerSettings(ObservabilitySettings, RedisSettings):
     """Everything a worker needs; built once in main() and passed down (tests construct it directly)."""
 
     model_config = SettingsConfigDict(env_prefix="RWKV_WORKER_", extra="ignore")
@@ -42,15 +43,7 @@ class WorkerSettings(ObservabilitySettings):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
 
-    # Redis. A password goes in the URL (redis://:PASSWORD@host:port/db); rediss:// speaks TLS, verified against
-    # redis_ca_cert, with an optional client certificate.
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_ca_cert: Path | None = None
-    redis_client_cert: Path | None = None
-    redis_client_key: Path | None = None
-    redis_timeout_s: float = Field(2.0, gt=0)  # per Redis read/write; a stuck Redis fails calls (UNAVAILABLE)
-    redis_connect_timeout_s: float = Field(2.0, gt=0)
-    redis_retries: int = Field(1, ge=0)  # reconnect-and-retry per call (the first call after a Redis restart)
+    # Redis: the connection fields come from RedisSettings (RWKV_WORKER_REDIS_URL, ..._REDIS_PREFIX, ...).
     heartbeat_s: float = Field(2.0, gt=0)
     registry_ttl_ms: int = Field(6_000, gt=0)  # a worker that stops heartbeating vanishes after this
     # A turn's session lease, renewed every third of it while the turn runs. The front breaks the lease of a

@@ -30,9 +30,12 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import Field
+from pydantic_settings import BaseSettings
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -847,3 +850,25 @@ class StateStore:
 
     async def get_tokens(self, tenant: str, window: int) -> int:
         return int(await self.redis.get(self._tokens_key(tenant, window)) or 0)
+
+
+class RedisSettings(BaseSettings):
+    """The Redis connection fields of the front's and the worker's settings (each class has its own env prefix)."""
+
+    # A password goes in the URL (redis://:PASSWORD@host:port/db); rediss:// speaks TLS, verified against
+    # redis_ca_cert, with an optional client certificate for servers that require one.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "rwkv"  # key prefix; every front and worker of a deployment must use the same one
+    redis_ca_cert: Path | None = None
+    redis_client_cert: Path | None = None
+    redis_client_key: Path | None = None
+    redis_timeout_s: float = Field(2.0, gt=0)  # per Redis read/write; a stuck Redis fails calls (UNAVAILABLE)
+    redis_connect_timeout_s: float = Field(2.0, gt=0)
+    redis_retries: int = Field(1, ge=0)  # reconnect-and-retry per call (the first call after a Redis restart)
+
+    def open_store(self) -> StateStore:
+        """A StateStore on a new connection pool, as these settings say."""
+        return StateStore.from_url(self.redis_url, prefix=self.redis_prefix, ca_cert=self.redis_ca_cert,
+                                   client_cert=self.redis_client_cert, client_key=self.redis_client_key,
+                                   timeout_s=self.redis_timeout_s, connect_timeout_s=self.redis_connect_timeout_s,
+                                   retries=self.redis_retries)
