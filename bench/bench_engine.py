@@ -90,16 +90,17 @@ def memory_bandwidth_gbs() -> float:
 
 def machine_info() -> dict:
     """CPU model, the vector extensions that decide which kernels run, bandwidth and FMA peak."""
+    from worker import cpu_kernels
+
     info: dict = {"cpu": platform.processor() or platform.machine(), "threads": os.cpu_count()}
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-        flags = next(ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags"))
-        info["vector_extensions"] = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     except (OSError, StopIteration):
         pass
+    flags = cpu_kernels.cpu_flags()
+    info["vector_extensions"] = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     info["read_bandwidth_gb_s"] = memory_bandwidth_gbs()
-    from worker import cpu_kernels
 
     if cpu_kernels.available():  # register-only FMA loops on every thread: no fp32 kernel can beat this
         info["fma_peak_gflop_s"] = statistics.median(cpu_kernels.peak_gflops() for _ in range(3))

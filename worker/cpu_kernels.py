@@ -21,7 +21,8 @@ _loaded: bool | None = None
 _why_not = ""
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (avx2, fma, avx512_bf16, ...); empty elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -33,7 +34,7 @@ def _cpu_flags() -> set[str]:
 
 def missing_prerequisite() -> str:
     """What this machine lacks to build the kernels ('' when nothing): the CPU extensions, or a C++ compiler."""
-    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
         return "the CPU lacks AVX2/FMA/F16C"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler"
