@@ -222,7 +222,7 @@ class Service:
     async def start(self) -> None:
         from client import AsyncRWKVClient
         from service.stack import EmbeddedRedis, Stack, free_port
-        from worker.store import StateStore
+        from common.store import StateStore
 
         with contextlib.redirect_stdout(sys.stderr):
             self.redis = EmbeddedRedis.start()
@@ -578,7 +578,7 @@ async def bench_store(cfg: dict, n_layer: int, n_embd: int) -> dict:
     """Section 3 alone: a redis-server of its own, no model (the state is random; a random checkpoint's heads are
     64 wide, so the model's state shape follows from --shape)."""
     from service.stack import EmbeddedRedis
-    from worker.store import StateStore
+    from common.store import StateStore
 
     with contextlib.redirect_stdout(sys.stderr):
         redis = EmbeddedRedis.start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-# Mirrors worker/errors.py (ERROR_KEY, RETRY_AFTER_KEY); copied rather than imported so that the SDK does not
+# Mirrors common/errors.py (ERROR_KEY, RETRY_AFTER_KEY); copied rather than imported so that the SDK does not
 # depend on the server packages. tests/test_client.py checks that the two stay equal.
 ERROR_KEY = "rwkv-error"
 RETRY_AFTER_KEY = "retry-after-ms"

@@ -13,7 +13,7 @@ import sys
 
 from service.auth import check_tenant, hash_api_key, new_api_key
 from service.settings import FrontSettings
-from worker.store import StateStore, StoreConfigError
+from common.store import StateStore, StoreConfigError
 
 
 def _store(settings: FrontSettings) -> StateStore:

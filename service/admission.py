@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from worker.errors import Overloaded, Unavailable
+from common.errors import Overloaded, Unavailable
 
 
 class Admission:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
-from worker.errors import Unauthenticated
+from common.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Protobuf <-> domain conversion for the front: templates, sessions, validation of what CreateSession stores.
 
-Session default sampling is stored as the worker reads it (worker.turns.sampling_from_pb: the set fields as a
+Session default sampling is stored as the worker reads it (common.worker_api.sampling_from_pb: the set fields as a
 dict); the worker merges a turn's overrides over it, so the front passes overrides through untouched."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rwkv_serve.v1 import api_pb2, common_pb2
-from worker.errors import InvalidArgument
-from worker.turns import sampling_to_pb
+from common.errors import InvalidArgument
+from rwkv_serve.contract import sampling_to_pb
 
 if TYPE_CHECKING:
-    from worker.store import PresetInfo, SessionMeta
+    from common.store import PresetInfo, SessionMeta
 
 # The enum of the public API <-> the template names worker/templates.py and the store use.
 TEMPLATE_NAMES: dict[int, str] = {

@@ -12,10 +12,10 @@ from service.router import ChannelPool, Router, WorkerDirectory
 from service.sessions import Sessions
 from service.settings import FrontSettings
 from service.turns import Turns
-from worker.errors import ModelNotFound
-from worker.store import StateStore
-from worker.telemetry import Telemetry
-from worker.tls import channel_credentials
+from common.errors import ModelNotFound
+from common.store import StateStore
+from common.telemetry import Telemetry
+from common.tls import channel_credentials
 
 
 def max_message_bytes(settings: FrontSettings) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Collection
 
 from rwkv_serve.v1 import worker_pb2
 from service.router import Router, WorkerDirectory
-from worker.errors import (
+from common.errors import (
     ForeignState,
     InvalidArgument,
     ModelNotFound,
@@ -23,8 +23,8 @@ from worker.errors import (
     PresetExists,
     PresetNotFound,
 )
-from worker.store import PresetInfo, StateStore, check_preset_name
-from worker.turns import PreparedState
+from common.store import PresetInfo, StateStore, check_preset_name
+from common.worker_api import PreparedState
 
 SOURCES = ("time_state_pth", "state_record")  # the RegisterPresetRequest.source fields
 DESCRIPTION_MAX_BYTES = 1024

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from service.settings import TenantLimits
-from worker.errors import QuotaExceeded, SessionNotFound
-from worker.store import StateStore
+from common.errors import QuotaExceeded, SessionNotFound
+from common.store import StateStore
 
 
 class Quotas:

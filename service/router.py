@@ -22,7 +22,7 @@ import grpc
 
 from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from service.admission import Admission
-from worker.errors import (
+from common.errors import (
     ERROR_KEY,
     DeadlineExceeded,
     Overloaded,

@@ -17,10 +17,10 @@ from service.convert import preset_to_pb, session_to_pb
 from service.front import Front, max_message_bytes
 from service.settings import FrontSettings
 from service.wire import add_servicer
-from worker.errors import InvalidArgument, grpc_errors
-from worker.store import StoreConfigError, redact_url
-from worker.telemetry import Telemetry, configure_logging
-from worker.tls import add_port, server_credentials
+from common.errors import InvalidArgument, grpc_errors
+from common.store import StoreConfigError, redact_url
+from common.telemetry import Telemetry, configure_logging
+from common.tls import add_port, server_credentials
 
 log = logging.getLogger("rwkv.front")
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["RwkvService"].full_name

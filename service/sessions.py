@@ -1,4 +1,4 @@
-"""Session CRUD for the front: validation and tenancy on top of the shared StateStore (worker/store.py)."""
+"""Session CRUD for the front: validation and tenancy on top of the shared StateStore (common/store/)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from rwkv_serve.v1 import common_pb2
 from service.convert import InputLimits, check_metadata, check_sampling, template_name
 from service.quotas import Quotas
 from service.router import WorkerDirectory, WorkerInfo
-from worker.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
-from worker.store import SessionMeta, StateStore
-from worker.turns import sampling_from_pb
+from common.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
+from common.store import SessionMeta, StateStore
+from common.worker_api import sampling_from_pb
 
 
 def _vocab_size(workers: list[WorkerInfo]) -> int | None:

@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from worker.store import RedisSettings
-from worker.telemetry import ObservabilitySettings
+from common.store import RedisSettings
+from common.telemetry import ObservabilitySettings
 
 
 class TenantLimits(BaseModel):

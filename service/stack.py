@@ -153,7 +153,7 @@ class Stack:
         return proc
 
     def start(self) -> None:
-        from worker.store import redact_url  # (a password in the URL never reaches the terminal)
+        from common.store import redact_url  # (a password in the URL never reaches the terminal)
 
         if redis_answers(self.redis_url):
             url = self.redis_url

@@ -17,7 +17,7 @@ from service.convert import check_sampling
 from service.quotas import Quotas
 from service.router import Router, WorkerDirectory, WorkerInfo
 from service.sessions import Sessions
-from worker.errors import (
+from common.errors import (
     InvalidArgument,
     ModelNotFound,
     Overloaded,
@@ -27,8 +27,8 @@ from worker.errors import (
     Unavailable,
     WorkerLost,
 )
-from worker.store import StateStore
-from worker.telemetry import Telemetry, failed, send_context, set_session
+from common.store import StateStore
+from common.telemetry import Telemetry, failed, send_context, set_session
 
 
 @dataclass

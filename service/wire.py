@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from worker.errors import InvalidArgument, abort
+from common.errors import InvalidArgument, abort
 
 
 class _Malformed:

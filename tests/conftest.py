@@ -68,7 +68,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator["StateStore"]:
     """A StateStore on an emptied database (each test starts clean)."""
-    from worker.store import StateStore
+    from common.store import StateStore
 
     store = StateStore.from_url(redis_url)
     await store.redis.flushdb()

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.errors import ServeError, abort
-from worker.store import StateStore
+from common.errors import ServeError, abort
+from common.store import StateStore
 
 
 class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):

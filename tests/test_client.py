@@ -21,7 +21,7 @@ from client import (
 )
 from client.errors import ERRORS_BY_CODE, error_from_status
 from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
-from worker import errors as server_errors
+from common import errors as server_errors
 
 
 def test_every_server_error_becomes_its_typed_exception() -> None:

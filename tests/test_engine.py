@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker.engine import Delta, Engine, Finished, StateCache, StopReason, Turn, TurnEvent, TurnRequest
-from worker.errors import InvalidArgument, Overloaded
+from common.errors import InvalidArgument, Overloaded
 from worker.sampler import SamplingParams
 from worker.state import State
 

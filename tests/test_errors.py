@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from worker import errors
-from worker.errors import (
+from common import errors
+from common.errors import (
     STATUS_CODES,
     LeaseLost,
     Overloaded,

@@ -21,7 +21,7 @@ from service.settings import FrontSettings
 from tests.e2e_fixtures import InprocService, key_entry
 from tuning.presets import app as presets_cli
 from worker.state import MAGIC, State, load_time_state, state_to_bytes
-from worker.store import StateStore
+from common.store import StateStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,8 +26,8 @@ from service.auth import Auth, hash_api_key, new_api_key, parse_key_entries
 from service.quotas import Quotas
 from tests.conftest import _wait_for_port, free_port
 from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
-from worker.errors import ERROR_KEY, RETRY_AFTER_KEY, QuotaExceeded, Unauthenticated
-from worker.store import StateStore, StoreConfigError, new_session_id
+from common.errors import ERROR_KEY, RETRY_AFTER_KEY, QuotaExceeded, Unauthenticated
+from common.store import StateStore, StoreConfigError, new_session_id
 
 KEY_A, KEY_B = "key-of-alice-0123456789", "key-of-bob-0123456789"
 ALICE, BOB = (("authorization", f"Bearer {KEY_A}"),), (("x-api-key", KEY_B),)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.errors import (
+from common.errors import (
     InvalidArgument,
     LeaseLost,
     PresetNotFound,
@@ -14,7 +14,7 @@ from worker.errors import (
     SessionNotFound,
     VersionConflict,
 )
-from worker.store import StateStore
+from common.store import StateStore
 
 STATE_A = b"state-a" * 1000
 STATE_B = b"state-b" * 1000

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.errors import LeaseLost, SessionBusy, SessionNotFound, VersionConflict
-from worker.store import StateStore
+from common.errors import LeaseLost, SessionBusy, SessionNotFound, VersionConflict
+from common.store import StateStore
 
 STATE_A = b"state-a" * 1000
 STATE_B = b"state-b" * 1000

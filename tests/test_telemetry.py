@@ -31,7 +31,7 @@ from tests.e2e_fixtures import key_entry
 from worker.server import WorkerCore, shutdown
 from worker.server import create_server as create_worker
 from worker.settings import WorkerSettings
-from worker.telemetry import ContextFilter, JsonFormatter, Telemetry, set_session
+from common.telemetry import ContextFilter, JsonFormatter, Telemetry, set_session
 
 API_KEY = "rwkv_key-that-must-never-be-logged-42"
 PROMPT = "zebra-quartz-lighthouse"  # a prompt no log line may contain (unless log_text is on)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.errors import InvalidArgument
+from common.errors import InvalidArgument
 from worker.templates import get_template
 
 

@@ -12,12 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.errors import ERROR_KEY, RETRY_AFTER_KEY
+from common.errors import ERROR_KEY, RETRY_AFTER_KEY
 from worker.server import SERVICE_NAME, WorkerCore, create_server, shutdown
 from worker.settings import WorkerSettings
 from worker.state import State
-from worker.store import StateStore
-from worker.turns import sampling_to_pb
+from common.store import StateStore
+from common.worker_api import sampling_to_pb
 
 MODEL_ID = "tiny"
 

@@ -20,10 +20,10 @@ import typer
 from rich.console import Console
 
 from client import RWKVClient, RWKVError, tls_credentials
-from worker.errors import PresetExists, ServeError
+from common.errors import PresetExists, ServeError
 from worker.model import config_from_params, read_checkpoint, weights_fingerprint
 from worker.state import StateFormatError, load_time_state, state_to_bytes
-from worker.store import PresetInfo, StateStore
+from common.store import PresetInfo, StateStore
 
 __all__ = ["PresetExists", "app", "delete_preset", "list_presets", "model_id_for", "preset_record", "register_preset"]
 

@@ -28,21 +28,13 @@ from enum import Enum
 
 import torch
 
-from worker.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from common.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from worker.model import RWKV5
 from worker.sampler import SampleResult, SamplerState, SamplingParams, StopChecker, sample_batch
 from worker.state import State
+from rwkv_serve.contract import StopReason
 
 log = logging.getLogger(__name__)
-
-class StopReason(str, Enum):
-    """Why a turn ended."""
-
-    STOP_TOKEN = "stop_token"
-    STOP_STRING = "stop_string"
-    MAX_TOKENS = "max_tokens"
-    CANCELLED = "cancelled"
-
 
 @dataclass(frozen=True)
 class TurnRequest:
@@ -469,7 +461,7 @@ class Engine:
         if step.reason is None:
             slot.feed = [token]
             return
-        reason = StopReason(step.reason)
+        reason = StopReason[step.reason.upper()]
         slot.phase = Phase.CLOSING
         # The last emitted token is fed (the user saw it); a stop string is itself the turn's end, otherwise
         # the template's epilogue closes the reply so the next turn continues a well-formed conversation.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from worker.engine import Delta, Engine, Finished, StateCache, Turn, TurnRequest
-from worker.errors import (
+from common.errors import (
     DeadlineExceeded,
     ForeignState,
     InvalidArgument,
@@ -38,10 +38,10 @@ from worker.state import (
     state_to_bytes,
     time_state_from_bytes,
 )
-from worker.store import Lease, SessionMeta, StateStore
-from worker.telemetry import Telemetry, set_session
+from common.store import Lease, SessionMeta, StateStore
+from common.telemetry import Telemetry, set_session
 from worker.templates import ChatTemplate, get_template
-from worker.turns import (
+from common.worker_api import (
     InputKind,
     PreparedState,
     StopReason,
@@ -128,7 +128,7 @@ class TurnRunner:
                     if isinstance(event, TextDelta):
                         watch.delta(len(event.token_ids), event.text)
                     elif isinstance(event, TurnEnded):
-                        watch.ended(event.prompt_tokens, event.generated_tokens, event.reason.value)
+                        watch.ended(event.prompt_tokens, event.generated_tokens, event.reason.label)
                         if watch.text is not None:
                             log.debug("turn %s reply: %r", turn.turn_id, "".join(watch.text))
                     yield event
@@ -392,7 +392,7 @@ class TurnRunner:
     def _ended(finished: Finished, version: int, state_tokens: int | None = None) -> TurnEnded:
         """The domain event; state_tokens overrides the engine's count when the state was not kept."""
         return TurnEnded(
-            StopReason(finished.reason.value), finished.prompt_tokens, finished.generated_tokens,
+            finished.reason, finished.prompt_tokens, finished.generated_tokens,
             finished.tokens_consumed if state_tokens is None else state_tokens, version,
             finished.stop_string, finished.stop_token_id,
         )

@@ -30,11 +30,11 @@ from worker.model import RWKV5
 from worker.runner import RunnerConfig, TurnRunner
 from worker.servicer import WorkerServicer
 from worker.settings import WorkerSettings
-from worker.store import StateStore, StoreConfigError
-from worker.telemetry import Telemetry, configure_logging
-from worker.tls import add_port, server_credentials
+from common.store import StateStore, StoreConfigError
+from common.telemetry import Telemetry, configure_logging
+from common.tls import add_port, server_credentials
 from worker.tokenizer import load_tokenizer
-from worker.turns import ModelDescription, WorkerLoad
+from common.worker_api import ModelDescription, WorkerLoad
 
 log = logging.getLogger("rwkv.worker")
 

@@ -9,8 +9,8 @@ from typing import Protocol
 import grpc
 
 from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.errors import ModelNotFound, Unavailable, grpc_errors
-from worker.turns import PreparedState, TurnEvent, TurnInput, WorkerLoad
+from common.errors import ModelNotFound, Unavailable, grpc_errors
+from common.worker_api import PreparedState, TurnEvent, TurnInput, WorkerLoad
 
 
 class Runner(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from worker.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 

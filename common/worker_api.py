@@ -12,43 +12,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from common.errors import InvalidArgument
+from rwkv_serve.contract import StopReason, sampling_from_pb
 from rwkv_serve.v1 import common_pb2, worker_pb2
-from worker.errors import InvalidArgument
 
-_SAMPLING_SCALARS = (
-    "temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "penalty_decay",
-    "max_tokens", "seed", "logprobs",
-)
-_SAMPLING_ID_LISTS = ("banned_tokens", "stop_token_ids")
-
-
-def sampling_from_pb(pb: common_pb2.Sampling) -> dict[str, Any]:
-    """The fields set in a Sampling message."""
-    out: dict[str, Any] = {name: getattr(pb, name) for name in _SAMPLING_SCALARS if pb.HasField(name)}
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
-        if name in out:  # float32 on the wire: 0.3 arrives as 0.30000001192...; keep what the caller wrote
-            out[name] = float(f"{out[name]:.7g}")
-    for name in _SAMPLING_ID_LISTS:
-        if pb.HasField(name):
-            out[name] = list(getattr(pb, name).ids)
-    if pb.HasField("stop_strings"):
-        out["stop_strings"] = list(pb.stop_strings.values)
-    return out
-
-
-def sampling_to_pb(fields: Mapping[str, Any]) -> common_pb2.Sampling:
-    """A Sampling message with exactly the given fields set."""
-    pb = common_pb2.Sampling()
-    for name, value in fields.items():
-        if name in _SAMPLING_SCALARS:
-            setattr(pb, name, value)
-        elif name in _SAMPLING_ID_LISTS:
-            getattr(pb, name).ids.extend(value)
-        elif name == "stop_strings":
-            pb.stop_strings.values.extend(value)
-        else:
-            raise InvalidArgument(f"unknown sampling field {name!r}")
-    return pb
+__all__ = ["StopReason", "sampling_from_pb"]  # re-exported: the worker-API types speak them
 
 
 def merge_sampling(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -66,24 +34,7 @@ class InputKind(str, Enum):
     RAW = "raw"  # fed as is
 
 
-class StopReason(str, Enum):
-    """Why a turn ended (values match the engine's)."""
-
-    STOP_TOKEN = "stop_token"
-    STOP_STRING = "stop_string"
-    MAX_TOKENS = "max_tokens"
-    CANCELLED = "cancelled"
-
-
 _KIND_FROM_PB = {worker_pb2.INPUT_KIND_CHAT: InputKind.CHAT, worker_pb2.INPUT_KIND_RAW: InputKind.RAW}
-_KIND_TO_PB = {v: k for k, v in _KIND_FROM_PB.items()}
-_REASON_TO_PB = {
-    StopReason.STOP_TOKEN: common_pb2.STOP_REASON_STOP_TOKEN,
-    StopReason.STOP_STRING: common_pb2.STOP_REASON_STOP_STRING,
-    StopReason.MAX_TOKENS: common_pb2.STOP_REASON_MAX_TOKENS,
-    StopReason.CANCELLED: common_pb2.STOP_REASON_CANCELLED,
-}
-_REASON_FROM_PB = {v: k for k, v in _REASON_TO_PB.items()}
 
 
 @dataclass(frozen=True)
@@ -117,17 +68,6 @@ class TurnInput:
             turn_id=pb.turn_id,
             return_token_ids=pb.return_token_ids,
         )
-
-    def to_pb(self) -> worker_pb2.RunTurnRequest:
-        pb = worker_pb2.RunTurnRequest(
-            session_id=self.session_id, model=self.model, kind=_KIND_TO_PB[self.kind], text=self.text,
-            token_ids=list(self.token_ids), sampling=sampling_to_pb(self.sampling), commit=self.commit,
-            turn_id=self.turn_id, return_token_ids=self.return_token_ids,
-        )
-        if self.expected_version is not None:
-            pb.expected_state_version = self.expected_version
-        return pb
-
 
 @dataclass(frozen=True)
 class TurnStarted:
@@ -186,7 +126,7 @@ class TurnEnded:
 
     def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
         return common_pb2.ChatEvent(turn_id=turn_id, turn_end=common_pb2.TurnEnd(
-            stop_reason=_REASON_TO_PB[self.reason],
+            stop_reason=int(self.reason),
             usage=common_pb2.Usage(prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
                                    state_tokens=self.state_tokens),
             state_version=self.state_version,
@@ -196,26 +136,6 @@ class TurnEnded:
 
 
 TurnEvent = TurnStarted | TextDelta | TurnEnded
-
-
-def event_from_pb(pb: common_pb2.ChatEvent) -> TurnEvent:
-    """The domain event of a ChatEvent (the front reads a worker's stream with this)."""
-    kind = pb.WhichOneof("event")
-    if kind == "turn_start":
-        return TurnStarted(pb.turn_start.prompt_tokens, pb.turn_start.worker_id)
-    if kind == "delta":
-        d = pb.delta
-        logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
-                         for lp in d.logprobs)
-        return TextDelta(d.text, tuple(d.token_ids), logprobs)
-    if kind == "turn_end":
-        e = pb.turn_end
-        return TurnEnded(
-            _REASON_FROM_PB.get(e.stop_reason, StopReason.CANCELLED), e.usage.prompt_tokens,
-            e.usage.generated_tokens, e.usage.state_tokens, e.state_version, e.stop_string,
-            e.stop_token_id if e.stop_reason == common_pb2.STOP_REASON_STOP_TOKEN else -1,
-        )
-    raise InvalidArgument("empty ChatEvent")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from worker.errors import (
+from common.errors import (
     InvalidArgument,
     LeaseLost,
     PresetExists,

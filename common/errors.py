@@ -60,9 +60,6 @@ class LeaseLost(VersionConflict):
     """The turn's lease expired or was taken over, so its state may be stale and was not committed."""
 
 
-StaleState = VersionConflict  # the name the design notes use
-
-
 class StateCorrupt(ServeError):
     """A stored state failed to decode (truncated, bad checksum, or another model's fingerprint)."""
 
