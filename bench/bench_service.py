@@ -185,7 +185,7 @@ async def front_turn(
 ) -> tuple[float, list[float], float, int]:
     """One chat turn as the SDK's chat() runs it (send, events to turn end, half-close, drain), with timestamps
     of every token-bearing delta."""
-    from client import TextDelta, TurnResult
+    from rwkv_serve_client import TextDelta, TurnResult
 
     stream = client.chat_stream(sid, timeout=600)
     times: list[float] = []
@@ -220,7 +220,7 @@ class Service:
         self.store: Any = None
 
     async def start(self) -> None:
-        from client import AsyncRWKVClient
+        from rwkv_serve_client import AsyncRWKVClient
         from service.stack import EmbeddedRedis, Stack, free_port
         from common.store import StateStore
 
@@ -272,7 +272,7 @@ class Service:
         """Redis memory of everything the session keeps (meta hash + state record)."""
         total = 0
         for part in ("meta", "state"):
-            total += await self.store.redis.memory_usage(self.store.session_key(sid, part)) or 0
+            total += await self.store.redis.memory_usage(self.store.keys.session(sid, part)) or 0
         return total
 
 

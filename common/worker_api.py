@@ -160,13 +160,13 @@ class ModelDescription:
     """The model a worker serves."""
 
     id: str
-    n_layer: int
-    n_embd: int
-    n_head: int
-    vocab_size: int
-    state_bytes: int
-    fingerprint: str  # hex
-    random_init: bool
+    n_layer: int = 0
+    n_embd: int = 0
+    n_head: int = 0
+    vocab_size: int = 0
+    state_bytes: int = 0
+    fingerprint: str = ""  # hex
+    random_init: bool = False
     presets: tuple[str, ...] = ()
     head_size: int = 64
 
@@ -178,18 +178,34 @@ class ModelDescription:
         )
 
 
+# The registry record's fields beside worker_id/address/model: the load ones, then the model's (flat JSON).
+_LOAD_FIELDS = ("capacity", "active", "queued", "max_queued", "serving")
+_MODEL_FIELDS = ("fingerprint", "random_init", "n_layer", "n_embd", "n_head", "head_size", "vocab_size",
+                 "state_bytes")
+
+
 @dataclass(frozen=True)
 class WorkerLoad:
-    """A worker's identity and load: its GetLoad answer and its Redis registry record."""
+    """A worker's identity and load: its GetLoad answer, and the registry record it writes and the front reads."""
 
     worker_id: str
     address: str
     model: ModelDescription
-    capacity: int
-    active: int
-    queued: int
-    max_queued: int
-    serving: bool
+    capacity: int = 1
+    active: int = 0
+    queued: int = 0
+    max_queued: int = 0
+    serving: bool = True
+
+    @property
+    def load(self) -> float:
+        """Occupancy of the batch and queue, for least-loaded placement."""
+        return (self.active + self.queued) / max(self.capacity, 1)
+
+    @property
+    def saturated(self) -> bool:
+        """Its queue was full at the last heartbeat (it would likely refuse a turn)."""
+        return self.max_queued > 0 and self.queued >= self.max_queued
 
     def to_pb(self) -> worker_pb2.LoadInfo:
         return worker_pb2.LoadInfo(
@@ -198,13 +214,23 @@ class WorkerLoad:
         )
 
     def to_record(self) -> dict[str, Any]:
-        """The JSON-able registry record (what the front's router reads)."""
-        return {
-            "worker_id": self.worker_id, "address": self.address, "model": self.model.id,
-            "fingerprint": self.model.fingerprint, "random_init": self.model.random_init,
-            "capacity": self.capacity, "active": self.active, "queued": self.queued,
-            "max_queued": self.max_queued, "serving": self.serving,
-            "n_layer": self.model.n_layer, "n_embd": self.model.n_embd, "n_head": self.model.n_head,
-            "head_size": self.model.head_size, "vocab_size": self.model.vocab_size,
-            "state_bytes": self.model.state_bytes,
-        }
+        """The JSON-able registry record."""
+        record: dict[str, Any] = {"worker_id": self.worker_id, "address": self.address, "model": self.model.id}
+        record.update({name: getattr(self, name) for name in _LOAD_FIELDS})
+        record.update({name: getattr(self.model, name) for name in _MODEL_FIELDS})
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> WorkerLoad:
+        """Reads what to_record wrote; ValueError when a field is missing or of the wrong type."""
+        try:
+            r = record
+            model = ModelDescription(
+                id=str(r["model"]), n_layer=int(r["n_layer"]), n_embd=int(r["n_embd"]), n_head=int(r["n_head"]),
+                vocab_size=int(r["vocab_size"]), state_bytes=int(r["state_bytes"]), fingerprint=str(r["fingerprint"]),
+                random_init=bool(r["random_init"]), head_size=int(r["head_size"]))
+            return cls(worker_id=str(r["worker_id"]), address=str(r["address"]), model=model,
+                       capacity=int(r["capacity"]), active=int(r["active"]), queued=int(r["queued"]),
+                       max_queued=int(r["max_queued"]), serving=bool(r["serving"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"unreadable worker registry record ({exc!r})") from None

@@ -70,7 +70,7 @@ class Presets:
         prepared = PreparedState.from_pb(await self.router.unary("PrepareState", request, candidates, deadline))
         # Workers of one model id on different weights (a rollout half done): a preset stamped with one set would
         # be refused by the others at the session's first turn, so refuse it now.
-        fingerprints = {str(w.model_info.get("fingerprint") or "") for w in candidates} - {""}
+        fingerprints = {w.model.fingerprint for w in candidates} - {""}
         if fingerprints - {prepared.fingerprint}:
             raise ForeignState(f"the workers of model {model!r} serve different weights (fingerprints "
                                f"{sorted(f[:12] for f in fingerprints)}); register the preset after the rollout")

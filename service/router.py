@@ -15,7 +15,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -32,70 +31,9 @@ from common.errors import (
     WorkerLost,
     from_status,
 )
+from common.worker_api import WorkerLoad
 
 log = logging.getLogger(__name__)
-
-_MODEL_INFO_FIELDS = ("n_layer", "n_embd", "n_head", "head_size", "vocab_size", "state_bytes", "fingerprint",
-                      "random_init", "presets")
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """A live worker as its registry record describes it."""
-
-    worker_id: str
-    address: str
-    model: str
-    capacity: int = 1
-    active: int = 0
-    queued: int = 0
-    max_queued: int = 0
-    serving: bool = True
-    model_info: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> WorkerInfo:
-        """Reads a registry record: the worker's LoadInfo as JSON; `model` is the model id or a ModelInfo."""
-        model = record.get("model", "")
-        info = {name: record[name] for name in _MODEL_INFO_FIELDS if name in record}
-        info.update(record.get("model_info") or {})
-        if isinstance(model, dict):
-            info = {**model, **info}
-            model = model.get("id", "")
-        return cls(
-            worker_id=str(record.get("worker_id") or record.get("id") or record.get("address", "")),
-            address=str(record.get("address", "")),
-            model=str(model),
-            capacity=int(record.get("capacity", 1) or 1),
-            active=int(record.get("active", 0) or 0),
-            queued=int(record.get("queued", 0) or 0),
-            max_queued=int(record.get("max_queued", 0) or 0),
-            serving=bool(record.get("serving", True)),
-            model_info=info,
-        )
-
-    @property
-    def load(self) -> float:
-        """Occupancy of the batch and queue, for least-loaded placement."""
-        return (self.active + self.queued) / max(self.capacity, 1)
-
-    @property
-    def saturated(self) -> bool:
-        """Its queue was full at the last heartbeat (it would likely refuse a turn)."""
-        return self.max_queued > 0 and self.queued >= self.max_queued
-
-    def model_info_pb(self) -> common_pb2.ModelInfo:
-        info = common_pb2.ModelInfo(id=self.model)
-        for name in _MODEL_INFO_FIELDS:
-            if name not in self.model_info:
-                continue
-            value = self.model_info[name]
-            if name == "presets":
-                info.presets.extend(value)
-            else:
-                setattr(info, name, type(getattr(info, name))(value))
-        return info
-
 
 def rendezvous_score(key: str, worker_id: str) -> int:
     """Highest random weight: a stable pseudo-random score of the pair, the same on every front."""
@@ -103,7 +41,7 @@ def rendezvous_score(key: str, worker_id: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def rendezvous_order(key: str, workers: Sequence[WorkerInfo]) -> list[WorkerInfo]:
+def rendezvous_order(key: str, workers: Sequence[WorkerLoad]) -> list[WorkerLoad]:
     """Workers in the key's preference order (the first is its home)."""
     return sorted(workers, key=lambda w: rendezvous_score(key, w.worker_id), reverse=True)
 
@@ -113,34 +51,33 @@ class WorkerDirectory:
 
     def __init__(self, list_workers: Callable[[], Any], *, refresh_s: float = 1.0, suspect_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """`list_workers` is an async callable returning registry records (StateStore.list_workers)."""
+        """`list_workers` is an async callable returning the live workers (StateStore.list_workers)."""
         self._list_workers = list_workers
         self._refresh_s = refresh_s
         self._suspect_s = suspect_s
         self._clock = clock
-        self._cache: list[WorkerInfo] = []
+        self._cache: list[WorkerLoad] = []
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
         self._suspect_until: dict[str, float] = {}
 
-    async def workers(self, model: str | None = None, *, fresh: bool = False) -> list[WorkerInfo]:
+    async def workers(self, model: str | None = None, *, fresh: bool = False) -> list[WorkerLoad]:
         """Registered, serving workers (of `model` when given)."""
         async with self._lock:
             if fresh or self._clock() - self._read_at >= self._refresh_s:
-                records = await self._list_workers()
-                self._cache = [WorkerInfo.from_record(r) for r in records]
+                self._cache = list(await self._list_workers())
                 self._read_at = self._clock()
             workers = self._cache
-        return [w for w in workers if w.serving and w.address and (model is None or w.model == model)]
+        return [w for w in workers if w.serving and w.address and (model is None or w.model.id == model)]
 
-    def mark_failed(self, worker: WorkerInfo) -> None:
+    def mark_failed(self, worker: WorkerLoad) -> None:
         """The worker refused a connection: skip it for a while, even if its heartbeat is still alive."""
         self._suspect_until[worker.worker_id] = self._clock() + self._suspect_s
 
-    def mark_ok(self, worker: WorkerInfo) -> None:
+    def mark_ok(self, worker: WorkerLoad) -> None:
         self._suspect_until.pop(worker.worker_id, None)
 
-    def suspect(self, worker: WorkerInfo) -> bool:
+    def suspect(self, worker: WorkerLoad) -> bool:
         until = self._suspect_until.get(worker.worker_id)
         if until is None:
             return False
@@ -149,19 +86,19 @@ class WorkerDirectory:
             return False
         return True
 
-    def rank(self, ordered: list[WorkerInfo]) -> list[WorkerInfo]:
+    def rank(self, ordered: list[WorkerLoad]) -> list[WorkerLoad]:
         """Keeps the order but moves suspect workers, then saturated ones, to the back (tried last, not never:
         with one worker left a stale mark must not make the model unavailable)."""
         return sorted(ordered, key=lambda w: (self.suspect(w), w.saturated))  # sorted() is stable
 
-    async def for_session(self, session_id: str, model: str) -> list[WorkerInfo]:
+    async def for_session(self, session_id: str, model: str) -> list[WorkerLoad]:
         """The model's workers in the session's rendezvous order, healthy ones first."""
         workers = await self.workers(model)
         if not workers:
             workers = await self.workers(model, fresh=True)  # a worker may have just registered
         return self.rank(rendezvous_order(session_id, workers))
 
-    async def least_loaded(self, model: str) -> list[WorkerInfo]:
+    async def least_loaded(self, model: str) -> list[WorkerLoad]:
         """The model's workers by load, healthy ones first (random among equals, to spread stateless work)."""
         workers = await self.workers(model)
         if not workers:
@@ -173,9 +110,9 @@ class WorkerDirectory:
         """One ModelInfo per served model, with its live worker count."""
         by_model: dict[str, common_pb2.ModelInfo] = {}
         for worker in await self.workers():
-            info = by_model.get(worker.model)
+            info = by_model.get(worker.model.id)
             if info is None:
-                info = by_model[worker.model] = worker.model_info_pb()
+                info = by_model[worker.model.id] = worker.model.to_pb()
             info.workers += 1
         return [by_model[m] for m in sorted(by_model)]
 
@@ -243,7 +180,7 @@ class Router:
         self.max_attempts = max_attempts
         self.admission = admission or Admission()
 
-    async def run_turn(self, request: worker_pb2.RunTurnRequest, candidates: list[WorkerInfo],
+    async def run_turn(self, request: worker_pb2.RunTurnRequest, candidates: list[WorkerLoad],
                        deadline: float | None = None) -> AsyncIterator[common_pb2.ChatEvent]:
         """Streams the turn's events from the first candidate that takes it.
 
@@ -284,7 +221,7 @@ class Router:
                     call.cancel()  # a no-op when the call has finished; stops the worker's turn otherwise
         raise _summary(refusals)
 
-    def _failed(self, worker: WorkerInfo, e: grpc.aio.AioRpcError) -> ServeError:
+    def _failed(self, worker: WorkerLoad, e: grpc.aio.AioRpcError) -> ServeError:
         """The error of a call that failed after the worker took it (or, in transport, before it could say)."""
         if _worker_gone(e):
             self.directory.mark_failed(worker)
@@ -292,7 +229,7 @@ class Router:
                               "committed", worker_id=worker.worker_id)
         return _error(e)
 
-    async def unary(self, method: str, request: Any, candidates: list[WorkerInfo],
+    async def unary(self, method: str, request: Any, candidates: list[WorkerLoad],
                     deadline: float | None = None) -> Any:
         """A unary worker call (e.g. Tokenize) on the first candidate that answers."""
         if not candidates:
@@ -307,7 +244,7 @@ class Router:
                 refusals.append(self._refused(worker, e))
         raise _summary(refusals)
 
-    def _refused(self, worker: WorkerInfo, e: grpc.aio.AioRpcError) -> ServeError:
+    def _refused(self, worker: WorkerLoad, e: grpc.aio.AioRpcError) -> ServeError:
         error = _error(e)
         if e.code() == grpc.StatusCode.UNAVAILABLE and not isinstance(error, StoreUnavailable):
             self.directory.mark_failed(worker)  # (Redis being down is not this worker's fault)

@@ -7,15 +7,16 @@ from collections.abc import Mapping
 from rwkv_serve.v1 import common_pb2
 from service.convert import InputLimits, check_metadata, check_sampling, template_name
 from service.quotas import Quotas
-from service.router import WorkerDirectory, WorkerInfo
+from common.worker_api import WorkerLoad
+from service.router import WorkerDirectory
 from common.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
 from common.store import SessionMeta, StateStore
 from common.worker_api import sampling_from_pb
 
 
-def _vocab_size(workers: list[WorkerInfo]) -> int | None:
+def _vocab_size(workers: list[WorkerLoad]) -> int | None:
     """The model's vocabulary size as its workers report it (None when unknown)."""
-    return int(workers[0].model_info.get("vocab_size") or 0) or None if workers else None
+    return (workers[0].model.vocab_size or None) if workers else None
 
 
 class Sessions:

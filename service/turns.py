@@ -15,7 +15,8 @@ from opentelemetry import trace
 from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
 from service.convert import check_sampling
 from service.quotas import Quotas
-from service.router import Router, WorkerDirectory, WorkerInfo
+from common.worker_api import WorkerLoad
+from service.router import Router, WorkerDirectory
 from service.sessions import Sessions
 from common.errors import (
     InvalidArgument,
@@ -36,7 +37,7 @@ class TurnPlan:
     """A turn ready to run: the worker request, where it may run, and what its events have shown so far."""
 
     request: worker_pb2.RunTurnRequest
-    candidates: list[WorkerInfo]
+    candidates: list[WorkerLoad]
     base_version: int = 0  # the session's state version when the turn was planned
     base_tokens: int = 0
     client_wants_ids: bool = False  # the front always asks the worker for ids, to count tokens exactly
@@ -68,7 +69,7 @@ class Turns:
         self.admission = router.admission  # the front's in-flight bounds, shared with the router
         self.max_stream_queue = max_stream_queue
 
-    async def _session_candidates(self, session_id: str, model: str) -> list[WorkerInfo]:
+    async def _session_candidates(self, session_id: str, model: str) -> list[WorkerLoad]:
         candidates = await self.directory.for_session(session_id, model)
         if not candidates:
             raise Unavailable(f"no live worker serves model {model!r} of session {session_id}")
@@ -77,7 +78,7 @@ class Turns:
     def _checked(self, plan: TurnPlan) -> TurnPlan:
         """Refuses sampling overrides no worker would take, before the turn reaches one (the worker checks the
         merged parameters again, with its own limits)."""
-        vocab = int(plan.candidates[0].model_info.get("vocab_size") or 0) if plan.candidates else 0
+        vocab = plan.candidates[0].model.vocab_size if plan.candidates else 0
         check_sampling(plan.request.sampling, vocab or None)
         return plan
 
@@ -151,7 +152,7 @@ class Turns:
                     candidates = await self._after_worker_lost(plan, lost, candidates)
 
     async def _after_worker_lost(self, plan: TurnPlan, lost: WorkerLost,
-                                 candidates: list[WorkerInfo]) -> list[WorkerInfo]:
+                                 candidates: list[WorkerLoad]) -> list[WorkerLoad]:
         """Frees the lost worker's lease; returns where to run the turn again, or raises `lost` when it may not."""
         request = plan.request
         if request.session_id:

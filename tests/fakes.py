@@ -6,13 +6,14 @@ It answers a turn with the words of its input, prefixed by its id, one delta per
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import grpc
 
 from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from common.errors import ServeError, abort
 from common.store import StateStore
+from common.worker_api import ModelDescription, WorkerLoad
 
 
 class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
@@ -80,7 +81,7 @@ class RunningFake:
     server: grpc.aio.Server
     address: str
     store: StateStore
-    record: dict = field(default_factory=dict)
+    record: WorkerLoad
 
     async def stop(self, unregister: bool = False) -> None:
         """Stops serving; by default the registry entry stays (as after a crash, until its TTL)."""
@@ -89,8 +90,9 @@ class RunningFake:
             await self.store.unregister_worker(self.servicer.worker_id)
 
     async def register(self, **load: object) -> None:
-        self.record.update(load)
-        await self.store.register_worker(self.servicer.worker_id, self.record, 60_000)
+        """Writes its registry record, with the given load fields changed (as a heartbeat would)."""
+        self.record = replace(self.record, **load)
+        await self.store.register_worker(self.record, 60_000)
 
 
 async def start_fake(store: StateStore, worker_id: str, model: str = "tiny", **record: object) -> RunningFake:
@@ -100,9 +102,8 @@ async def start_fake(store: StateStore, worker_id: str, model: str = "tiny", **r
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     address = f"127.0.0.1:{port}"
-    fake = RunningFake(servicer, server, address, store, {
-        "worker_id": worker_id, "address": address, "model": model, "capacity": 4, "active": 0, "queued": 0,
-        "max_queued": 16, "serving": True, "n_layer": 2, "n_embd": 128, "n_head": 2, "vocab_size": 65536,
-        **record})
+    description = ModelDescription(model, n_layer=2, n_embd=128, n_head=2, vocab_size=65536)
+    fake = RunningFake(servicer, server, address, store, replace(
+        WorkerLoad(worker_id, address, description, capacity=4, max_queued=16), **record))
     await fake.register()
     return fake

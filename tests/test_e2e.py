@@ -21,9 +21,10 @@ import pytest
 import redis
 import torch
 
-from client import AsyncRWKVClient, RWKVClient, StopReason, TurnResult
+from rwkv_serve_client import AsyncRWKVClient, RWKVClient, StopReason, TurnResult
 from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
-from service.router import WorkerInfo, rendezvous_order
+from common.worker_api import ModelDescription, WorkerLoad
+from service.router import rendezvous_order
 from service.stack import Stack, free_port
 from worker.checkpoint import make_random_checkpoint
 from worker.model import RWKV5
@@ -192,7 +193,7 @@ def _worker_loads(stack: Stack) -> list[worker_pb2.LoadInfo]:
         record = registry.get(f"rwkv:worker:{worker_id}")
         if proc.poll() is not None or record is None:
             continue
-        with grpc.insecure_channel(WorkerInfo.from_record(json.loads(record)).address) as channel:
+        with grpc.insecure_channel(WorkerLoad.from_record(json.loads(record)).address) as channel:
             loads.append(worker_pb2_grpc.WorkerServiceStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5))
     registry.close()
     return loads
@@ -217,7 +218,7 @@ def test_disconnect_stops_generation_and_leaves_the_state(stack: Stack) -> None:
 
 def test_cli_chats_through_the_stack(stack: Stack) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "client.cli", "--target", stack.target, "--temperature", "0", "--max-tokens", "3",
+        [sys.executable, "-m", "rwkv_serve_client.cli", "--target", stack.target, "--temperature", "0", "--max-tokens", "3",
          "-m", "Hi", "-m", "/session"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
@@ -231,7 +232,7 @@ def test_second_turn_survives_the_loss_of_its_worker(stack: Stack, twin_model) -
         session = rwkv.create_session(MODEL, temperature=0, max_tokens=16)
         ids = list(stack.worker_procs)
         home, other = (w.worker_id for w in rendezvous_order(session.session_id,
-                                                             [WorkerInfo(w, "x", MODEL) for w in ids]))
+                                                             [WorkerLoad(w, "x", ModelDescription(MODEL)) for w in ids]))
         twin = _twin(twin_model)
         first = rwkv.say(session.session_id, "My name is Ada.", return_token_ids=True)
         assert first.worker_id == home

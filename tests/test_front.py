@@ -4,6 +4,7 @@ workers (tests/fakes.py) on loopback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
-from service.router import WorkerDirectory, WorkerInfo, rendezvous_order
+from service.router import WorkerDirectory, rendezvous_order
 from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
 from common.errors import ERROR_KEY, Overloaded, SessionBusy
 from common.worker_api import ModelDescription, WorkerLoad
@@ -20,8 +21,12 @@ from common.worker_api import ModelDescription, WorkerLoad
 # ---- plain objects ------------------------------------------------------------------------------------------
 
 
-def _workers(n: int) -> list[WorkerInfo]:
-    return [WorkerInfo(f"w{i}", f"127.0.0.1:{1000 + i}", "m") for i in range(n)]
+def _worker(worker_id: str, address: str, model: str, **load: object) -> WorkerLoad:
+    return WorkerLoad(worker_id, address, ModelDescription(model), **load)
+
+
+def _workers(n: int) -> list[WorkerLoad]:
+    return [_worker(f"w{i}", f"127.0.0.1:{1000 + i}", "m") for i in range(n)]
 
 
 def test_rendezvous_moves_only_the_sessions_of_a_removed_worker() -> None:
@@ -40,14 +45,11 @@ def test_rendezvous_moves_only_the_sessions_of_a_removed_worker() -> None:
 
 
 async def test_directory_ranks_suspect_and_saturated_workers_last() -> None:
-    records = [{"worker_id": "a", "address": "x:1", "model": "m"},
-               {"worker_id": "b", "address": "x:2", "model": "m", "queued": 4, "max_queued": 4},
-               {"worker_id": "c", "address": "x:3", "model": "m"},
-               {"worker_id": "d", "address": "x:4", "model": "other"},
-               {"worker_id": "e", "address": "x:5", "model": "m", "serving": False}]
+    records = [_worker("a", "x:1", "m"), _worker("b", "x:2", "m", queued=4, max_queued=4), _worker("c", "x:3", "m"),
+               _worker("d", "x:4", "other"), _worker("e", "x:5", "m", serving=False)]
     now = [0.0]
 
-    async def list_workers() -> list[dict]:
+    async def list_workers() -> list[WorkerLoad]:
         return records
 
     directory = WorkerDirectory(list_workers, refresh_s=0.0, suspect_s=5.0, clock=lambda: now[0])
@@ -67,10 +69,10 @@ def test_worker_registry_records_are_understood() -> None:
                                    fingerprint="ab", random_init=True)
     load = WorkerLoad("w9", "10.0.0.1:7000", description, capacity=8, active=3, queued=5, max_queued=5,
                       serving=True)
-    info = WorkerInfo.from_record(load.to_record())
-    assert (info.worker_id, info.address, info.model, info.capacity) == ("w9", "10.0.0.1:7000", "m", 8)
+    info = WorkerLoad.from_record(json.loads(json.dumps(load.to_record())))  # through Redis as JSON
+    assert info == load
     assert info.load == 1.0 and info.saturated
-    pb = info.model_info_pb()
+    pb = info.model.to_pb()
     assert (pb.id, pb.n_layer, pb.state_bytes, pb.fingerprint, pb.random_init) == ("m", 2, 1234, "ab", True)
 
 
@@ -181,7 +183,7 @@ async def test_chat_goes_to_the_rendezvous_home(fakes, front_factory, store) -> 
     async with channel:
         session = await stub.CreateSession(api_pb2.CreateSessionRequest(
             model="tiny", default_sampling=common_pb2.Sampling(temperature=0.5, top_k=3)))
-        infos = [WorkerInfo(w, fake.address, "tiny") for w, fake in workers.items()]
+        infos = [_worker(w, fake.address, "tiny") for w, fake in workers.items()]
         home = rendezvous_order(session.session_id, infos)[0].worker_id
         for i in range(3):  # affinity: every turn on the same worker
             events = await _chat(stub, _turn(session.session_id, f"turn {i}", turn_id=f"t{i}", temperature=0.0))
@@ -206,7 +208,7 @@ async def test_failover_when_the_home_worker_is_down_or_overloaded(fakes, front_
     channel, stub = _stub(target)
     async with channel:
         session = await stub.CreateSession(api_pb2.CreateSessionRequest(model="tiny"))
-        infos = [WorkerInfo(w, fake.address, "tiny") for w, fake in workers.items()]
+        infos = [_worker(w, fake.address, "tiny") for w, fake in workers.items()]
         first, second, third = (w.worker_id for w in rendezvous_order(session.session_id, infos))
         await workers[first].stop()  # crashed: still registered until its heartbeat expires
         events = await _chat(stub, _turn(session.session_id, "hello"))

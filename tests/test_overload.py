@@ -114,7 +114,7 @@ async def test_worker_deadline_counts_the_time_queued(worker, store) -> None:
         async for _ in stub.RunTurn(queued, timeout=0.4):
             pass
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 2
-    lease = store.session_key(sid, "lease")
+    lease = store.keys.session(sid, "lease")
     for _ in range(200):  # dropped at the next step boundary, never admitted; the handler lets the lease go
         if core.engine.load.queued == 0 and not await store.redis.exists(lease):
             break

@@ -14,13 +14,14 @@ import redis
 import torch
 from typer.testing import CliRunner
 
-import client
-from client import AsyncRWKVClient, RWKVClient, TextDelta
+import rwkv_serve_client as client
+from rwkv_serve_client import AsyncRWKVClient, RWKVClient, TextDelta
 from service.server import create_server
 from service.settings import FrontSettings
 from tests.e2e_fixtures import InprocService, key_entry
 from tuning.presets import app as presets_cli
 from worker.state import MAGIC, State, load_time_state, state_to_bytes
+from common.worker_api import ModelDescription, WorkerLoad
 from common.store import StateStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,12 +151,12 @@ def test_replace_a_state_record_and_delete(admin, user, db, clean, tiny_model, t
     system = tokenizer.encode("System: Be brief.\n\n")
     state = tiny_model.forward(torch.tensor([system]), State(zeros, wkv, zeros.clone()))[1]
     record = state_to_bytes(state, tiny_model.fingerprint, len(system))
-    db.set(f"rwkv:prefix:{MODEL}:{'ab' * 32}", b"an entry built on the old preset")
+    first_turn(user, "Hi", preset="brief")  # caches the prefix state built on the old preset
     preset = admin.register_preset(MODEL, "brief", record, "replaced", replace=True)
     assert preset.tokens == len(system) and preset.description == "replaced"
     assert db.get(f"rwkv:preset:{MODEL}:brief") == record  # a valid record is stored as uploaded
-    assert not db.exists(f"rwkv:prefix:{MODEL}:{'ab' * 32}")  # replacing dropped the model's prefix cache
     prompt = tokenizer.encode("User: Hi\n\nAssistant:")
+    # Prefix-cache entries are keyed by the preset's bytes: none built on the old state can answer for the new one.
     assert first_turn(user, "Hi", preset="brief")[0] == direct(tiny_model, state, prompt, 4)[0]
     # Deleted: gone from the listing; new sessions naming it are NOT_FOUND, and so is a session created before
     # the deletion that had not run a turn yet.
@@ -240,13 +241,13 @@ def test_uploads_that_are_not_a_state_of_this_model_are_refused(admin, service, 
     assert stored_presets(db) == [] and admin.list_presets(MODEL) == []
 
     # Workers of one model id on different weights (a rollout half done): refused, whichever worker answers.
-    store_record = {"worker_id": "other-weights", "address": "127.0.0.1:1", "model": MODEL, "fingerprint": "ff" * 32}
+    other = WorkerLoad("other-weights", "127.0.0.1:1", ModelDescription(MODEL, fingerprint="ff" * 32))
 
     async def register_other(register: bool) -> None:
         store = StateStore.from_url(service.redis_url)
         try:
             if register:
-                await store.register_worker("other-weights", store_record, 30_000)
+                await store.register_worker(other, 30_000)
             else:
                 await store.unregister_worker("other-weights")
         finally:

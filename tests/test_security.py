@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import AsyncRWKVClient, AuthenticationError, UnavailableError, tls_credentials
+from rwkv_serve_client import AsyncRWKVClient, AuthenticationError, UnavailableError, tls_credentials
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc
 from service import admin
 from service.auth import Auth, hash_api_key, new_api_key, parse_key_entries
@@ -233,7 +233,7 @@ async def test_token_window_rolls_over(store) -> None:
     assert err.value.retry_after_s == pytest.approx(20.0)  # 1000 s lies 40 s into the window [960, 1020)
     now[0] = 1020.0
     await quotas.check_tokens("t")  # a new window
-    key = store._tokens_key("t", 16)
+    key = store.keys.tokens("t", 16)
     assert 0 < await store.redis.pttl(key) <= 80_000  # the old window's counter expires by itself
 
 
@@ -313,7 +313,7 @@ async def test_front_speaks_tls_only(fakes, front_factory, pki: Pki) -> None:  #
         assert (await rwkv.say(session.session_id, "hello")).text == "w1: hello "
     from typer.testing import CliRunner
 
-    from client.cli import app
+    from rwkv_serve_client.cli import app
 
     cli = await asyncio.to_thread(CliRunner().invoke, app, ["--target", target, "--tls-ca", str(pki.ca),
                                                             "-m", "over tls"])

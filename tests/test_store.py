@@ -14,7 +14,8 @@ from common.errors import (
     SessionNotFound,
     VersionConflict,
 )
-from common.store import StateStore
+from common.store import Lease, StateStore
+from common.worker_api import ModelDescription, WorkerLoad
 
 STATE_A = b"state-a" * 1000
 STATE_B = b"state-b" * 1000
@@ -25,12 +26,13 @@ async def new_session(store: StateStore, tenant: str = "t1", ttl_ms: int = 60_00
     return meta.session_id
 
 
+async def lease(store: StateStore, sid: str, ttl_ms: int = 5_000) -> Lease:
+    """Starts a turn the way a worker does (begin_turn) and keeps only its lease."""
+    return (await store.begin_turn(sid, ttl_ms, with_state=False))[0]
+
+
 async def commit(store: StateStore, sid: str, data: bytes, version: int) -> int:
-    lease = await store.acquire_lease(sid, 5_000)
-    try:
-        return await store.commit_state(lease, version, data, state_tokens=len(data))
-    finally:
-        await store.release_lease(lease)
+    return await store.commit_and_release(await lease(store, sid), version, data, state_tokens=len(data))
 
 
 async def test_create_get_roundtrip(store: StateStore) -> None:
@@ -55,51 +57,52 @@ async def test_commit_advances_version_and_stores_bytes(store: StateStore) -> No
 async def test_commit_refuses_stale_version(store: StateStore) -> None:
     sid = await new_session(store)
     await commit(store, sid, STATE_A, 0)
-    lease = await store.acquire_lease(sid, 5_000)
+    held = await lease(store, sid)
     with pytest.raises(VersionConflict):
-        await store.commit_state(lease, 0, STATE_B, state_tokens=1)  # someone already committed version 1
+        await store.commit_and_release(held, 0, STATE_B, state_tokens=1)  # someone already committed version 1
     meta, data = await store.load_state(sid)
     assert (meta.version, data) == (1, STATE_A)
-    # the rejected commit's staging key is gone: nothing but meta, state and the lease remain
-    keys = {k.decode() async for k in store.redis.scan_iter(match="*")} - {f"rwkv:tenant:t1:sessions"}
-    assert keys == {store.session_key(sid, p) for p in ("meta", "state", "lease")}
+    # the rejected commit's staging key and the lease are gone: nothing but meta and state remain
+    keys = {k.decode() async for k in store.redis.scan_iter(match="*")} - {"rwkv:tenant:t1:sessions"}
+    assert keys == {store.keys.session(sid, p) for p in ("meta", "state")}
 
 
 async def test_stale_worker_with_expired_lease_cannot_overwrite(store: StateStore) -> None:
     sid = await new_session(store)
-    slow = await store.acquire_lease(sid, 100)
+    slow = await lease(store, sid, 100)
     await asyncio.sleep(0.25)  # the slow worker's lease expires...
-    fast = await store.acquire_lease(sid, 5_000)  # ...another worker takes over and commits
-    assert await store.commit_state(fast, 0, STATE_B, state_tokens=2) == 1
+    fast = await lease(store, sid)  # ...another worker takes over
     with pytest.raises(LeaseLost):
-        await store.commit_state(slow, 0, STATE_A, state_tokens=1)
-    with pytest.raises(LeaseLost):  # even at the right version, a lost lease never commits
-        await store.commit_state(slow, 1, STATE_A, state_tokens=1)
+        await store.commit_and_release(slow, 0, STATE_A, state_tokens=1)
+    assert not await store.release_lease(slow)  # a lost lease leaves the new holder's alone
+    assert await store.commit_and_release(fast, 0, STATE_B, state_tokens=2) == 1
+    third = await lease(store, sid)  # while a third turn holds the session...
+    with pytest.raises(LeaseLost):  # ...even at the right version, a lost lease never commits
+        await store.commit_and_release(slow, 1, STATE_A, state_tokens=1)
     assert (await store.load_state(sid))[1] == STATE_B
-    assert not await store.release_lease(slow)  # releasing a lost lease leaves the new holder's alone
-    assert await store.release_lease(fast)
+    assert await store.release_lease(third)  # the stale commit did not release the new holder's lease
 
 
 async def test_lease_is_exclusive_renewable_and_released(store: StateStore) -> None:
     sid = await new_session(store)
-    lease = await store.acquire_lease(sid, 300)
+    held = await lease(store, sid, 300)
     with pytest.raises(SessionBusy):
-        await store.acquire_lease(sid, 300)
+        await lease(store, sid, 300)
     await asyncio.sleep(0.2)
-    await store.renew_lease(lease)
+    await store.renew_lease(held)
     await asyncio.sleep(0.2)  # past the original expiry, within the renewed one
     with pytest.raises(SessionBusy):
-        await store.acquire_lease(sid, 300)
-    assert await store.release_lease(lease)
-    again = await store.acquire_lease(sid, 300)
+        await lease(store, sid, 300)
+    assert await store.release_lease(held)
+    again = await lease(store, sid, 300)
     with pytest.raises(LeaseLost):
-        await store.renew_lease(lease)
+        await store.renew_lease(held)
     await store.release_lease(again)
 
 
 async def test_concurrent_acquires_admit_exactly_one(store: StateStore) -> None:
     sid = await new_session(store)
-    results = await asyncio.gather(*(store.acquire_lease(sid, 5_000) for _ in range(20)), return_exceptions=True)
+    results = await asyncio.gather(*(lease(store, sid) for _ in range(20)), return_exceptions=True)
     assert sum(not isinstance(r, Exception) for r in results) == 1
     assert all(isinstance(r, SessionBusy) for r in results if isinstance(r, Exception))
 
@@ -108,14 +111,14 @@ async def test_unknown_session(store: StateStore) -> None:
     with pytest.raises(SessionNotFound):
         await store.get_session("nosuchsession")
     with pytest.raises(SessionNotFound):
-        await store.acquire_lease("nosuchsession", 1000)
+        await lease(store, "nosuchsession", 1000)
     with pytest.raises(InvalidArgument):
         await store.get_session("bad{id}")
     sid = await new_session(store)
-    lease = await store.acquire_lease(sid, 5_000)
+    held = await lease(store, sid)
     await store.delete_session(sid)
     with pytest.raises(SessionNotFound):
-        await store.commit_state(lease, 0, STATE_A, state_tokens=1)
+        await store.commit_and_release(held, 0, STATE_A, state_tokens=1)
     with pytest.raises(SessionNotFound):
         await store.delete_session(sid)
 
@@ -141,12 +144,12 @@ async def test_fork_copies_state_and_evolves_independently(store: StateStore) ->
 async def test_ttl_is_refreshed_on_use(store: StateStore) -> None:
     sid = await new_session(store, ttl_ms=600)
     await commit(store, sid, STATE_A, 0)
-    meta_key, state_key = store.session_key(sid, "meta"), store.session_key(sid, "state")
+    meta_key, state_key = store.keys.session(sid, "meta"), store.keys.session(sid, "state")
     await asyncio.sleep(0.4)
     assert 0 < await store.redis.pttl(meta_key) <= 250
-    lease = await store.acquire_lease(sid, 1000)  # starting a turn is a use
+    held = await lease(store, sid, 1000)  # starting a turn is a use
     assert await store.redis.pttl(meta_key) > 450 and await store.redis.pttl(state_key) > 450
-    await store.release_lease(lease)
+    await store.release_lease(held)
     await asyncio.sleep(0.8)
     with pytest.raises(SessionNotFound):
         await store.get_session(sid)
@@ -183,10 +186,16 @@ async def test_presets_and_prefix_cache(store: StateStore) -> None:
 
 
 async def test_worker_registry_expires_dead_workers(store: StateStore) -> None:
-    await store.register_worker("w1", {"address": "127.0.0.1:1", "model": "tiny"}, 5_000)
-    await store.register_worker("w2", {"address": "127.0.0.1:2", "model": "tiny"}, 50)
-    await store.register_worker("w3", {"address": "127.0.0.1:3", "model": "big"}, 5_000)
+    def load(worker_id: str, port: int, model: str) -> WorkerLoad:
+        return WorkerLoad(worker_id, f"127.0.0.1:{port}", ModelDescription(model, 2, 64, 1, 65536, 1000, "ab", True))
+
+    await store.register_worker(load("w1", 1, "tiny"), 5_000)
+    await store.register_worker(load("w2", 2, "tiny"), 50)
+    await store.register_worker(load("w3", 3, "big"), 5_000)
     await asyncio.sleep(0.1)
-    assert [w["address"] for w in await store.list_workers("tiny")] == ["127.0.0.1:1"]
+    assert await store.list_workers("tiny") == [load("w1", 1, "tiny")]  # what was written is what is read
     await store.unregister_worker("w1")
-    assert [w["model"] for w in await store.list_workers()] == ["big"]
+    assert [w.model.id for w in await store.list_workers()] == ["big"]
+    await store.redis.set("rwkv:worker:w4", b'{"address": "127.0.0.1:4"}')  # not a record any worker writes
+    await store.redis.sadd("rwkv:workers", "w4")
+    assert [w.worker_id for w in await store.list_workers()] == ["w3"]  # skipped, not fatal

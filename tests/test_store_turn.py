@@ -22,7 +22,7 @@ async def test_begin_commit_release_round(store: StateStore) -> None:
     with pytest.raises(SessionBusy):
         await store.begin_turn(sid, 5_000)
     assert await store.commit_and_release(lease, 0, STATE_A, state_tokens=7) == 1
-    assert not await store.redis.exists(store.session_key(sid, "lease"))  # released by the commit
+    assert not await store.redis.exists(store.keys.session(sid, "lease"))  # released by the commit
     lease, meta, data = await store.begin_turn(sid, 5_000)
     assert (meta.version, meta.state_tokens, meta.turns, data) == (1, 7, 1, STATE_A)
     assert await store.commit_and_release(lease, 1, STATE_B, state_tokens=9) == 2
@@ -39,9 +39,9 @@ async def test_commit_and_release_keeps_the_guarantees(store: StateStore) -> Non
     with pytest.raises(VersionConflict):  # wrong expected version: nothing stored, the lease let go
         await store.commit_and_release(lease, 3, STATE_A, state_tokens=1)
     assert (await store.load_state(sid))[1] is None
-    assert not await store.redis.exists(store.session_key(sid, "lease"))
+    assert not await store.redis.exists(store.keys.session(sid, "lease"))
     stale, _, _ = await store.begin_turn(sid, 5_000)
-    await store.redis.delete(store.session_key(sid, "lease"))  # its lease broken, another worker commits
+    await store.redis.delete(store.keys.session(sid, "lease"))  # its lease broken, another worker commits
     fresh, _, _ = await store.begin_turn(sid, 5_000)
     assert await store.commit_and_release(fresh, 0, STATE_B, state_tokens=2) == 1
     newer, _, _ = await store.begin_turn(sid, 5_000)

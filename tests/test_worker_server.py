@@ -17,7 +17,7 @@ from worker.server import SERVICE_NAME, WorkerCore, create_server, shutdown
 from worker.settings import WorkerSettings
 from worker.state import State
 from common.store import StateStore
-from common.worker_api import sampling_to_pb
+from rwkv_serve.contract import sampling_to_pb
 
 MODEL_ID = "tiny"
 
@@ -98,7 +98,8 @@ async def test_health_reflection_and_registry(worker: Worker, store: StateStore)
     load = await worker.stub.GetLoad(worker_pb2.GetLoadRequest())
     assert load.model.id == MODEL_ID and load.capacity == 4 and load.serving and load.model.n_layer == 2
     (record,) = await store.list_workers(MODEL_ID)
-    assert record["address"] == load.address and record["worker_id"] == load.worker_id
+    assert (record.worker_id, record.address, record.model.id, record.model.fingerprint, record.capacity) == (
+        load.worker_id, load.address, load.model.id, load.model.fingerprint, load.capacity)  # what GetLoad says
 
 
 async def test_chat_turns_commit_and_continue_exactly(worker: Worker, store: StateStore, tiny_model, tokenizer) -> None:
@@ -168,7 +169,7 @@ async def test_domain_errors_map_to_status_codes(worker: Worker, store: StateSto
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await run(worker.stub, chat(sid, "hi", expected_state_version=3))
     assert status_of(info) == (grpc.StatusCode.ABORTED, {ERROR_KEY: "VersionConflict"})
-    lease = await store.acquire_lease(sid, 5_000)
+    lease, _, _ = await store.begin_turn(sid, 5_000, "another-worker")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await run(worker.stub, chat(sid, "hi"))
     assert status_of(info) == (grpc.StatusCode.ABORTED, {ERROR_KEY: "SessionBusy"})
@@ -179,7 +180,7 @@ async def test_domain_errors_map_to_status_codes(worker: Worker, store: StateSto
         await run(worker.stub, bad)
     assert status_of(info)[0] == grpc.StatusCode.INVALID_ARGUMENT
     await run(worker.stub, chat(sid, "hi"))  # version 1 now exists; corrupt it
-    await store.redis.set(store.session_key(sid, "state"), b"garbage")
+    await store.redis.set(store.keys.session(sid, "state"), b"garbage")
     worker.core.cache.pop(sid)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await run(worker.stub, chat(sid, "hi"))
@@ -209,7 +210,7 @@ async def test_client_cancel_frees_the_slot_and_keeps_the_state(worker: Worker, 
     call.cancel()
     assert await worker.core.engine.drain(2)  # the engine let go of the turn
     for _ in range(500):  # the handler's cleanup (lease release) runs right after the cancellation (10 s: a loaded CI box)
-        if not await store.redis.exists(store.session_key(sid, "lease")):
+        if not await store.redis.exists(store.keys.session(sid, "lease")):
             break
         await asyncio.sleep(0.02)
     assert (await store.get_session(sid)).version == 0  # nothing committed
@@ -249,7 +250,7 @@ async def test_long_turn_renews_its_lease_and_a_lost_lease_aborts(worker: Worker
     call = worker.stub.RunTurn(worker_pb2.RunTurnRequest(session_id=sid, kind=worker_pb2.INPUT_KIND_RAW, text="go",
                                                          sampling=greedy(4000)))
     await call.read()
-    await store.redis.set(store.session_key(sid, "lease"), "someone-else")  # expired and taken over
+    await store.redis.set(store.keys.session(sid, "lease"), "someone-else")  # expired and taken over
     with pytest.raises(grpc.aio.AioRpcError) as info:
         while await call.read() is not grpc.aio.EOF:
             pass
@@ -261,7 +262,7 @@ async def test_long_turn_renews_its_lease_and_a_lost_lease_aborts(worker: Worker
 async def test_lease_is_released_before_turn_end(worker: Worker, store: StateStore) -> None:
     """A client that sends its next turn the moment it reads turn_end finds the session free (no ABORTED)."""
     sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000)).session_id
-    lease_key = store.session_key(sid, "lease")
+    lease_key = store.keys.session(sid, "lease")
     for i in range(1, 4):
         call = worker.stub.RunTurn(chat(sid, f"turn {i}", max_tokens=3))
         while not (event := await call.read()).HasField("turn_end"):

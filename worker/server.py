@@ -122,7 +122,7 @@ class WorkerCore:
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="rwkv-heartbeat")
 
     async def _beat(self) -> None:
-        await self.store.register_worker(self.worker_id, self.load().to_record(), self.settings.registry_ttl_ms)
+        await self.store.register_worker(self.load(), self.settings.registry_ttl_ms)
 
     async def _heartbeat_loop(self) -> None:
         while True:
