@@ -9,8 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-ERROR_KEY = "rwkv-error"  # trailing metadata: the exception's class name, so a caller can rebuild it exactly
-RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata on RESOURCE_EXHAUSTED
+from rwkv_serve.contract import ERROR_KEY, RETRY_AFTER_KEY
 
 
 class ServeError(Exception):
@@ -24,8 +23,8 @@ class ServeError(Exception):
         return str(self.args[0])
 
 
-class InvalidArgument(ServeError):
-    """The request is malformed or out of range."""
+class InvalidArgument(ServeError, ValueError):
+    """The request is malformed or out of range (also a ValueError, for code that validates plain values)."""
 
 
 class SessionNotFound(ServeError):

@@ -16,8 +16,6 @@ from common.errors import InvalidArgument
 from rwkv_serve.contract import StopReason, sampling_from_pb
 from rwkv_serve.v1 import common_pb2, worker_pb2
 
-__all__ = ["StopReason", "sampling_from_pb"]  # re-exported: the worker-API types speak them
-
 
 def merge_sampling(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
     """Later layers override earlier ones field by field (defaults first, per-turn overrides last)."""

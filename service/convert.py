@@ -5,7 +5,6 @@ dict); the worker merges a turn's overrides over it, so the front passes overrid
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,6 @@ _TEMPLATE_ENUMS = {name: number for number, name in TEMPLATE_NAMES.items()}
 METADATA_MAX_ENTRIES = 64
 METADATA_MAX_KEY = 128
 METADATA_MAX_VALUE = 1024
-MAX_LOGPROBS = 20  # = worker.sampler.MAX_LOGPROBS (not imported: the front loads no torch); a test keeps them equal
 
 
 @dataclass(frozen=True)
@@ -60,32 +58,6 @@ def template_name(template: int) -> str:
 
 def template_enum(name: str) -> int:
     return _TEMPLATE_ENUMS.get(name, common_pb2.CHAT_TEMPLATE_UNSPECIFIED)
-
-
-def check_sampling(pb: common_pb2.Sampling, vocab_size: int | None = None) -> None:
-    """Rejects values that no worker would accept, so bad session defaults fail at creation, not at turn 1 (the
-    worker checks a turn's merged parameters again, with its own limits)."""
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
-        if pb.HasField(name) and not math.isfinite(getattr(pb, name)):
-            raise InvalidArgument(f"{name} must be a finite number")
-    for name in ("banned_tokens", "stop_token_ids"):
-        ids = getattr(pb, name).ids
-        if any(t < 0 or (vocab_size and t >= vocab_size) for t in ids):
-            raise InvalidArgument(f"{name} must be token ids in [0, {vocab_size or 'vocab size'})")
-    if any(not s for s in pb.stop_strings.values):
-        raise InvalidArgument("stop_strings must not be empty strings")
-    if pb.HasField("temperature") and not pb.temperature >= 0:
-        raise InvalidArgument("temperature must be >= 0")
-    if pb.HasField("top_p") and not 0 < pb.top_p <= 1:
-        raise InvalidArgument("top_p must be in (0, 1]")
-    if pb.HasField("top_k") and pb.top_k < 0:
-        raise InvalidArgument("top_k must be >= 0")
-    if pb.HasField("max_tokens") and pb.max_tokens < 1:
-        raise InvalidArgument("max_tokens must be >= 1")
-    if pb.HasField("logprobs") and not 0 <= pb.logprobs <= MAX_LOGPROBS:
-        raise InvalidArgument(f"logprobs must be in [0, {MAX_LOGPROBS}]")
-    if pb.HasField("penalty_decay") and not 0 <= pb.penalty_decay <= 1:
-        raise InvalidArgument("penalty_decay must be in [0, 1]")
 
 
 def check_metadata(metadata: dict[str, str], limits: InputLimits = InputLimits()) -> dict[str, str]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from rwkv_serve.v1 import common_pb2
-from service.convert import InputLimits, check_metadata, check_sampling, template_name
+from common.sampling import check_sampling
+from rwkv_serve.contract import sampling_from_pb
+from service.convert import InputLimits, check_metadata, template_name
 from service.quotas import Quotas
 from common.worker_api import WorkerLoad
 from service.router import WorkerDirectory
 from common.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
 from common.store import SessionMeta, StateStore
-from common.worker_api import sampling_from_pb
 
 
 def _vocab_size(workers: list[WorkerLoad]) -> int | None:
@@ -54,7 +55,7 @@ class Sessions:
         if preset and not await self.store.has_preset(model, preset):
             raise PresetNotFound(f"no preset {preset!r} for model {model!r}")
         sampling = sampling or common_pb2.Sampling()
-        check_sampling(sampling, _vocab_size(workers))
+        check_sampling(sampling_from_pb(sampling), vocab_size=_vocab_size(workers))
         await self.quotas.check_session(tenant)
         meta = await self.store.create_session(
             tenant=tenant, model=model, template=template_name(template), ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
@@ -90,7 +91,7 @@ class Sessions:
         """A copy of the session (state copied inside Redis); unset arguments keep the source's values."""
         source = await self.get(tenant, session_id)
         if sampling is not None:
-            check_sampling(sampling, _vocab_size(await self.directory.workers(source.model)))
+            check_sampling(sampling_from_pb(sampling), vocab_size=_vocab_size(await self.directory.workers(source.model)))
         await self.quotas.check_session(tenant)
         meta = await self.store.fork_session(
             session_id, ttl_ms=self._ttl(ttl_ms),

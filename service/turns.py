@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 
 from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
-from service.convert import check_sampling
+from common.sampling import check_sampling
+from rwkv_serve.contract import sampling_from_pb
 from service.quotas import Quotas
 from common.worker_api import WorkerLoad
 from service.router import Router, WorkerDirectory
@@ -79,7 +80,7 @@ class Turns:
         """Refuses sampling overrides no worker would take, before the turn reaches one (the worker checks the
         merged parameters again, with its own limits)."""
         vocab = plan.candidates[0].model.vocab_size if plan.candidates else 0
-        check_sampling(plan.request.sampling, vocab or None)
+        check_sampling(sampling_from_pb(plan.request.sampling), vocab_size=vocab or None)
         return plan
 
     async def plan_chat(self, tenant: str, turn: api_pb2.ChatTurn) -> TurnPlan:

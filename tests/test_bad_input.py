@@ -268,10 +268,3 @@ def test_oversized_metadata_and_global_session_limits(stub, db, session) -> None
     assert create(metadata={f"k{i}": "é" * 16 for i in range(4)}) == OK  # at the limits, in bytes
     assert len(db.keys("rwkv:{*}:meta")) == count + 1  # only the valid one was stored
     assert stored(db, session) == before
-
-
-def test_front_and_worker_agree_on_the_logprobs_limit() -> None:
-    from service.convert import MAX_LOGPROBS
-    from worker.sampler import MAX_LOGPROBS as WORKER_MAX_LOGPROBS
-
-    assert MAX_LOGPROBS == WORKER_MAX_LOGPROBS

@@ -14,10 +14,13 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
+
+from common.sampling import check_sampling
+from rwkv_serve.contract import MAX_LOGPROBS  # each alternative costs a top-k over the vocab
 
 __all__ = [
     "MAX_LOGPROBS",
@@ -30,8 +33,6 @@ __all__ = [
     "StopStep",
 ]
 
-MAX_LOGPROBS = 20  # alternatives per token a request may ask for; each costs a top-k over the vocab
-_SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 # Top-p/top-k need the head of each sorted row. A full sort of 65536 floats costs ~20x a top-64, and real
 # models put the top_p mass in a few dozen tokens, so widen only for the rows that need it.
 _HEAD_SIZES = (64, 1024, 16384)
@@ -55,44 +56,9 @@ class SamplingParams:
     logprobs: int = 0  # top alternatives to report per token; the chosen token's logprob is always given
 
     def validate(self, vocab_size: int, max_tokens_limit: int | None = None) -> None:
-        """Raise ValueError naming the first invalid field."""
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
-        for name in ("top_k", "max_tokens", "logprobs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 <= self.penalty_decay <= 1:
-            raise ValueError(f"penalty_decay must be in [0, 1], got {self.penalty_decay}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
-            raise ValueError(f"max_tokens must be <= {max_tokens_limit}, got {self.max_tokens}")
-        if not 0 <= self.logprobs <= min(MAX_LOGPROBS, vocab_size):
-            raise ValueError(f"logprobs must be in [0, {min(MAX_LOGPROBS, vocab_size)}], got {self.logprobs}")
-        for name in ("banned_tokens", "stop_token_ids"):
-            for token_id in getattr(self, name):
-                if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-                    raise ValueError(f"{name} contains {token_id!r}, not a token id in [0, {vocab_size})")
-        if len(set(self.banned_tokens)) >= vocab_size:
-            raise ValueError("banned_tokens bans the whole vocabulary")
-        for text in self.stop_strings:
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"stop_strings must be non-empty strings, got {text!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < _SEED_LIMIT
-        ):
-            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
+        """Raise InvalidArgument (a ValueError) naming the first invalid field: common.sampling's one validator."""
+        check_sampling({f.name: getattr(self, f.name) for f in fields(self)}, vocab_size=vocab_size,
+                       max_tokens_limit=max_tokens_limit)
 
 
 class SamplerState:
