@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from service.convert import preset_to_pb, session_to_pb
@@ -18,9 +15,9 @@ from service.front import Front, max_message_bytes
 from service.settings import FrontSettings
 from service.wire import add_servicer
 from common.errors import InvalidArgument, grpc_errors
-from common.store import StoreConfigError, redact_url
+from common.lifecycle import add_health_and_reflection, bind, run_server, wait_for_stop_signal
+from common.store import redact_url
 from common.telemetry import Telemetry, configure_logging
-from common.tls import add_port, server_credentials
 
 log = logging.getLogger("rwkv.front")
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["RwkvService"].full_name
@@ -162,14 +159,9 @@ def create_server(settings: FrontSettings, front: Front | None = None) -> tuple[
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
                              interceptors=front.telemetry.server_interceptors() or None)
     add_servicer(api_pb2_grpc.add_RwkvServiceServicer_to_server, RwkvServicer(front), server)  # (service/wire.py)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    port = add_port(server, f"{settings.host}:{settings.port}", credentials)
-    if port == 0:
-        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
+    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
+    port = bind(server, settings.host, settings.port, tls_cert=settings.tls_cert, tls_key=settings.tls_key,
+                tls_client_ca=settings.tls_client_ca)
     return FrontServer(server, front, health_servicer, port), port
 
 
@@ -185,11 +177,7 @@ async def serve(settings: FrontSettings) -> None:
     log.log(logging.INFO if front_server.front.auth.enabled else logging.WARNING, "%s",
             front_server.front.auth.describe())
     print(f"rwkv-front listening on {settings.host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("draining (grace %.1fs)", settings.grace_s)
     await front_server.stop(settings.grace_s)
     telemetry.shutdown()
@@ -199,7 +187,7 @@ def main() -> None:
     """Console script `rwkv-front`: settings from RWKV_FRONT_* (and REDIS_URL), then serve."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="rwkv-serve front (public gRPC API)")
+    parser = argparse.ArgumentParser(prog="rwkv-front", description="rwkv-serve front (public gRPC API)")
     parser.add_argument("--host", help="bind address (RWKV_FRONT_HOST)")
     parser.add_argument("--port", type=int, help="port, 0 = any free one (RWKV_FRONT_PORT)")
     parser.add_argument("--redis-url", help="Redis URL (RWKV_FRONT_REDIS_URL or REDIS_URL)")
@@ -209,10 +197,7 @@ def main() -> None:
                  if v is not None}
     settings = FrontSettings(**overrides)
     configure_logging(args.log_level, settings.log_format)
-    try:
-        asyncio.run(serve(settings))
-    except StoreConfigError as exc:
-        parser.exit(2, f"rwkv-front: {exc}\n")
+    run_server(serve(settings), parser)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
 import socket
 import tempfile
 from dataclasses import replace
@@ -20,19 +19,19 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
-from worker.engine import Engine, StateCache
+from worker.engine import Engine
 from worker.model import RWKV5
 from worker.runner import RunnerConfig, TurnRunner
 from worker.servicer import WorkerServicer
 from worker.settings import WorkerSettings
-from common.store import StateStore, StoreConfigError
+from worker.state_cache import StateCache
+from common.lifecycle import add_health_and_reflection, bind, run_server, wait_for_stop_signal
+from common.store import StateStore
 from common.telemetry import Telemetry, configure_logging
-from common.tls import add_port, server_credentials
 from worker.tokenizer import load_tokenizer
 from common.worker_api import ModelDescription, WorkerLoad
 
@@ -159,14 +158,9 @@ def create_server(settings: WorkerSettings, core: WorkerCore) -> tuple[grpc.aio.
                                       ("grpc.max_send_message_length", receive_bytes)],
                              interceptors=core.telemetry.server_interceptors() or None)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(core.runner, core.load), server)
-    health_pb2_grpc.add_HealthServicer_to_server(core.health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    port = add_port(server, f"{settings.host}:{settings.port}", credentials)
-    if port == 0:
-        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    add_health_and_reflection(server, SERVICE_NAME, core.health)
+    port = bind(server, settings.host, settings.port, tls_cert=settings.tls_cert, tls_key=settings.tls_key,
+                tls_client_ca=settings.tls_client_ca)
     core.address = f"{settings.advertise_host or settings.host}:{port}"
     return server, port
 
@@ -191,11 +185,7 @@ async def serve(settings: WorkerSettings) -> None:
     log.info("worker %s serving %s on %s (batch %d, %s)", core.worker_id, core.description.id, core.address,
              settings.max_batch, "plaintext" if settings.tls_cert is None
              else "mutual TLS" if settings.tls_client_ca else "TLS")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("worker %s draining", core.worker_id)
     await shutdown(server, core, settings)
     telemetry.shutdown()
@@ -203,7 +193,7 @@ async def serve(settings: WorkerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`rwkv-worker`: flags override RWKV_WORKER_* environment variables."""
-    parser = argparse.ArgumentParser(description="Serve one RWKV-5 model as an rwkv-serve worker.")
+    parser = argparse.ArgumentParser(prog="rwkv-worker", description="Serve one RWKV-5 model as an rwkv-serve worker.")
     parser.add_argument("--model", dest="model_path", type=Path, help="RWKV-5 .pth (default: a random-init model)")
     parser.add_argument("--model-id", help="model id clients use (default: the file name)")
     parser.add_argument("--vocab", dest="vocab_path", type=Path, help="vocab .txt or tokenizer .json")
@@ -219,10 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = WorkerSettings(**overrides)
     configure_logging("INFO", settings.log_format)
-    try:
-        asyncio.run(serve(settings))
-    except StoreConfigError as exc:
-        parser.exit(2, f"rwkv-worker: {exc}\n")
+    run_server(serve(settings), parser)
 
 
 if __name__ == "__main__":
