@@ -81,7 +81,7 @@ def check_loopback(target: str) -> None:
 
 async def _session_loop(rwkv: Any, model: str, index: int, until: float, max_tokens: int, max_turns: int,
                         report: LoadReport) -> None:
-    from client import RWKVError, TextDelta, TurnResult
+    from rwkv_serve_client import RWKVError, TextDelta, TurnResult
 
     try:
         session = await rwkv.create_session(model, temperature=1.0, top_p=0.9, max_tokens=max_tokens,
@@ -120,7 +120,7 @@ async def _session_loop(rwkv: Any, model: str, index: int, until: float, max_tok
 async def _verify(rwkv: Any, report: LoadReport, redis_url: str | None, model: str) -> None:
     """Counts lost turns: every session must read back at the version its last turn_end reported, or later, and
     its stored state must be a sound record of this model."""
-    from client import RWKVError
+    from rwkv_serve_client import RWKVError
 
     fingerprint = None
     for info in await rwkv.list_models():
@@ -149,7 +149,7 @@ async def _verify(rwkv: Any, report: LoadReport, redis_url: str | None, model: s
 
 
 async def _state_sound(rwkv: Any, db: Any, sid: str, fingerprint: bytes | None) -> bool:
-    from client import RWKVError
+    from rwkv_serve_client import RWKVError
 
     if db is not None and fingerprint is not None:
         from worker.state import StateFormatError, state_from_bytes
@@ -171,7 +171,7 @@ async def _state_sound(rwkv: Any, db: Any, sid: str, fingerprint: bytes | None) 
 async def run_load(target: str, *, sessions: int = 8, duration_s: float = 10.0, max_tokens: int = 32,
                    model: str = "tiny", redis_url: str | None = None, max_turns: int = 10_000) -> LoadReport:
     """Runs the load against a front and verifies every reported turn; returns the report."""
-    from client import AsyncRWKVClient
+    from rwkv_serve_client import AsyncRWKVClient
 
     check_loopback(target)
     if not 0 < duration_s <= MAX_DURATION_S or not 0 < sessions <= MAX_SESSIONS:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs the project into it. CPU torch only when no torch is present.
+# Creates .venv (once) and installs the project into it: the SDK distribution (./client, which also carries the
+# generated gRPC code) and the server with its worker, dev and tune extras. CPU torch only when no torch is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -7,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml client/pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
@@ -15,7 +16,8 @@ if [ ! -f "$stamp" ]; then
     python -m pip install -q "torch==2.13.0"
   fi
   # pip's build chatter goes to a log; a failure prints it and stops the set-up.
-  if ! python -m pip install -q -e ".[dev,tune]" > .venv/install.log 2>&1; then
+  # One pip command: the server's dependency rwkv-serve-client resolves to the local ./client.
+  if ! python -m pip install -q -e ./client -e ".[worker,dev,tune]" > .venv/install.log 2>&1; then
     cat .venv/install.log >&2
     exit 1
   fi

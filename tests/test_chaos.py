@@ -22,7 +22,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import RWKVClient, StopReason, TextDelta, TurnResult, TurnStarted, UnavailableError
+from rwkv_serve_client import RWKVClient, StopReason, TextDelta, TurnResult, TurnStarted, UnavailableError
 from tests.conftest import free_port
 from tests.test_e2e import Twin
 from worker.tokenizer import WorldTokenizer

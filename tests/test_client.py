@@ -8,8 +8,8 @@ import asyncio
 import grpc
 import pytest
 
-import client
-from client import (
+import rwkv_serve_client as client
+from rwkv_serve_client import (
     AsyncRWKVClient,
     ChatTemplate,
     RWKVClient,
@@ -19,14 +19,15 @@ from client import (
     TurnResult,
     TurnStarted,
 )
-from client.errors import ERRORS_BY_CODE, error_from_status
+from rwkv_serve import contract
+from rwkv_serve_client.errors import ERRORS_BY_CODE, error_from_status
 from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
 from common import errors as server_errors
 
 
 def test_every_server_error_becomes_its_typed_exception() -> None:
-    assert client.errors.ERROR_KEY == server_errors.ERROR_KEY
-    assert client.errors.RETRY_AFTER_KEY == server_errors.RETRY_AFTER_KEY
+    assert client.errors.ERROR_KEY == server_errors.ERROR_KEY == contract.ERROR_KEY
+    assert client.errors.RETRY_AFTER_KEY == server_errors.RETRY_AFTER_KEY == contract.RETRY_AFTER_KEY
     expected = {
         "InvalidArgument": client.InvalidArgumentError, "SessionNotFound": client.SessionNotFoundError,
         "ModelNotFound": client.ModelNotFoundError, "PresetNotFound": client.PresetNotFoundError,
@@ -54,9 +55,27 @@ def test_every_server_error_becomes_its_typed_exception() -> None:
     assert all(issubclass(c, client.RWKVError) for c in ERRORS_BY_CODE.values())
 
 
+def test_the_sdk_speaks_the_shared_contract() -> None:
+    """One StopReason and one list of sampling fields for the SDK and the server (rwkv_serve.contract)."""
+    assert client.StopReason is contract.StopReason and client.types.StopReason is contract.StopReason
+    assert StopReason.MAX_TOKENS.label == "max_tokens"
+    assert client._core.call_metadata("k") == ((contract.API_KEY_HEADER, "Bearer k"),)
+    assert client._core.call_metadata(None) == ()
+    # Every sampling field the contract lists is a keyword argument the SDK accepts (and sends).
+    values = {"float": 0.5, "int": 3, "tokens": [1, 2], "strings": ["\n"]}
+    sampling = client._core.chat_turn("sid", "hi", **{name: values[kind] for name, kind in
+                                                      contract.SAMPLING_FIELDS.items()}).turn.sampling
+    assert contract.sampling_from_pb(sampling) == {name: values[kind] for name, kind in contract.SAMPLING_FIELDS.items()}
+    # No sampling arguments: the request leaves the field unset (the session's defaults apply).
+    assert not client._core.chat_turn("sid", "hi").turn.HasField("sampling")
+    assert not client._core.create_session("m").request.HasField("default_sampling")
+
+
 def test_sampling_arguments_are_checked_before_sending() -> None:
     with pytest.raises(TypeError, match="temprature"):
         client._core.chat_turn("sid", "hi", temprature=0.5)
+    with pytest.raises(TypeError, match="temprature"):
+        client._core.create_session("m", temprature=0.5)
     request = client._core.chat_turn("sid", "hi", temperature=0, stop_strings="\n", banned_tokens=[1, 2], seed=3)
     sampling = request.turn.sampling
     assert sampling.HasField("temperature") and sampling.temperature == 0

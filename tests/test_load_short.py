@@ -52,7 +52,7 @@ def test_the_load_test_refuses_anything_but_loopback() -> None:
 def test_lost_turns_are_counted(service: InprocService) -> None:
     """The lost-turn check can fail: a version that was reported but not stored, and a state that is unsound."""
     from bench.load_test import LoadReport, _verify
-    from client import AsyncRWKVClient
+    from rwkv_serve_client import AsyncRWKVClient
 
     async def check() -> tuple[int, int]:
         async with AsyncRWKVClient(service.target) as rwkv:

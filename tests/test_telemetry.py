@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from client import AsyncRWKVClient
+from rwkv_serve_client import AsyncRWKVClient
 from service.front import Front
 from service.server import create_server as create_front
 from service.settings import FrontSettings

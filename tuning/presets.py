@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from client import RWKVClient, RWKVError, tls_credentials
+from rwkv_serve_client import RWKVClient, RWKVError, tls_credentials
 from common.errors import PresetExists, ServeError
 from worker.model import config_from_params, read_checkpoint, weights_fingerprint
 from worker.state import StateFormatError, load_time_state, state_to_bytes

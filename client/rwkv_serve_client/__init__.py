@@ -1,8 +1,8 @@
 """Python SDK of rwkv-serve: `RWKVClient` (blocking) and `AsyncRWKVClient` (asyncio), typed results and errors."""
 
-from client._core import tls_credentials
-from client.aio import AsyncChatStream, AsyncRWKVClient
-from client.errors import (
+from rwkv_serve_client._core import tls_credentials
+from rwkv_serve_client.aio import AsyncChatStream, AsyncRWKVClient
+from rwkv_serve_client.errors import (
     AuthenticationError,
     ConflictError,
     DataLossError,
@@ -24,8 +24,8 @@ from client.errors import (
     UnavailableError,
     VersionConflictError,
 )
-from client.sync import ChatStream, RWKVClient
-from client.types import (
+from rwkv_serve_client.sync import ChatStream, RWKVClient
+from rwkv_serve_client.types import (
     ChatTemplate,
     ModelInfo,
     Preset,

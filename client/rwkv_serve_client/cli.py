@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from client._core import tls_credentials
-from client.errors import RWKVError, SessionNotFoundError
-from client.sync import RWKVClient
-from client.types import Session, TurnResult
+from rwkv_serve_client._core import tls_credentials
+from rwkv_serve_client.errors import RWKVError, SessionNotFoundError
+from rwkv_serve_client.sync import RWKVClient
+from rwkv_serve_client.types import Session, TurnResult
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf import duration_pb2
 
-from client.types import (
+from rwkv_serve_client.types import (
     ChatEvent,
     ChatTemplate,
     ModelInfo,
@@ -29,13 +29,19 @@ from client.types import (
     TurnResult,
     TurnStarted,
     Usage,
-    sampling_to_pb,
 )
+from rwkv_serve import contract
+from rwkv_serve.contract import API_KEY_HEADER
 from rwkv_serve.v1 import api_pb2, common_pb2
 
 T = TypeVar("T")
 
-API_KEY_HEADER = "authorization"  # "Bearer <key>", the usual gRPC convention
+
+def sampling_to_pb(sampling: Mapping[str, Any] | None) -> common_pb2.Sampling | None:
+    """Sampling keyword arguments -> Sampling message, or None (field left unset) when none were given.
+
+    rwkv_serve.contract.sampling_to_pb does the work: TypeError for unknown names, before anything is sent."""
+    return contract.sampling_to_pb(sampling) if sampling else None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Typed results of the SDK, each with `from_pb` beside it (the only place that reads the wire messages)."""
+"""Typed results of the SDK, each with `from_pb` beside it (the only place that reads the wire messages).
+
+`StopReason` is rwkv_serve.contract's (the one the server uses too), re-exported here."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Union
 
+from rwkv_serve.contract import StopReason, sampling_from_pb
 from rwkv_serve.v1 import api_pb2, common_pb2
 
 
@@ -26,70 +29,6 @@ class ChatTemplate(enum.IntEnum):
         if isinstance(value, str):
             return cls[value.strip().upper().replace("-", "_")]
         return cls(value)
-
-
-class StopReason(enum.IntEnum):
-    """Why a turn ended."""
-
-    UNSPECIFIED = common_pb2.STOP_REASON_UNSPECIFIED
-    STOP_TOKEN = common_pb2.STOP_REASON_STOP_TOKEN
-    STOP_STRING = common_pb2.STOP_REASON_STOP_STRING
-    MAX_TOKENS = common_pb2.STOP_REASON_MAX_TOKENS
-    CANCELLED = common_pb2.STOP_REASON_CANCELLED
-
-
-# Sampling keyword arguments accepted by chat()/generate()/create_session(): name -> kind of value.
-SAMPLING_FIELDS: dict[str, str] = {
-    "temperature": "float",
-    "top_p": "float",
-    "top_k": "int",
-    "presence_penalty": "float",
-    "frequency_penalty": "float",
-    "penalty_decay": "float",
-    "banned_tokens": "tokens",
-    "stop_token_ids": "tokens",
-    "stop_strings": "strings",
-    "max_tokens": "int",
-    "seed": "int",
-    "logprobs": "int",
-}
-
-
-def sampling_to_pb(sampling: dict[str, Any] | None) -> common_pb2.Sampling | None:
-    """Sampling keyword arguments -> Sampling message (None values are left unset: they inherit)."""
-    if not sampling:
-        return None
-    unknown = set(sampling) - set(SAMPLING_FIELDS)
-    if unknown:
-        raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-    pb = common_pb2.Sampling()
-    for name, value in sampling.items():
-        if value is None:
-            continue
-        kind = SAMPLING_FIELDS[name]
-        if kind == "tokens":
-            getattr(pb, name).ids.extend(int(v) for v in value)
-        elif kind == "strings":
-            getattr(pb, name).values.extend([value] if isinstance(value, str) else [str(v) for v in value])
-        else:
-            setattr(pb, name, float(value) if kind == "float" else int(value))
-    return pb
-
-
-def sampling_from_pb(pb: common_pb2.Sampling) -> dict[str, Any]:
-    """The set fields of a Sampling message as keyword arguments."""
-    out: dict[str, Any] = {}
-    for name, kind in SAMPLING_FIELDS.items():
-        if not pb.HasField(name):
-            continue
-        value = getattr(pb, name)
-        if kind == "tokens":
-            out[name] = list(value.ids)
-        elif kind == "strings":
-            out[name] = list(value.values)
-        else:
-            out[name] = value
-    return out
 
 
 def _time(ts: Any) -> datetime | None:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-# Mirrors common/errors.py (ERROR_KEY, RETRY_AFTER_KEY); copied rather than imported so that the SDK does not
-# depend on the server packages. tests/test_client.py checks that the two stay equal.
-ERROR_KEY = "rwkv-error"
-RETRY_AFTER_KEY = "retry-after-ms"
+from rwkv_serve.contract import ERROR_KEY, RETRY_AFTER_KEY  # the trailers the server sets (shared with it)
 
 
 class RWKVError(Exception):
