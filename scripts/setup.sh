@@ -21,6 +21,9 @@ if [ ! -f "$stamp" ]; then
     cat .venv/install.log >&2
     exit 1
   fi
+  # A .venv from before the SDK was its own distribution: uninstalling the old rwkv-serve (which owned rwkv-chat)
+  # removed the script the client had just installed.
+  [ -x .venv/bin/rwkv-chat ] || python -m pip install -q --no-deps --force-reinstall -e ./client >> .venv/install.log 2>&1
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
