@@ -23,10 +23,12 @@ fail() { echo "check_sdk_alone: FAIL: $*" >&2; exit 1; }
 echo "check_sdk_alone: fresh venv, pip install ./client"
 "$PY" -m venv "$work/venv"
 VPY=$work/venv/bin/python
+had_build=$([ -d client/build ] && echo 1 || true)
 if ! "$VPY" -m pip install -q ./client > "$work/pip.log" 2>&1; then
   cat "$work/pip.log" >&2
   fail "pip install ./client"
 fi
+[ -n "$had_build" ] || rm -rf client/build  # setuptools' scratch directory: stale files there would reach wheels
 
 # Isolated mode (-I) from outside the checkout: neither the working directory nor PYTHONPATH can lend a package.
 cd "$work"
