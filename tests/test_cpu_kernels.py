@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from worker import cpu_kernels
-from worker.model import RWKV5, choose_kernel, logits_scale, wkv_step
+from worker.linear import choose_kernel
+from worker.model import RWKV5, logits_scale, wkv_step
 
 CAN_BUILD = not cpu_kernels.missing_prerequisite()
 native = pytest.mark.skipif(not CAN_BUILD, reason="needs an AVX2/FMA/F16C CPU and a C++ compiler")

@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from worker.engine import Delta, Engine, Finished, StateCache, StopReason, Turn, TurnEvent, TurnRequest
+from worker.engine import Delta, Engine, EngineEvent, Finished, StopReason, Turn, TurnRequest
 from common.errors import InvalidArgument, Overloaded
 from worker.sampler import SamplingParams
 from worker.state import State
+from worker.state_cache import StateCache
 
 GREEDY = SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=8)
 
@@ -44,7 +45,7 @@ class Collector:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.events: dict[int, list[TurnEvent]] = {}
+        self.events: dict[int, list[EngineEvent]] = {}
 
     def step(self, n: int = 1) -> None:
         for _ in range(n):
@@ -256,18 +257,18 @@ def test_state_cache_is_lru_by_bytes_and_version_checked(tiny_model) -> None:
 async def test_failed_step_fails_its_turns_and_the_engine_goes_on(tiny_model, tokenizer, monkeypatch) -> None:
     engine = Engine(tiny_model, tokenizer)
     engine.start()
-    original = engine._decode
+    original = engine.batch_runner.run
 
-    def broken(lane, out):
+    def broken(step):
         raise torch.cuda.OutOfMemoryError("simulated")
 
     try:
-        monkeypatch.setattr(engine, "_decode", broken)
+        monkeypatch.setattr(engine.batch_runner, "run", broken)
         doomed = engine.submit(TurnRequest([1, 2], GREEDY))
         with pytest.raises(RuntimeError, match="engine step failed"):
             async for _ in doomed:
                 pass
-        monkeypatch.setattr(engine, "_decode", original)
+        monkeypatch.setattr(engine.batch_runner, "run", original)
         events = [e async for e in engine.submit(TurnRequest([1, 2], GREEDY))]
         assert isinstance(events[-1], Finished) and events[-1].reason is StopReason.MAX_TOKENS
     finally:

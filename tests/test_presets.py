@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 from tuning.presets import PresetExists, app, list_presets, register_preset
 from worker.checkpoint import make_random_checkpoint
-from worker.engine import Engine, StateCache
+from worker.engine import Engine
 from common.errors import StateCorrupt
 from worker.runner import RunnerConfig, TurnRunner
 from worker.state import State, StateFormatError, load_time_state, state_from_bytes
+from worker.state_cache import StateCache
 from common.store import StateStore
 from common.worker_api import InputKind, TextDelta, TurnInput
 

@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from worker.engine import Delta, Engine, Finished, StateCache, Turn, TurnRequest
+from worker.engine import Delta, Engine, Finished, Turn, TurnRequest
+from worker.state_cache import StateCache
 from common.errors import (
     DeadlineExceeded,
     ForeignState,

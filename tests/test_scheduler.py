@@ -1,0 +1,296 @@
+"""The engine's scheduler without torch or a model: admission, slot limits, queue bounds, drops, what runs in a
+step and what its samples turn into. A scripted runner stands in for the model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import count
+
+import pytest
+
+from common.errors import DeadlineExceeded, Overloaded
+from rwkv_serve.contract import StopReason
+from worker.engine.events import Delta, Finished
+from worker.engine.scheduler import Phase, Scheduler, Seq, Step, StepResult
+
+
+def test_importing_the_scheduler_leaves_torch_out() -> None:
+    code = ("import sys; import worker.engine.scheduler, worker.engine.events, worker.engine; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+# ---- fakes: what the scheduler only passes through or calls -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Params:
+    stop_token_ids: tuple[int, ...] = (0,)
+    stop_strings: tuple[str, ...] = ()
+    logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    token_id: int
+
+
+@dataclass(frozen=True)
+class StopStep:
+    text: str
+    reason: str | None = None
+
+
+@dataclass
+class Checker:
+    """Text "<id>" per token; stops at a stop token or after max_tokens, like worker.sampler.StopChecker."""
+
+    stop_ids: tuple[int, ...] = (0,)
+    max_tokens: int = 3
+    seen: int = 0
+
+    def step(self, token: int) -> StopStep:
+        self.seen += 1
+        if token in self.stop_ids:
+            return StopStep("", "stop_token")
+        return StopStep(f"<{token}>", "max_tokens" if self.seen >= self.max_tokens else None)
+
+
+@dataclass
+class Script:
+    """Stands in for a SamplerState: the tokens this turn will sample, in order."""
+
+    tokens: list[int] = field(default_factory=lambda: [7, 8, 9, 10, 11])
+    drawn: int = 0
+
+    def draw(self) -> int:
+        self.drawn += 1
+        return self.tokens[self.drawn - 1]
+
+
+class LaneState:
+    """Stands in for the lane's batched State: select(i) names the row it took."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def select(self, i: int) -> str:
+        return f"final-{self.names[i]}"
+
+
+class Tokenizer:
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{t}>" for t in ids)
+
+
+def seq(name: str, feed: list[int], *, tokens: list[int] | None = None, max_tokens: int = 3,
+        epilogue: tuple[int, ...] = (), prefill_only: bool = False, deadline: float | None = None) -> Seq:
+    return Seq(params=Params(), feed=list(feed), epilogue=list(epilogue), state=f"start-{name}", consumed=0,
+               sampler=Script(tokens) if tokens is not None else Script(), checker=Checker(max_tokens=max_tokens),
+               prefill_only=prefill_only, deadline=deadline, turn=name, prompt_tokens=len(feed))
+
+
+def scheduler(max_batch: int = 4, max_queued: int = 8, prefill_chunk: int = 4) -> Scheduler:
+    return Scheduler(max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk, tokenizer=Tokenizer())
+
+
+_forwards = count()
+
+
+def fake_run(step: Step) -> StepResult:
+    """What BatchRunner.run does, with scripted samples: the prefilled turn gets a new state, sampled rows a token."""
+    result = StepResult()
+    if step.decode:
+        result.lane_state = LaneState([s.turn for s in step.decode])
+        result.decode_samples = [Sample(step.decode[i].sampler.draw()) for i in step.sample_rows]
+    if step.prefill is not None:
+        step.prefill.state = f"prefilled-{step.prefill.turn}-{next(_forwards)}"
+        if step.sample_prefill:
+            result.prefill_sample = Sample(step.prefill.sampler.draw())
+    return result
+
+
+def step(s: Scheduler) -> tuple[Step, list[tuple[object, object]]]:
+    plan = s.schedule()
+    return plan, s.postprocess(plan, fake_run(plan))
+
+
+def by_turn(events: list[tuple[object, object]], turn: str) -> list[object]:
+    return [e for t, e in events if t == turn]
+
+
+# ---- admission, slots, queue ---------------------------------------------------------------------------------
+
+
+def test_waiting_turns_are_admitted_in_order_up_to_the_slot_limit() -> None:
+    s = scheduler(max_batch=2)
+    a, b, c = seq("a", [1]), seq("b", [2]), seq("c", [3])
+    for x in (a, b, c):
+        s.add(x)
+    assert [x.phase for x in (a, b, c)] == [Phase.WAITING] * 3
+    plan = s.schedule()
+    assert s.running == [a, b] and list(s.waiting) == [c]
+    assert (a.phase, b.phase, c.phase) == (Phase.PREFILL, Phase.PREFILL, Phase.WAITING)
+    assert plan.prefill is a and plan.decode == []  # one prefill per step: the first admitted
+    assert (s.load.capacity, s.load.active, s.load.queued) == (2, 2, 1)
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    s = scheduler(max_batch=1, max_queued=1)
+    s.add(seq("a", [1]))
+    s.add(seq("b", [2]))  # a free slot counts: one for the slot, one for the queue
+    with pytest.raises(Overloaded) as refused:
+        s.add(seq("c", [3]))
+    assert refused.value.retry_after_s > 0
+    s.schedule()  # a takes the slot, b waits
+    with pytest.raises(Overloaded):
+        s.add(seq("d", [4]))
+    assert [x.turn for x in s.waiting] == ["b"] and [x.turn for x in s.running] == ["a"]
+
+
+def test_a_slot_freed_by_a_finished_turn_admits_the_next_one() -> None:
+    s = scheduler(max_batch=1)
+    s.add(seq("a", [1], prefill_only=True))
+    s.add(seq("b", [2]))
+    _, events = step(s)
+    (done,) = by_turn(events, "a")
+    assert isinstance(done, Finished) and done.state.startswith("prefilled-a") and s.running == []
+    plan = s.schedule()
+    assert plan.prefill is not None and plan.prefill.turn == "b"
+
+
+# ---- drops ----------------------------------------------------------------------------------------------------
+
+
+def test_cancelled_turns_are_dropped_waiting_or_running_and_free_their_slot() -> None:
+    s = scheduler(max_batch=1)
+    a, b, c = seq("a", [1, 2]), seq("b", [3]), seq("c", [4])
+    for x in (a, b, c):
+        s.add(x)
+    step(s)
+    b.cancelled = True  # waiting
+    a.cancelled = True  # running
+    plan, events = step(s)
+    assert [t for t, e in events if isinstance(e, Finished)] == ["b", "a"]  # waiting ones first
+    for _, e in events[:2]:
+        assert isinstance(e, Finished) and e.reason is StopReason.CANCELLED and e.state is None
+    assert by_turn(events, "a")[0].tokens_consumed == 2  # what it had fed, no state handed back
+    assert plan.prefill is c and s.running == [c] and not s.waiting  # c took the slot in the same step
+
+
+def test_a_waiting_turn_past_its_deadline_is_dropped_unrun() -> None:
+    s = scheduler(max_batch=1)
+    running = seq("run", [1], deadline=time.monotonic() + 3600)
+    s.add(running)
+    step(s)
+    running.deadline = time.monotonic() - 1  # deadlines only count while a turn waits
+    late = seq("late", [2], deadline=time.monotonic() - 1)
+    later = seq("later", [3], deadline=time.monotonic() + 3600)
+    s.add(late)
+    s.add(later)
+    plan, events = step(s)
+    (dropped,) = by_turn(events, "late")
+    assert isinstance(dropped, DeadlineExceeded) and late.phase is Phase.WAITING
+    assert list(s.waiting) == [later] and s.running == [running] and plan.decode == [running]
+
+
+def test_a_failed_step_fails_the_running_turns_only() -> None:
+    s = scheduler(max_batch=1)
+    s.add(seq("a", [1]))
+    s.add(seq("b", [2]))
+    s.schedule()
+    ((turn, error),) = s.fail_running(MemoryError("boom"))
+    assert turn == "a" and isinstance(error, RuntimeError) and "boom" in str(error)
+    assert s.running == [] and [x.turn for x in s.waiting] == ["b"]
+
+
+def test_cancel_all_drops_everything_at_the_next_step() -> None:
+    s = scheduler(max_batch=1)
+    for name in "abc":
+        s.add(seq(name, [1]))
+    step(s)
+    s.cancel_all()
+    _, events = step(s)
+    assert sorted(t for t, _ in events) == ["a", "b", "c"] and s.idle
+
+
+# ---- what runs in a step, and what comes of it -------------------------------------------------------------------
+
+
+def test_prefill_goes_in_chunks_then_the_turn_joins_the_decode_lane() -> None:
+    s = scheduler(prefill_chunk=4)
+    a = seq("a", list(range(1, 11)), tokens=[7, 8, 9])
+    s.add(a)
+    plan, events = step(s)
+    assert plan.prefill_tokens == [1, 2, 3, 4] and not plan.sample_prefill and events == []
+    plan, _ = step(s)
+    assert plan.prefill_tokens == [5, 6, 7, 8] and a.consumed == 8 and a.phase is Phase.PREFILL
+    plan, events = step(s)  # the last chunk samples the first token
+    assert plan.prefill_tokens == [9, 10] and plan.sample_prefill
+    assert events == [("a", Delta("<7>", (7,)))] and a.phase is Phase.DECODE and a.feed == [7]
+    b = seq("b", [20, 21])
+    s.add(b)
+    plan = s.schedule()  # a decodes its token while the newcomer prefills, in the same step
+    assert plan.decode == [a] and plan.decode_tokens == [7] and plan.sample_rows == [0]
+    assert plan.prefill is b and plan.prefill_tokens == [20, 21]
+
+
+def test_one_prefill_per_step_and_decode_rows_in_admission_order() -> None:
+    s = scheduler(prefill_chunk=8)
+    a, b, c = seq("a", [1]), seq("b", [2]), seq("c", [3])
+    for x in (a, b, c):
+        s.add(x)
+    plans = [step(s)[0] for _ in range(3)]
+    assert [p.prefill.turn for p in plans] == ["a", "b", "c"]
+    assert [p.decode for p in plans] == [[], [a], [a, b]]
+    assert s.schedule().decode == [a, b, c]
+
+
+def test_a_stop_token_is_not_fed_and_the_epilogue_closes_the_turn() -> None:
+    s = scheduler()
+    a = seq("a", [1, 2], tokens=[7, 0], max_tokens=10, epilogue=(5, 6))
+    s.add(a)
+    step(s)  # prefill, samples 7
+    _, events = step(s)  # feeds 7, samples the stop token 0
+    assert by_turn(events, "a") == [] and a.phase is Phase.CLOSING and a.feed == [5, 6]
+    plan, events = step(s)  # feeds the epilogue, one token a step, no sampling
+    assert plan.decode_tokens == [5] and plan.sample_rows == [] and events == []
+    plan, events = step(s)
+    (done,) = by_turn(events, "a")
+    assert plan.decode_tokens == [6] and isinstance(done, Finished)
+    assert (done.reason, done.stop_token_id, done.state) == (StopReason.STOP_TOKEN, 0, "final-a")
+    assert (done.prompt_tokens, done.generated_tokens, done.tokens_consumed) == (4, 2, 5)  # 1 2 7 5 6
+    assert s.idle
+
+
+def test_max_tokens_feeds_the_last_token_and_finishes_with_the_lane_row() -> None:
+    s = scheduler()
+    a, b = seq("a", [1], tokens=[7, 8], max_tokens=2), seq("b", [2], tokens=[9, 10, 11, 12], max_tokens=4)
+    s.add(a)
+    s.add(b)
+    step(s)  # a prefills
+    step(s)  # a decodes (samples 8: its last), b prefills
+    assert a.phase is Phase.CLOSING and a.feed == [8]
+    plan, events = step(s)  # a feeds 8 beside b's decode row and finishes with its row of the lane's state
+    assert plan.decode == [a, b] and plan.sample_rows == [1]
+    (done,) = [e for t, e in events if t == "a"]
+    assert done.reason is StopReason.MAX_TOKENS and done.state == "final-a" and done.tokens_consumed == 3
+    assert s.running == [b]
+    assert [e.token_ids for e in by_turn(events, "b")] == [(10,)]
+
+
+def test_prefill_only_finishes_with_the_prefilled_state_and_no_deltas() -> None:
+    s = scheduler(prefill_chunk=2)
+    a = seq("a", [1, 2, 3], prefill_only=True)
+    s.add(a)
+    assert step(s)[1] == []
+    plan, events = step(s)
+    ((turn, done),) = events
+    assert turn == "a" and not plan.sample_prefill and isinstance(done, Finished)
+    assert done.state == a.state and done.state.startswith("prefilled-a") and done.tokens_consumed == 3
+    assert done.generated_tokens == 0 and a.sampler.drawn == 0

@@ -1,0 +1,258 @@
+"""The engine's scheduler: which turns hold the batch's slots, and what each step runs. Plain Python, no torch.
+
+A turn's life (Phase): WAITING (queued) -> PREFILL (its input fed, one chunk per step) -> DECODE (the last
+sampled token fed, the next one sampled) -> CLOSING (the reply's last token and the template's epilogue fed, no
+sampling) -> finished. One step: schedule() drops cancelled turns (and waiting ones whose deadline passed),
+admits waiting turns into free slots and says what runs: every DECODE/CLOSING turn feeds one token, all together
+(the decode lane), and at most one PREFILL turn feeds one chunk, so a long prompt never stalls the others. The
+batch runner runs that Step; postprocess() turns its samples into deltas, decides stops and retires the turns
+that finished. States, samplers, stop checkers and the tokenizer pass through here as opaque objects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from common.errors import DeadlineExceeded, Overloaded
+from rwkv_serve.contract import StopReason
+from worker.engine.events import Delta, EngineEvent, EngineLoad, Finished, TurnTimings
+
+if TYPE_CHECKING:
+    from worker.sampler import SampleResult, SamplerState, SamplingParams, StopChecker
+    from worker.state import State
+
+# What a step hands out: (the turn's handle, its next event or the error that ended it).
+Event = tuple[Any, EngineEvent | Exception]
+
+
+class Phase(Enum):
+    """Where a turn is in its life inside the engine."""
+
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    CLOSING = "closing"
+
+
+@dataclass(eq=False)
+class Seq:
+    """One turn's working data inside the engine, shared (and mutated) by the scheduler and the batch runner."""
+
+    params: SamplingParams
+    feed: list[int]  # tokens still to feed (input remainder, last sampled token, or closing tokens)
+    epilogue: list[int]
+    state: State | None  # batch size 1; authoritative while the turn is outside the decode lane (None: not yet run)
+    consumed: int  # tokens `state` has consumed
+    sampler: SamplerState
+    checker: StopChecker  # detokenizes (UTF-8 safe), holds back possible stop strings, decides stops
+    prefill_only: bool = False
+    deadline: float | None = None  # time.monotonic(); still WAITING then: dropped unrun
+    turn: Any = None  # the caller's handle: events are addressed to it
+    cancelled: bool = False  # set by the caller's thread, read at step boundaries
+    phase: Phase = Phase.WAITING
+    prompt_tokens: int = 0
+    generated: list[int] = field(default_factory=list)  # sampled ids, a stop token included
+    result: Finished | None = None  # set when CLOSING: what to report once the closing tokens are fed
+    submitted_ns: int = 0  # phase times, see TurnTimings
+    admitted_ns: int = 0
+    prefilled_ns: int = 0
+
+    def timings(self) -> TurnTimings:
+        return TurnTimings(self.submitted_ns, self.admitted_ns, self.prefilled_ns, time.time_ns())
+
+
+@dataclass(eq=False)
+class Step:
+    """What runs this step: one token for each turn of the decode lane, and at most one prefill chunk."""
+
+    decode: list[Seq]  # the lane, in admission order: one batched forward (B x 1)
+    decode_tokens: list[int]  # the token each of them feeds
+    sample_rows: list[int]  # the lane rows that sample (DECODE; CLOSING turns only feed)
+    prefill: Seq | None = None
+    prefill_tokens: list[int] = field(default_factory=list)
+    sample_prefill: bool = False  # the chunk ends the input of a turn that generates: sample its first token
+    events: list[Event] = field(default_factory=list)  # of the turns dropped before the step, in order
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and self.prefill is None
+
+
+@dataclass
+class StepResult:
+    """What the batch runner hands back for a Step."""
+
+    decode_samples: list[SampleResult] = field(default_factory=list)  # one per Step.sample_rows, in order
+    prefill_sample: SampleResult | None = None  # when Step.sample_prefill
+    lane_state: State | None = None  # the lane's new batched state; row i belongs to Step.decode[i]
+
+
+class Scheduler:
+    """The slots and the queue of one engine: admission, bounds, drops, and what each step runs and yields."""
+
+    def __init__(self, *, max_batch: int, max_queued: int, prefill_chunk: int, tokenizer: Any) -> None:
+        self.max_batch = max_batch
+        self.max_queued = max_queued
+        self.prefill_chunk = prefill_chunk
+        self.tokenizer = tokenizer  # only .decode(): to name the stop string that ended a turn
+        self.waiting: deque[Seq] = deque()  # appended by add() on any thread, popped by the engine thread
+        self.running: list[Seq] = []  # admitted turns, in admission order; only the engine thread touches it
+        self._lock = threading.Lock()  # guards `waiting` between add() and the engine thread
+
+    # ---- the queue ------------------------------------------------------------------------------------------
+
+    def add(self, seq: Seq) -> None:
+        """Queues a turn; it is admitted at the next step with a free slot. Overloaded past max_queued."""
+        with self._lock:
+            # Turns that will find a free slot at the next step do not count against the queue bound.
+            if len(self.waiting) >= self.max_queued + max(0, self.free_slots):
+                raise Overloaded(f"engine queue is full ({self.max_queued} turns waiting)", retry_after_s=1.0)
+            self.waiting.append(seq)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.running)
+
+    @property
+    def load(self) -> EngineLoad:
+        return EngineLoad(self.max_batch, len(self.running), len(self.waiting), self.max_queued)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def cancel_all(self) -> None:
+        """Marks every waiting and running turn cancelled: the next step drops them all."""
+        with self._lock:
+            waiting = list(self.waiting)
+        for seq in (*waiting, *self.running):
+            seq.cancelled = True
+
+    def fail_running(self, exc: Exception) -> list[Event]:
+        """Drops every admitted turn with an error (after a step raised); waiting turns go on."""
+        failed, self.running = self.running, []
+        error = RuntimeError(f"engine step failed: {exc!r}")
+        return [(seq.turn, error) for seq in failed]
+
+    # ---- before the step: drop, admit, plan -------------------------------------------------------------------
+
+    def schedule(self) -> Step:
+        """Drops, admits and says what runs; the tokens to feed this step are taken off each turn's `feed`."""
+        events = self._drop()
+        self._admit()
+        lane = [s for s in self.running if s.phase in (Phase.DECODE, Phase.CLOSING)]
+        rows = [i for i, s in enumerate(lane) if s.phase is Phase.DECODE]
+        step = Step(lane, [s.feed.pop(0) for s in lane], rows, events=events)
+        prefill = next((s for s in self.running if s.phase is Phase.PREFILL), None)
+        if prefill is not None:
+            step.prefill = prefill
+            step.prefill_tokens, prefill.feed = prefill.feed[: self.prefill_chunk], prefill.feed[self.prefill_chunk :]
+            step.sample_prefill = not prefill.feed and not prefill.prefill_only
+        return step
+
+    def _drop(self) -> list[Event]:
+        """Drops cancelled turns, and waiting turns whose deadline passed (those never run)."""
+        now = time.monotonic()
+        with self._lock:
+            cancelled = [s for s in self.waiting if s.cancelled]
+            expired = [s for s in self.waiting if not s.cancelled and s.deadline is not None and s.deadline <= now]
+            for seq in (*cancelled, *expired):
+                self.waiting.remove(seq)
+        events: list[Event] = [
+            (seq.turn, DeadlineExceeded("the turn's deadline passed while it waited for a batch slot"))
+            for seq in expired
+        ]
+        cancelled += [s for s in self.running if s.cancelled]
+        if cancelled:
+            self.running = [s for s in self.running if not s.cancelled]
+        for seq in cancelled:
+            finished = Finished(StopReason.CANCELLED, seq.prompt_tokens, len(seq.generated), None, seq.consumed,
+                                timings=seq.timings())
+            events.append((seq.turn, finished))
+        return events
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.waiting and self.free_slots > 0:
+                seq = self.waiting.popleft()
+                seq.phase = Phase.PREFILL
+                seq.admitted_ns = time.time_ns()
+                self.running.append(seq)
+
+    # ---- after the step: samples -> events ------------------------------------------------------------------
+
+    def postprocess(self, step: Step, result: StepResult) -> list[Event]:
+        """The step's events in order: its drops, the lane's deltas, the lane's finished turns, then the prefill's."""
+        out = step.events
+        for seq in step.decode:
+            seq.consumed += 1
+        for i, sample in zip(step.sample_rows, result.decode_samples, strict=True):
+            self._on_sample(step.decode[i], sample, out)
+        for i, seq in enumerate(step.decode):
+            if seq.phase is Phase.CLOSING and not seq.feed:
+                assert result.lane_state is not None
+                seq.state = result.lane_state.select(i)
+                self._finish(seq, out)
+        seq = step.prefill
+        if seq is None:
+            return out
+        seq.consumed += len(step.prefill_tokens)
+        if seq.feed:  # more chunks to come
+            return out
+        seq.prefilled_ns = time.time_ns()
+        if seq.prefill_only:
+            seq.result = Finished(StopReason.MAX_TOKENS, 0, 0, None, 0)
+            self._finish(seq, out)
+            return out
+        seq.phase = Phase.DECODE
+        assert result.prefill_sample is not None
+        self._on_sample(seq, result.prefill_sample, out)
+        if seq.phase is Phase.CLOSING and not seq.feed:
+            self._finish(seq, out)
+        return out
+
+    def _on_sample(self, seq: Seq, sample: SampleResult, out: list[Event]) -> None:
+        """Turns one sampled token into output and decides whether the turn goes on."""
+        token = sample.token_id
+        seq.generated.append(token)
+        step = seq.checker.step(token)
+        is_stop_token = token in seq.params.stop_token_ids
+        if is_stop_token:  # not part of the conversation: neither emitted nor fed
+            if step.text:
+                out.append((seq.turn, Delta(step.text, ())))
+        else:
+            out.append((seq.turn, Delta(step.text, (token,), (sample,) if seq.params.logprobs > 0 else ())))
+        if step.reason is None:
+            seq.feed = [token]
+            return
+        reason = StopReason[step.reason.upper()]
+        seq.phase = Phase.CLOSING
+        # The last emitted token is fed (the user saw it); a stop string is itself the turn's end, otherwise
+        # the template's epilogue closes the reply so the next turn continues a well-formed conversation.
+        seq.feed = [] if is_stop_token else [token]
+        if reason is not StopReason.STOP_STRING:
+            seq.feed += seq.epilogue
+            seq.prompt_tokens += len(seq.epilogue)
+        seq.result = Finished(
+            reason, 0, 0, None, 0,
+            stop_string=self._matched_stop_string(seq) if reason is StopReason.STOP_STRING else "",
+            stop_token_id=token if reason is StopReason.STOP_TOKEN else -1,
+        )
+
+    def _matched_stop_string(self, seq: Seq) -> str:
+        text = self.tokenizer.decode([t for t in seq.generated if t not in seq.params.stop_token_ids])
+        found = [(text.find(s), -len(s), s) for s in seq.params.stop_strings if s in text]
+        return min(found)[2] if found else ""
+
+    def _finish(self, seq: Seq, out: list[Event]) -> None:
+        assert seq.result is not None and seq.state is not None
+        r = seq.result
+        finished = Finished(r.reason, seq.prompt_tokens, len(seq.generated), seq.state, seq.consumed,
+                            r.stop_string, r.stop_token_id, seq.timings())
+        out.append((seq.turn, finished))
+        self.running.remove(seq)
