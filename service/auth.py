@@ -25,10 +25,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 from common.errors import Unauthenticated
+from rwkv_serve.contract import API_KEY_HEADERS  # "authorization: Bearer <key>" or "x-api-key: <key>"
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADERS = ("authorization", "x-api-key")  # "authorization: Bearer <key>" or "x-api-key: <key>"
 KEY_PREFIX = "rwkv_"  # makes a leaked key recognisable to secret scanners
 _TENANT_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _ENTRY_RE = re.compile(r"^([A-Za-z0-9_.@-]{1,64}):([0-9a-f]{64})$")

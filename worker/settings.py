@@ -24,7 +24,7 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     device: str = "cpu"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     # CPU matmul: the native AVX2 kernels (built on first use, ~20 s), oneDNN, or plain torch; auto = the first
-    # that works here (see worker.model.Linear)
+    # that works here (see worker.linear.Linear)
     cpu_kernel: Literal["auto", "native", "onednn", "torch"] = "auto"
     random_n_layer: int = 2  # shape of the random-init model
     random_n_embd: int = 128
