@@ -61,7 +61,8 @@ def measure(engine: str, checkpoint: str, prefill_len: int, decode_steps: int, b
         res["state_bytes"], res["kernel"] = model.config.state_bytes, model.kernel
         toks = torch.tensor([prompt])
         model.forward(toks[:, :16], model.init_state(1))
-        res["prefill_tok_s"] = prefill_len / statistics.median(_timed(lambda: model.forward(toks, model.init_state(1)), 3))
+        res["prefill_tok_s"] = prefill_len / statistics.median(
+            _timed(lambda: model.forward(toks, model.init_state(1)), 3))
         res["decode_tok_s"] = {}
         for b in batches:
             _, state = model.forward(torch.tensor([prompt[:8]] * b), model.init_state(b))
@@ -179,8 +180,10 @@ def main(
         "b32_vs_b1_fp32": summary["ours-fp32"]["decode_tok_s"]["32"] / summary["ours-fp32"]["decode_tok_s"]["1"],
         "b32_vs_b1_bf16": summary["ours-bf16"]["decode_tok_s"]["32"] / summary["ours-bf16"]["decode_tok_s"]["1"],
         "ref_decode_fraction_of_bandwidth": ref_dec * fp32_bytes_per_token / 1e9 / bw,
-        "ours_fp32_decode_fraction_of_bandwidth": summary["ours-fp32"]["decode_tok_s"]["1"] * fp32_bytes_per_token / 1e9 / bw,
-        "ours_bf16_decode_fraction_of_bandwidth": summary["ours-bf16"]["decode_tok_s"]["1"] * fp32_bytes_per_token / 2 / 1e9 / bw,
+        "ours_fp32_decode_fraction_of_bandwidth":
+            summary["ours-fp32"]["decode_tok_s"]["1"] * fp32_bytes_per_token / 1e9 / bw,
+        "ours_bf16_decode_fraction_of_bandwidth":
+            summary["ours-bf16"]["decode_tok_s"]["1"] * fp32_bytes_per_token / 2 / 1e9 / bw,
     }
     # What bounds B=32: every decoded token costs 2 FLOPs per matrix weight.
     flops_per_token = fp32_bytes_per_token / 2
@@ -201,12 +204,14 @@ def main(
     out.write_text(json.dumps(report, indent=2))
 
     t = Table(title=f"RWKV-5.2 L{n_layer} D{n_embd} random, CPU, medians of {rounds} interleaved rounds")
-    for col in ("engine", "kernel", f"prefill {prefill_len} tok/s", "decode B=1", "B=8 agg", "B=32 agg", "peak RSS MiB"):
+    for col in ("engine", "kernel", f"prefill {prefill_len} tok/s", "decode B=1", "B=8 agg", "B=32 agg",
+                "peak RSS MiB"):
         t.add_column(col, justify="right")
     for e in engines:
         s = summary[e]
         d = s["decode_tok_s"]
-        t.add_row(e, s["kernel"], f"{s['prefill_tok_s']:.0f}", f"{d['1']:.1f}", f"{d.get('8', 0):.0f}" if "8" in d else "-",
+        t.add_row(e, s["kernel"], f"{s['prefill_tok_s']:.0f}", f"{d['1']:.1f}",
+                  f"{d.get('8', 0):.0f}" if "8" in d else "-",
                   f"{d.get('32', 0):.0f}" if "32" in d else "-", f"{s['peak_rss_mib']:.0f}")
     c = Console()
     c.print(t)

@@ -24,8 +24,8 @@ INIT_TEXT = '"""Generated gRPC code for the rwkv_serve protos (scripts/gen_proto
 
 def generate(out_dir: Path) -> list[Path]:
     """Runs protoc (from grpc_tools) on every .proto under protos/; returns the files written."""
-    from grpc_tools import protoc  # a build-time dependency only
     import grpc_tools
+    from grpc_tools import protoc  # a build-time dependency only
 
     protos = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in (PROTO_ROOT / PACKAGE).rglob("*.proto"))
     if not protos:
@@ -57,7 +57,8 @@ def _differences(generated: Path, checked_in: Path) -> list[str]:
     new = {p.relative_to(generated) for p in generated.rglob("*") if p.is_file()}
     old = {p.relative_to(checked_in) for p in checked_in.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     diffs = [f"missing: {p}" for p in sorted(new - old)] + [f"stale: {p}" for p in sorted(old - new)]
-    diffs += [f"differs: {p}" for p in sorted(new & old) if not filecmp.cmp(generated / p, checked_in / p, shallow=False)]
+    diffs += [f"differs: {p}" for p in sorted(new & old)
+              if not filecmp.cmp(generated / p, checked_in / p, shallow=False)]
     return diffs
 
 

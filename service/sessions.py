@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from rwkv_serve.v1 import common_pb2
+from common.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
 from common.sampling import check_sampling
+from common.store import SessionMeta, StateStore
+from common.worker_api import WorkerLoad
 from rwkv_serve.contract import sampling_from_pb
+from rwkv_serve.v1 import common_pb2
 from service.convert import InputLimits, check_metadata, template_name
 from service.quotas import Quotas
-from common.worker_api import WorkerLoad
 from service.router import WorkerDirectory
-from common.errors import InvalidArgument, ModelNotFound, PresetNotFound, SessionNotFound
-from common.store import SessionMeta, StateStore
 
 
 def _vocab_size(workers: list[WorkerLoad]) -> int | None:
@@ -58,7 +58,8 @@ class Sessions:
         check_sampling(sampling_from_pb(sampling), vocab_size=_vocab_size(workers))
         await self.quotas.check_session(tenant)
         meta = await self.store.create_session(
-            tenant=tenant, model=model, template=template_name(template), ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
+            tenant=tenant, model=model, template=template_name(template),
+            ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
             system_prompt=system_prompt, preset=preset, metadata=metadata, sampling=sampling_from_pb(sampling))
         await self.quotas.confirm_session(tenant, meta.session_id)
         return meta
@@ -91,7 +92,8 @@ class Sessions:
         """A copy of the session (state copied inside Redis); unset arguments keep the source's values."""
         source = await self.get(tenant, session_id)
         if sampling is not None:
-            check_sampling(sampling_from_pb(sampling), vocab_size=_vocab_size(await self.directory.workers(source.model)))
+            workers = await self.directory.workers(source.model)
+            check_sampling(sampling_from_pb(sampling), vocab_size=_vocab_size(workers))
         await self.quotas.check_session(tenant)
         meta = await self.store.fork_session(
             session_id, ttl_ms=self._ttl(ttl_ms),

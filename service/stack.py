@@ -57,7 +57,8 @@ def _wait(check: Any, what: str, timeout_s: float, procs: list[subprocess.Popen]
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{what}: process {proc.args[0] if proc.args else '?'} exited with {proc.returncode}")
+                name = proc.args[0] if proc.args else "?"
+                raise RuntimeError(f"{what}: process {name} exited with {proc.returncode}")
         if check():
             return
         time.sleep(0.1)

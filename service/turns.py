@@ -12,13 +12,6 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
-from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
-from common.sampling import check_sampling
-from rwkv_serve.contract import sampling_from_pb
-from service.quotas import Quotas
-from common.worker_api import WorkerLoad
-from service.router import Router, WorkerDirectory
-from service.sessions import Sessions
 from common.errors import (
     InvalidArgument,
     ModelNotFound,
@@ -29,8 +22,15 @@ from common.errors import (
     Unavailable,
     WorkerLost,
 )
+from common.sampling import check_sampling
 from common.store import StateStore
 from common.telemetry import Telemetry, failed, send_context, set_session
+from common.worker_api import WorkerLoad
+from rwkv_serve.contract import sampling_from_pb
+from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
+from service.quotas import Quotas
+from service.router import Router, WorkerDirectory
+from service.sessions import Sessions
 
 
 @dataclass
@@ -331,7 +331,8 @@ class _Stopped(Exception):
     """The turn was cancelled by the client."""
 
 
-async def _until(events: AsyncIterator[common_pb2.ChatEvent], stop: asyncio.Event) -> AsyncIterator[common_pb2.ChatEvent]:
+async def _until(events: AsyncIterator[common_pb2.ChatEvent],
+                 stop: asyncio.Event) -> AsyncIterator[common_pb2.ChatEvent]:
     """Yields from `events` until it ends or `stop` is set; then closes it (cancelling the worker call) and
     raises _Stopped."""
     stop_wait = asyncio.ensure_future(stop.wait())

@@ -9,6 +9,8 @@ import grpc
 import pytest
 
 import rwkv_serve_client as client
+from common import errors as server_errors
+from rwkv_serve import contract
 from rwkv_serve_client import (
     AsyncRWKVClient,
     ChatTemplate,
@@ -19,10 +21,8 @@ from rwkv_serve_client import (
     TurnResult,
     TurnStarted,
 )
-from rwkv_serve import contract
 from rwkv_serve_client.errors import ERRORS_BY_CODE, error_from_status
 from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
-from common import errors as server_errors
 
 
 def test_every_server_error_becomes_its_typed_exception() -> None:
@@ -65,7 +65,8 @@ def test_the_sdk_speaks_the_shared_contract() -> None:
     values = {"float": 0.5, "int": 3, "tokens": [1, 2], "strings": ["\n"]}
     sampling = client._core.chat_turn("sid", "hi", **{name: values[kind] for name, kind in
                                                       contract.SAMPLING_FIELDS.items()}).turn.sampling
-    assert contract.sampling_from_pb(sampling) == {name: values[kind] for name, kind in contract.SAMPLING_FIELDS.items()}
+    assert contract.sampling_from_pb(sampling) == {name: values[kind]
+                                                   for name, kind in contract.SAMPLING_FIELDS.items()}
     # No sampling arguments: the request leaves the field unset (the session's defaults apply).
     assert not client._core.chat_turn("sid", "hi").turn.HasField("sampling")
     assert not client._core.create_session("m").request.HasField("default_sampling")

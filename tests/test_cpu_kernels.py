@@ -1,10 +1,12 @@
-"""The native CPU kernels (worker/csrc/cpu_kernels.cpp) equal float64 arithmetic, and every kernel gives the same model."""
+"""The native CPU kernels (worker/csrc/cpu_kernels.cpp) equal float64 arithmetic, and every kernel gives the same
+model."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker import cpu_kernels
 from worker.linear import choose_kernel

@@ -21,9 +21,9 @@ import pytest
 import redis
 import torch
 
-from rwkv_serve_client import AsyncRWKVClient, RWKVClient, StopReason, TurnResult
-from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
 from common.worker_api import ModelDescription, WorkerLoad
+from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
+from rwkv_serve_client import AsyncRWKVClient, RWKVClient, StopReason, TurnResult
 from service.router import rendezvous_order
 from service.stack import Stack, free_port
 from worker.checkpoint import make_random_checkpoint
@@ -49,7 +49,8 @@ class Twin:
 
     def fork(self) -> Twin:
         twin = object.__new__(Twin)
-        twin.model, twin.tokenizer, twin.template, twin.state = self.model, self.tokenizer, self.template, self.state.clone()
+        twin.model, twin.tokenizer, twin.template = self.model, self.tokenizer, self.template
+        twin.state = self.state.clone()
         return twin
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
@@ -218,8 +219,8 @@ def test_disconnect_stops_generation_and_leaves_the_state(stack: Stack) -> None:
 
 def test_cli_chats_through_the_stack(stack: Stack) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "rwkv_serve_client.cli", "--target", stack.target, "--temperature", "0", "--max-tokens", "3",
-         "-m", "Hi", "-m", "/session"],
+        [sys.executable, "-m", "rwkv_serve_client.cli", "--target", stack.target, "--temperature", "0",
+         "--max-tokens", "3", "-m", "Hi", "-m", "/session"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert "resume with: rwkv-chat --session" in done.stdout
@@ -231,8 +232,8 @@ def test_second_turn_survives_the_loss_of_its_worker(stack: Stack, twin_model) -
     with RWKVClient(stack.target) as rwkv:
         session = rwkv.create_session(MODEL, temperature=0, max_tokens=16)
         ids = list(stack.worker_procs)
-        home, other = (w.worker_id for w in rendezvous_order(session.session_id,
-                                                             [WorkerLoad(w, "x", ModelDescription(MODEL)) for w in ids]))
+        loads = [WorkerLoad(w, "x", ModelDescription(MODEL)) for w in ids]
+        home, other = (w.worker_id for w in rendezvous_order(session.session_id, loads))
         twin = _twin(twin_model)
         first = rwkv.say(session.session_id, "My name is Ada.", return_token_ids=True)
         assert first.worker_id == home

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from worker.engine import Delta, Engine, EngineEvent, Finished, StopReason, Turn, TurnRequest
 from common.errors import InvalidArgument, Overloaded
+from worker.engine import Delta, Engine, EngineEvent, Finished, StopReason, Turn, TurnRequest
 from worker.sampler import SamplingParams
 from worker.state import State
 from worker.state_cache import StateCache
@@ -177,7 +177,8 @@ def test_prefill_only(tiny_model, tokenizer) -> None:
 def test_cancel_frees_the_slot_within_one_step(tiny_model, tokenizer) -> None:
     engine = Engine(tiny_model, tokenizer, max_batch=1, max_queued=4)
     run = Collector(engine)
-    long = engine.submit(TurnRequest(prompt(3, 13), SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=1000)))
+    long = engine.submit(TurnRequest(prompt(3, 13),
+                                     SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=1000)))
     run.step(3)
     waiting = engine.submit(TurnRequest(prompt(3, 14), GREEDY))
     run.step()

@@ -1,8 +1,8 @@
 """The engine equals the reference package, in sequence and step mode, batched and alone, across shapes."""
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from tests.reference import reference_model, reference_run, reference_wkv
 from worker.checkpoint import make_random_checkpoint, random_params
@@ -145,7 +145,8 @@ def test_wkv_chunked_exact_for_tiny_decays():
     y, s = wkv_chunked(r, k, v, log_w, u, s0, chunk=32)
     ys, st = [], s0
     for t in range(T):
-        yt, st = wkv_step(r[:, :, t].contiguous(), k[:, :, t].contiguous(), v[:, :, t].contiguous(), torch.exp(log_w), u, st)
+        yt, st = wkv_step(r[:, :, t].contiguous(), k[:, :, t].contiguous(), v[:, :, t].contiguous(),
+                          torch.exp(log_w), u, st)
         ys.append(yt)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
     assert torch.allclose(y, torch.stack(ys, dim=2), rtol=1e-4, atol=1e-3)
@@ -158,7 +159,8 @@ def test_config_read_from_shapes(pair):
     from worker.model import config_from_params
 
     cfg = config_from_params(sd)
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.ffn_size, cfg.vocab_size) == (1, 320, 5, 64, 1120, 1000)
+    shapes = (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.ffn_size, cfg.vocab_size)
+    assert shapes == (1, 320, 5, 64, 1120, 1000)
 
 
 def test_fp16_weights_load_and_agree(tmp_path):
@@ -222,8 +224,8 @@ def test_loads_with_mmap_not_two_copies(tmp_path):
         f"m = RWKV5.from_checkpoint({str(path)!r}, dtype=torch.bfloat16); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     )
-    base = subprocess.run([sys.executable, "-c", "import torch; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
-                          capture_output=True, text=True, check=True)
+    base_code = "import torch; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    base = subprocess.run([sys.executable, "-c", base_code], capture_output=True, text=True, check=True)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     grew = int(out.stdout.split()[-1]) - int(base.stdout.split()[-1])
     # The embedding is also kept normalised in fp32 (ln0 folded in): allow that on top of one copy.
@@ -249,8 +251,8 @@ def test_trainable_forward_equals_inference_and_has_gradients(checkpoint):
     assert torch.allclose(state.wkv, want_state.wkv, rtol=1e-4, atol=1e-4)
     loss = torch.nn.functional.cross_entropy(got[0, :-1], tokens[0, 1:])
     loss.backward()
-    for name in ("blocks.0.att.time_decay", "blocks.0.att.time_faaaa", "blocks.0.ln0.weight", "emb.weight", "head.weight",
-                 f"blocks.{model.config.n_layer - 1}.ffn.value.weight"):
+    for name in ("blocks.0.att.time_decay", "blocks.0.att.time_faaaa", "blocks.0.ln0.weight", "emb.weight",
+                 "head.weight", f"blocks.{model.config.n_layer - 1}.ffn.value.weight"):
         g = model.params[name].grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
     assert init.wkv.grad is not None and init.wkv.grad.abs().sum() > 0  # state tuning trains this

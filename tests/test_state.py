@@ -24,7 +24,8 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def used_state(model):
-    _, state = model.forward(torch.randint(0, 65536, (1, 50), generator=torch.Generator().manual_seed(1)), model.init_state(1))
+    tokens = torch.randint(0, 65536, (1, 50), generator=torch.Generator().manual_seed(1))
+    _, state = model.forward(tokens, model.init_state(1))
     return state
 
 

@@ -11,13 +11,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from common.errors import ERROR_KEY, RETRY_AFTER_KEY
+from common.store import StateStore
+from rwkv_serve.contract import sampling_to_pb
+from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.server import SERVICE_NAME, WorkerCore, create_server, shutdown
 from worker.settings import WorkerSettings
 from worker.state import State
-from common.store import StateStore
-from rwkv_serve.contract import sampling_to_pb
 
 MODEL_ID = "tiny"
 
@@ -209,7 +209,8 @@ async def test_client_cancel_frees_the_slot_and_keeps_the_state(worker: Worker, 
     assert worker.core.engine.load.active == 1
     call.cancel()
     assert await worker.core.engine.drain(2)  # the engine let go of the turn
-    for _ in range(500):  # the handler's cleanup (lease release) runs right after the cancellation (10 s: a loaded CI box)
+    # The handler's cleanup (lease release) runs right after the cancellation (10 s: a loaded CI box).
+    for _ in range(500):
         if not await store.redis.exists(store.keys.session(sid, "lease")):
             break
         await asyncio.sleep(0.02)

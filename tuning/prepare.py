@@ -116,7 +116,8 @@ def main(
             dialogues = itertools.islice(dialogues, limit)
         meta = {"source": source.value, "input": str(input) if input else None}
         train, val = prepare(
-            dialogues, world_tokenizer(), cast(Template, template.value), out, val_fraction, seed, mask_user, binidx, meta
+            dialogues, world_tokenizer(), cast(Template, template.value), out, val_fraction, seed, mask_user, binidx,
+            meta,
         )
     except (ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")

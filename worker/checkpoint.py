@@ -48,7 +48,8 @@ def random_params(n_layer: int, n_embd: int, vocab_size: int = WORLD_VOCAB_SIZE,
         # Decay exponents as RWKV-LM initialises them (-6..-1), plus a few channels with w ~ 1e-9 that would
         # break any implementation that divides by powers of w or clamps it.
         n = torch.arange(H * head_size, device=device) / (H * head_size - 1)
-        decay = -6 + 5 * n ** (0.7 + 1.3 * i / max(n_layer - 1, 1)) + torch.randn(H * head_size, generator=g, device=device) * 0.5
+        noise = torch.randn(H * head_size, generator=g, device=device) * 0.5
+        decay = -6 + 5 * n ** (0.7 + 1.3 * i / max(n_layer - 1, 1)) + noise
         decay[torch.rand(H * head_size, generator=g, device=device) < 0.03] = 3.0
         sd[b + "att.time_decay"] = decay.view(H, head_size).to(dtype)
         sd[b + "att.time_faaaa"] = uniform(H, head_size, lo=-0.1, hi=1.0)

@@ -21,7 +21,9 @@ from worker.linear import Linear
 from worker.state import State
 
 HEAD_SIZE_DIVISOR = 8  # RWKV-5 trains with head_size_divisor 8: GroupNorm eps 1e-5 on y/8 == eps 64e-5 on y
-WKV_CHUNK = 8  # tokens per chunk of the parallel WKV; any size is exact. 8 was fastest here (4: 48 ms, 8: 36, 16: 97, 32: 192 per layer at T=512, D768): the (c, c, N) intra-chunk product stays in cache
+# Tokens per chunk of the parallel WKV; any size is exact. 8 was fastest here (4: 48 ms, 8: 36, 16: 97, 32: 192 per
+# layer at T=512, D768): the (c, c, N) intra-chunk product stays in cache.
+WKV_CHUNK = 8
 
 
 class CheckpointError(ValueError):
@@ -65,9 +67,10 @@ def wkv_step(r, k, v, w, u, s, out=None):
 def wkv_chunked(r, k, v, log_w, u, s, chunk: int = WKV_CHUNK):
     """The WKV recurrence over T tokens, exactly, in parallel chunks. r, k, v: (B, H, T, N); log_w, u: (H, N); s fp32.
 
-    y_t = sum_{s<t} (r_t . w^(t-s-1) k_s) v_s + (r_t . u k_t) v_t + (r_t w^t) S0 and S_T = w^T S0 + sum_s (w^(T-1-s) k_s) v_s^T,
-    with positions counted from the chunk's start. Every decay power is exp(exponent * log_w) with exponent >= 0, so
-    nothing overflows and w is never clamped (dividing by powers of w, the usual trick, overflows for small w)."""
+    y_t = sum_{s<t} (r_t . w^(t-s-1) k_s) v_s + (r_t . u k_t) v_t + (r_t w^t) S0
+    and S_T = w^T S0 + sum_s (w^(T-1-s) k_s) v_s^T, with positions counted from the chunk's start. Every decay power
+    is exp(exponent * log_w) with exponent >= 0, so nothing overflows and w is never clamped (dividing by powers of
+    w, the usual trick, overflows for small w)."""
     B, H, T, N = r.shape
     full = T - T % chunk
     ys = []
@@ -88,7 +91,8 @@ def _wkv_chunks(r, k, v, log_w, u, s):
     lw = log_w.view(H, 1, N)
     # Inside a chunk: att[t, s] = r_t . (w^(t-s-1) * k_s) for s < t, plus the bonus u on the diagonal.
     gap = (t.view(c, 1) - t.view(1, c) - 1).clamp(min=0)
-    decay = torch.exp(gap.view(1, c, c, 1) * log_w.view(H, 1, 1, N)) * torch.tril(torch.ones(c, c, device=r.device), -1).view(1, c, c, 1)
+    below = torch.tril(torch.ones(c, c, device=r.device), -1).view(1, c, c, 1)
+    decay = torch.exp(gap.view(1, c, c, 1) * log_w.view(H, 1, 1, N)) * below
     att = torch.einsum("bhjta,htsa,bhjsa->bhjts", r, decay, k)  # (B, H, C, c, c)
     att = att + torch.diag_embed((r * u.view(1, H, 1, 1, N) * k).sum(-1))
     y = att @ v  # (B, H, C, c, N)
@@ -115,7 +119,8 @@ class TimeMix:
 
     def __init__(self, p: dict[str, torch.Tensor], i: int, cfg: RWKV5Config, scale: float, kernel: str = "auto"):
         self.p, self.a = p, f"blocks.{i}.att."
-        self.rkvg = [Linear(p[self.a + f"{n}.weight"], kernel) for n in ("receptance", "key", "value", "gate")]  # 4 x (D, D)
+        self.rkvg = [Linear(p[self.a + f"{n}.weight"], kernel)
+                     for n in ("receptance", "key", "value", "gate")]  # 4 x (D, D)
         self.output = Linear(p[self.a + "output.weight"], kernel)  # (D, D), pre-divided by `scale` in fp16 (see RWKV5)
         self.H, self.N, self.scale = cfg.n_head, cfg.head_size, scale
         self.refresh()
@@ -138,7 +143,8 @@ class TimeMix:
         g = F.silu(g)
         heads = lambda z: z.view(B, T, self.H, self.N).transpose(1, 2)  # noqa: E731 - (B, H, T, N)
         if T == 1:
-            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N), self.w, self.u, s, s_out)
+            y, s = wkv_step(r.view(B, self.H, self.N), k.view(B, self.H, self.N), v.view(B, self.H, self.N),
+                            self.w, self.u, s, s_out)
             y = y.view(B * T, D)
         else:
             y, s = wkv_chunked(heads(r), heads(k), heads(v), self.log_w, self.u, s)
@@ -163,7 +169,8 @@ class ChannelMix:
 
     def __init__(self, p: dict[str, torch.Tensor], i: int, scale: float, kernel: str = "auto"):
         self.p, self.f = p, f"blocks.{i}.ffn."
-        self.key, self.value, self.receptance = (Linear(p[self.f + n + ".weight"], kernel) for n in ("key", "value", "receptance"))
+        self.key, self.value, self.receptance = (Linear(p[self.f + n + ".weight"], kernel)
+                                                 for n in ("key", "value", "receptance"))
         self.scale = scale
         self.refresh()
 
@@ -246,7 +253,8 @@ class RWKV5:
         self.kernel = self.head.kernel
         # With the native CPU kernels a decode step (T = 1) runs each block as one call (cpu_kernels.cpp, block_step):
         # the same arithmetic as _block below, without the per-op dispatch that is ~25% of a bf16 step at D=768.
-        self._native_blocks = [self._native_block_params(i) for i in range(cfg.n_layer)] if self.kernel == "native" else None
+        self._native_blocks = ([self._native_block_params(i) for i in range(cfg.n_layer)]
+                               if self.kernel == "native" else None)
         if not trainable:  # the matrices now live in the Linears and self.emb: let go of the file's mapped views
             self._drop_matrices(p, "")
         self.grad_checkpoint = False  # trainable only: recompute each block in backward to save activation memory
@@ -286,14 +294,16 @@ class RWKV5:
         `out`: a state of the same shapes to write the new state into (and return). A batch of 32 sessions has
         ~80 MB of state at D=768; a fresh buffer every step costs ~20 ms of page faults, so a decode loop keeps two
         buffers and alternates (see worker/engine/batch.py)."""
-        if out is not None and (out is state or any(o.shape != t.shape for o, t in zip(out.tensors(), state.tensors()))):
+        if out is not None and (out is state
+                                or any(o.shape != t.shape for o, t in zip(out.tensors(), state.tensors()))):
             raise ValueError("out must be a distinct state of the same shapes as state")
         if self.trainable:
             return self._forward(tokens, state, all_logits, None)
         with torch.inference_mode():
             return self._forward(tokens, state, all_logits, out)
 
-    def _forward(self, tokens: torch.Tensor, state: State, all_logits: bool, out: State | None) -> tuple[torch.Tensor, State]:
+    def _forward(self, tokens: torch.Tensor, state: State, all_logits: bool,
+                 out: State | None) -> tuple[torch.Tensor, State]:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -379,7 +389,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         mmap = zipfile.is_zipfile(path)
         sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated zips, pickles and tars fail in many ways; one message
-        raise CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {e}") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     return sd
@@ -408,10 +419,12 @@ def config_from_params(params: dict[str, torch.Tensor]) -> RWKV5Config:
     """Read the model's shapes from its weights, refusing anything that is not a complete RWKV-5.2 model."""
     arch = detect_architecture(params)
     if arch != "v5.2":
-        raise CheckpointError(f"not an RWKV-5.2 checkpoint: found {arch} ({len(params)} tensors, e.g. {sorted(params)[:3]})")
+        raise CheckpointError(
+            f"not an RWKV-5.2 checkpoint: found {arch} ({len(params)} tensors, e.g. {sorted(params)[:3]})")
     layers = {int(m.group(1)) for k in params if (m := re.match(r"blocks\.(\d+)\.", k))}
     n_layer = max(layers) + 1
-    for name in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias", "ln_out.weight", "ln_out.bias", "head.weight"):
+    for name in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias", "ln_out.weight", "ln_out.bias",
+                 "head.weight"):
         if name not in params:
             raise CheckpointError(f"RWKV-5.2 checkpoint is missing {name}")
     for i in range(n_layer):
@@ -427,9 +440,11 @@ def config_from_params(params: dict[str, torch.Tensor]) -> RWKV5Config:
     if tuple(params["head.weight"].shape) != (vocab_size, n_embd):
         raise CheckpointError(f"head.weight is {tuple(params['head.weight'].shape)}, expected {(vocab_size, n_embd)}")
     for i in range(n_layer):
-        for k, shape in ((f"att.{n}.weight", (n_embd, n_embd)) for n in ("receptance", "key", "value", "gate", "output")):
+        for k, shape in ((f"att.{n}.weight", (n_embd, n_embd))
+                         for n in ("receptance", "key", "value", "gate", "output")):
             if tuple(params[f"blocks.{i}.{k}"].shape) != shape:
-                raise CheckpointError(f"blocks.{i}.{k} has shape {tuple(params[f'blocks.{i}.{k}'].shape)}, expected {shape}")
+                raise CheckpointError(
+                    f"blocks.{i}.{k} has shape {tuple(params[f'blocks.{i}.{k}'].shape)}, expected {shape}")
     return cfg
 
 

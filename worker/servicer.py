@@ -8,9 +8,9 @@ from typing import Protocol
 
 import grpc
 
-from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from common.errors import ModelNotFound, Unavailable, grpc_errors
 from common.worker_api import PreparedState, TurnEvent, TurnInput, WorkerLoad
+from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 
 class Runner(Protocol):
@@ -45,7 +45,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             yield event.to_pb(turn.turn_id, turn.return_token_ids)
 
     @grpc_errors
-    async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> worker_pb2.LoadInfo:
+    async def GetLoad(
+        self, request: worker_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.LoadInfo:
         return self.load().to_pb()
 
     @grpc_errors

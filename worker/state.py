@@ -94,7 +94,8 @@ def state_to_bytes(state: State, fingerprint: bytes, tokens_consumed: int, dtype
         state.ffn_shift.detach().to("cpu", dtype).contiguous(),
     ]
     payload = b"".join(_tensor_bytes(p) for p in parts)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[dtype], fingerprint, L, D, H, N, tokens_consumed, len(payload))
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[dtype], fingerprint, L, D, H, N, tokens_consumed,
+                          len(payload))
     crc = zlib.crc32(payload, zlib.crc32(header))
     return b"".join((header, payload, _CRC.pack(crc)))
 

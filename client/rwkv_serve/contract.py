@@ -13,7 +13,8 @@ from rwkv_serve.v1 import common_pb2
 
 # ---- metadata keys ------------------------------------------------------------------------------------------
 API_KEY_HEADER = "authorization"  # "Bearer <key>", the usual gRPC convention (the SDK sends this one)
-API_KEY_HEADERS = (API_KEY_HEADER, "x-api-key")  # what the front accepts: "authorization: Bearer <key>" or "x-api-key: <key>"
+# What the front accepts: "authorization: Bearer <key>" or "x-api-key: <key>".
+API_KEY_HEADERS = (API_KEY_HEADER, "x-api-key")
 ERROR_KEY = "rwkv-error"  # trailing metadata: the domain exception's class name, so a caller can rebuild it exactly
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata on RESOURCE_EXHAUSTED / UNAVAILABLE: when to retry
 
