@@ -39,7 +39,7 @@ def main(n_layer: int = 32, n_embd: int = 5120, dtype: str = "fp16", steps: int 
     model = RWKV5(params, device="cuda", dtype=dt)
     del params
     buf = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy_s = _cuda_time(lambda: buf.clone(), 5)
+    copy_s = _cuda_time(buf.clone, 5)
     hbm_gbs = 2 * buf.numel() / copy_s / 1e9  # read + write
     del buf
     res = {"device": torch.cuda.get_device_name(), "shape": [n_layer, n_embd], "dtype": dtype,

@@ -11,9 +11,9 @@ import argparse
 import asyncio
 import sys
 
+from common.store import StateStore, StoreConfigError
 from service.auth import check_tenant, hash_api_key, new_api_key
 from service.settings import FrontSettings
-from common.store import StateStore, StoreConfigError
 
 
 def _store(settings: FrontSettings) -> StateStore:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rwkv_serve.v1 import api_pb2, common_pb2
 from common.errors import InvalidArgument
 from rwkv_serve.contract import sampling_to_pb
+from rwkv_serve.v1 import api_pb2, common_pb2
 
 if TYPE_CHECKING:
     from common.store import PresetInfo, SessionMeta

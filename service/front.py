@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from common.errors import ModelNotFound
+from common.store import StateStore
+from common.telemetry import Telemetry
+from common.tls import channel_credentials
 from rwkv_serve.v1 import common_pb2, worker_pb2
 from service.admission import Admission
 from service.auth import Auth, load_key_entries
@@ -12,10 +16,6 @@ from service.router import ChannelPool, Router, WorkerDirectory
 from service.sessions import Sessions
 from service.settings import FrontSettings
 from service.turns import Turns
-from common.errors import ModelNotFound
-from common.store import StateStore
-from common.telemetry import Telemetry
-from common.tls import channel_credentials
 
 
 def max_message_bytes(settings: FrontSettings) -> int:

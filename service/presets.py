@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from rwkv_serve.v1 import worker_pb2
-from service.router import Router, WorkerDirectory
 from common.errors import (
     ForeignState,
     InvalidArgument,
@@ -25,6 +23,8 @@ from common.errors import (
 )
 from common.store import PresetInfo, StateStore, check_preset_name
 from common.worker_api import PreparedState
+from rwkv_serve.v1 import worker_pb2
+from service.router import Router, WorkerDirectory
 
 SOURCES = ("time_state_pth", "state_record")  # the RegisterPresetRequest.source fields
 DESCRIPTION_MAX_BYTES = 1024

@@ -14,9 +14,9 @@ import math
 import time
 from collections.abc import Callable, Mapping
 
-from service.settings import TenantLimits
 from common.errors import QuotaExceeded, SessionNotFound
 from common.store import StateStore
+from service.settings import TenantLimits
 
 
 class Quotas:

@@ -19,8 +19,6 @@ from typing import Any
 
 import grpc
 
-from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from service.admission import Admission
 from common.errors import (
     ERROR_KEY,
     DeadlineExceeded,
@@ -32,6 +30,8 @@ from common.errors import (
     from_status,
 )
 from common.worker_api import WorkerLoad
+from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from service.admission import Admission
 
 log = logging.getLogger(__name__)
 

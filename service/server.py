@@ -9,15 +9,15 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from common.errors import InvalidArgument, grpc_errors
+from common.lifecycle import add_health_and_reflection, bind, run_server, wait_for_stop_signal
+from common.store import redact_url
+from common.telemetry import Telemetry, configure_logging
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from service.convert import preset_to_pb, session_to_pb
 from service.front import Front, max_message_bytes
 from service.settings import FrontSettings
 from service.wire import add_servicer
-from common.errors import InvalidArgument, grpc_errors
-from common.lifecycle import add_health_and_reflection, bind, run_server, wait_for_stop_signal
-from common.store import redact_url
-from common.telemetry import Telemetry, configure_logging
 
 log = logging.getLogger("rwkv.front")
 SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["RwkvService"].full_name

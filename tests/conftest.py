@@ -8,8 +8,12 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from common.store import StateStore
 
 
 def free_port() -> int:
@@ -66,7 +70,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-async def store(redis_url: str) -> AsyncIterator["StateStore"]:
+async def store(redis_url: str) -> AsyncIterator[StateStore]:
     """A StateStore on an emptied database (each test starts clean)."""
     from common.store import StateStore
 

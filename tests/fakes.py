@@ -10,10 +10,10 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from common.errors import ServeError, abort
 from common.store import StateStore
 from common.worker_api import ModelDescription, WorkerLoad
+from rwkv_serve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 
 class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):

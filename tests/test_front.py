@@ -12,11 +12,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common.errors import ERROR_KEY, Overloaded, SessionBusy
+from common.worker_api import ModelDescription, WorkerLoad
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from service.router import WorkerDirectory, rendezvous_order
 from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
-from common.errors import ERROR_KEY, Overloaded, SessionBusy
-from common.worker_api import ModelDescription, WorkerLoad
 
 # ---- plain objects ------------------------------------------------------------------------------------------
 

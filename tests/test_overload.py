@@ -9,16 +9,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-import torch
 
+from common.errors import RETRY_AFTER_KEY, DeadlineExceeded, Overloaded
+from rwkv_serve.contract import sampling_to_pb
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.e2e_fixtures import fakes, front_factory  # noqa: F401  (fixtures)
 from worker.engine import Delta, Engine, Finished, StopReason, TurnRequest
-from common.errors import RETRY_AFTER_KEY, DeadlineExceeded, Overloaded
 from worker.sampler import SamplingParams
 from worker.server import WorkerCore, create_server, shutdown
 from worker.settings import WorkerSettings
-from rwkv_serve.contract import sampling_to_pb
 
 LONG = SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=1000)
 SHORT = SamplingParams(temperature=0.0, stop_token_ids=(), max_tokens=4)

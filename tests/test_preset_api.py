@@ -15,14 +15,14 @@ import torch
 from typer.testing import CliRunner
 
 import rwkv_serve_client as client
+from common.store import StateStore
+from common.worker_api import ModelDescription, WorkerLoad
 from rwkv_serve_client import AsyncRWKVClient, RWKVClient, TextDelta
 from service.server import create_server
 from service.settings import FrontSettings
 from tests.e2e_fixtures import InprocService, key_entry
 from tuning.presets import app as presets_cli
 from worker.state import MAGIC, State, load_time_state, state_to_bytes
-from common.worker_api import ModelDescription, WorkerLoad
-from common.store import StateStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

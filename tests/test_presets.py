@@ -10,15 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from common.errors import StateCorrupt
+from common.store import StateStore
+from common.worker_api import InputKind, TextDelta, TurnInput
 from tuning.presets import PresetExists, app, list_presets, register_preset
 from worker.checkpoint import make_random_checkpoint
 from worker.engine import Engine
-from common.errors import StateCorrupt
 from worker.runner import RunnerConfig, TurnRunner
 from worker.state import State, StateFormatError, load_time_state, state_from_bytes
 from worker.state_cache import StateCache
-from common.store import StateStore
-from common.worker_api import InputKind, TextDelta, TurnInput
 
 MODEL_ID = "tiny-rwkv5"  # the conftest checkpoint's file stem: the id a worker serves it under by default
 

@@ -19,15 +19,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rwkv_serve_client import AsyncRWKVClient, AuthenticationError, UnavailableError, tls_credentials
+from common.errors import ERROR_KEY, RETRY_AFTER_KEY, QuotaExceeded, Unauthenticated
+from common.store import StateStore, StoreConfigError, new_session_id
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc
+from rwkv_serve_client import AsyncRWKVClient, AuthenticationError, UnavailableError, tls_credentials
 from service import admin
 from service.auth import Auth, hash_api_key, new_api_key, parse_key_entries
 from service.quotas import Quotas
 from tests.conftest import _wait_for_port, free_port
 from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
-from common.errors import ERROR_KEY, RETRY_AFTER_KEY, QuotaExceeded, Unauthenticated
-from common.store import StateStore, StoreConfigError, new_session_id
 
 KEY_A, KEY_B = "key-of-alice-0123456789", "key-of-bob-0123456789"
 ALICE, BOB = (("authorization", f"Bearer {KEY_A}"),), (("x-api-key", KEY_B),)

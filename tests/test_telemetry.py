@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from common.telemetry import ContextFilter, JsonFormatter, Telemetry, set_session
 from rwkv_serve_client import AsyncRWKVClient
 from service.front import Front
 from service.server import create_server as create_front
@@ -31,7 +32,6 @@ from tests.e2e_fixtures import key_entry
 from worker.server import WorkerCore, shutdown
 from worker.server import create_server as create_worker
 from worker.settings import WorkerSettings
-from common.telemetry import ContextFilter, JsonFormatter, Telemetry, set_session
 
 API_KEY = "rwkv_key-that-must-never-be-logged-42"
 PROMPT = "zebra-quartz-lighthouse"  # a prompt no log line may contain (unless log_text is on)

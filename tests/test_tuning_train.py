@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from tests.reference import reference_model, reference_run
 from tuning.data import TokenDataset, pydoc_dialogues, tokenize_dialogues
-from tuning.evaluate import batch_state, exchanges, greedy_replies, perplexity
 from tuning.evaluate import app as evaluate_app
-from tuning.train import Trainer, TrainConfig, lr_factor, masked_loss
+from tuning.evaluate import batch_state, exchanges, greedy_replies, perplexity
+from tuning.train import TrainConfig, Trainer, lr_factor, masked_loss
 from tuning.train import app as train_app
 from worker.checkpoint import make_random_checkpoint
 from worker.model import RWKV5, logits_scale, read_checkpoint

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from tuning.data import TokenDataset, pydoc_dialogues, tokenize_dialogues
 from tuning.evaluate import bleu, perplexity
-from tuning.train import Trainer, TrainConfig
+from tuning.train import TrainConfig, Trainer
 from worker.checkpoint import make_random_checkpoint
 from worker.model import RWKV5
 from worker.state import load_time_state

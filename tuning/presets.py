@@ -19,11 +19,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from rwkv_serve_client import RWKVClient, RWKVError, tls_credentials
 from common.errors import PresetExists, ServeError
+from common.store import PresetInfo, StateStore
+from rwkv_serve_client import RWKVClient, RWKVError, tls_credentials
 from worker.model import config_from_params, read_checkpoint, weights_fingerprint
 from worker.state import StateFormatError, load_time_state, state_to_bytes
-from common.store import PresetInfo, StateStore
 
 __all__ = ["PresetExists", "app", "delete_preset", "list_presets", "model_id_for", "preset_record", "register_preset"]
 

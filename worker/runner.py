@@ -18,8 +18,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from worker.engine import Delta, Engine, Finished, Turn, TurnRequest
-from worker.state_cache import StateCache
 from common.errors import (
     DeadlineExceeded,
     ForeignState,
@@ -29,6 +27,20 @@ from common.errors import (
     StoreUnavailable,
     VersionConflict,
 )
+from common.store import Lease, SessionMeta, StateStore
+from common.telemetry import Telemetry, set_session
+from common.worker_api import (
+    InputKind,
+    PreparedState,
+    TextDelta,
+    TokenLogprob,
+    TurnEnded,
+    TurnEvent,
+    TurnInput,
+    TurnStarted,
+    merge_sampling,
+)
+from worker.engine import Delta, Engine, Finished, Turn, TurnRequest
 from worker.sampler import SamplingParams
 from worker.state import (
     ForeignStateError,
@@ -39,21 +51,8 @@ from worker.state import (
     state_to_bytes,
     time_state_from_bytes,
 )
-from common.store import Lease, SessionMeta, StateStore
-from common.telemetry import Telemetry, set_session
+from worker.state_cache import StateCache
 from worker.templates import ChatTemplate, get_template
-from common.worker_api import (
-    InputKind,
-    PreparedState,
-    StopReason,
-    TextDelta,
-    TokenLogprob,
-    TurnEnded,
-    TurnEvent,
-    TurnInput,
-    TurnStarted,
-    merge_sampling,
-)
 
 log = logging.getLogger(__name__)
 

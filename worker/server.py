@@ -22,6 +22,10 @@ import torch
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from common.lifecycle import add_health_and_reflection, bind, run_server, wait_for_stop_signal
+from common.store import StateStore
+from common.telemetry import Telemetry, configure_logging
+from common.worker_api import ModelDescription, WorkerLoad
 from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
 from worker.engine import Engine
 from worker.model import RWKV5
@@ -29,11 +33,7 @@ from worker.runner import RunnerConfig, TurnRunner
 from worker.servicer import WorkerServicer
 from worker.settings import WorkerSettings
 from worker.state_cache import StateCache
-from common.lifecycle import add_health_and_reflection, bind, run_server, wait_for_stop_signal
-from common.store import StateStore
-from common.telemetry import Telemetry, configure_logging
 from worker.tokenizer import load_tokenizer
-from common.worker_api import ModelDescription, WorkerLoad
 
 log = logging.getLogger("rwkv.worker")
 

@@ -16,6 +16,9 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf import duration_pb2
 
+from rwkv_serve import contract
+from rwkv_serve.contract import API_KEY_HEADER
+from rwkv_serve.v1 import api_pb2, common_pb2
 from rwkv_serve_client.types import (
     ChatEvent,
     ChatTemplate,
@@ -30,9 +33,6 @@ from rwkv_serve_client.types import (
     TurnStarted,
     Usage,
 )
-from rwkv_serve import contract
-from rwkv_serve.contract import API_KEY_HEADER
-from rwkv_serve.v1 import api_pb2, common_pb2
 
 T = TypeVar("T")
 

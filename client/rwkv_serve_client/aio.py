@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from rwkv_serve.v1 import api_pb2_grpc
 from rwkv_serve_client import _core
 from rwkv_serve_client.errors import from_rpc_error
 from rwkv_serve_client.types import ChatEvent, ChatTemplate, ModelInfo, Preset, Session, SessionPage, TurnResult
-from rwkv_serve.v1 import api_pb2_grpc
 
 T = TypeVar("T")
 
