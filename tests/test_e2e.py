@@ -173,9 +173,10 @@ def test_session_memory_in_redis_is_constant(stack: Stack) -> None:
         after_last = usage()
         assert results[-1].state_version == 100 and results[-1].usage.state_tokens > 100 * 3
         assert rwkv.get_session(sid).turns == 100
-    # The state record has a fixed size; the metadata hash's counters grow by a few digits, which the
-    # listpack's integer encoding and the allocator's size classes absorb.
-    assert after_last == after_first
+    # The state record has a fixed size; the metadata hash's counters (turns, tokens) grow by a few digits, which
+    # Redis 7's listpack integer encoding and the allocator's size classes absorb, and Redis 6's ziplist nearly does.
+    assert after_last["state"] == after_first["state"]
+    assert 0 <= after_last["meta"] - after_first["meta"] <= 16, (after_first, after_last)
     assert after_last["state"] > store.strlen(keys[1]) > 60_000  # it measured the real record
     # No staged commit is left behind, and the lease goes (the worker drops it just after the turn's end).
     for _ in range(50):
