@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from common.store.base import RedisSettings, StoreConfigError, check_session_id, now_ms, redact_url
+from common.store.base import RedisSettings, StoreConfigError, check_session_id, now_ms
+from common.store.connect import redact_url
 from common.store.presets import PresetInfo, Presets, check_preset_name
 from common.store.registry import Registry
 from common.store.sessions import SessionMeta, Sessions, new_session_id

@@ -22,8 +22,10 @@ The store knows bytes only: the state record's format belongs to worker.state.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -34,13 +36,16 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from pydantic import Field
 from pydantic_settings import BaseSettings
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.cluster import RedisCluster
+from redis.sentinel import MasterNotFoundError, SlaveNotFoundError
 
 from common.errors import InvalidArgument, StoreUnavailable
+from common.store.connect import Mode, open_connection
 
 if TYPE_CHECKING:
     from common.store import StateStore
+
+log = logging.getLogger(__name__)
 
 _SID_RE = re.compile(r"^[A-Za-z0-9_-]{6,64}(\.[A-Za-z0-9_-]{4,32})?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
@@ -49,16 +54,6 @@ _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ***, for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user, colon, _ = credentials.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
 
 
 class StoreConfigError(RuntimeError):
@@ -128,24 +123,34 @@ class Keys:
         return f"{self.prefix}:quota:{check_name('tenant', tenant)}:tokens:{window}"
 
 
-# What a Redis that is down, restarting or too slow raises (BusyLoadingError, while it reloads, is a ConnectionError).
-_STORE_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError, OSError)
+# What a Redis that is down, restarting or too slow raises (BusyLoadingError, while it reloads, is a ConnectionError),
+# and what a cluster or a failover answers meanwhile: READONLY (a master became a replica), CLUSTERDOWN, TRYAGAIN
+# and MOVED/ASK that outlived redis-py's retries, no master known to Sentinel. All of it passes: retry shortly.
+_STORE_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError, OSError, redis.exceptions.ReadOnlyError,
+               redis.exceptions.ClusterError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+               redis.exceptions.AskError, redis.exceptions.RedisClusterException,
+               MasterNotFoundError, SlaveNotFoundError)
 
 
 def store_errors(cls: type) -> type:
     """Class decorator: every public coroutine that cannot reach Redis raises StoreUnavailable (UNAVAILABLE, with
-    a retry hint) instead of an unexpected exception (INTERNAL), so callers fail fast and retry."""
+    a retry hint) instead of an unexpected exception (INTERNAL), so callers fail fast and retry. Any other Redis
+    error (a bug, or a key another program wrote) is logged with its traceback and also passed on as
+    StoreUnavailable: no redis-py exception text reaches a client as UNKNOWN or INTERNAL."""
     for name, method in list(vars(cls).items()):
         if name.startswith("_") or getattr(method, "_keeps_redis_errors", False) \
                 or not inspect.iscoroutinefunction(method):
             continue
 
         @functools.wraps(method)
-        async def translated(self: Any, *args: Any, __method: Any = method, **kwargs: Any) -> Any:
+        async def translated(self: Any, *args: Any, __method: Any = method, __name: str = name, **kwargs: Any) -> Any:
             try:
                 return await __method(self, *args, **kwargs)
             except _STORE_DOWN as exc:
                 raise StoreUnavailable(f"the state store cannot be reached ({type(exc).__name__}: {exc})") from exc
+            except redis.exceptions.RedisError as exc:
+                log.error("state store call %s failed", __name, exc_info=True)
+                raise StoreUnavailable(f"the state store refused the call ({type(exc).__name__})") from exc
 
         setattr(cls, name, translated)
     return cls
@@ -161,52 +166,45 @@ def keeps_redis_errors(method: Callable[..., Any]) -> Callable[..., Any]:
 class StoreBase:
     """The connection every part of the store shares (`self.redis`, `self.keys`) and its lifecycle."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "rwkv") -> None:
+    def __init__(self, client: Any, prefix: str = "rwkv") -> None:
         self.redis = client
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.url = ""  # the URL it was opened with, password redacted (for messages)
+        self.mode: Mode = "cluster" if isinstance(client, RedisCluster) else "single"
+        self.cluster_forced: bool | None = None
+        self.wait_replicas = 0  # > 0: a commit waits until that many replicas hold it (turns.py)
+        self.wait_timeout_ms = 1000
+        self._node_kwargs: dict[str, Any] = {}
+        self._nodes: dict[tuple[str, int], aioredis.Redis] = {}  # cluster mode: a client per master, by address
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "rwkv", *, ca_cert: str | Path | None = None,
-                 client_cert: str | Path | None = None, client_key: str | Path | None = None,
-                 timeout_s: float | None = 2.0, connect_timeout_s: float | None = 2.0, retries: int = 1) -> Any:
-        """A store on a new connection pool (bytes responses: states are binary).
-
-        A Redis that is down, restarting or stuck fails a call within about (retries + 1) x the timeout, as
-        StoreUnavailable (UNAVAILABLE): callers never hang on it (redis-py's own default retries for ~5 s). A
-        retry reconnects, so the first call after a Redis restart goes through on a fresh connection.
-
-        `redis://:password@host:port/db` authenticates (`redis://user:password@...` for an ACL user);
-        `rediss://...` speaks TLS, verified against `ca_cert` (else the system CAs), with an optional client
-        certificate for servers that require one."""
-        tls: dict[str, str] = {}
-        if ca_cert:
-            tls["ssl_ca_certs"] = str(ca_cert)
-        if client_cert:
-            tls["ssl_certfile"] = str(client_cert)
-        if client_key:
-            tls["ssl_keyfile"] = str(client_key)
-        if tls and not url.startswith("rediss://"):
-            raise ValueError(f"Redis TLS files were given but {redact_url(url)} is not a rediss:// URL")
-        client = aioredis.Redis.from_url(
-            url, decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries), **tls)
-        store = cls(client, prefix)
-        store.url = redact_url(url)
+    def from_url(cls, url: str, prefix: str = "rwkv", *, cluster: bool | None = None,
+                 ca_cert: str | Path | None = None, client_cert: str | Path | None = None,
+                 client_key: str | Path | None = None, timeout_s: float | None = 2.0,
+                 connect_timeout_s: float | None = 2.0, retries: int = 1) -> Any:
+        """A store on a new connection pool: one node, a Redis Cluster (detected, or `cluster` forces it) or
+        Sentinel (`redis-sentinel://`); see common.store.connect for the URL forms."""
+        conn = open_connection(url, cluster=cluster, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
+                               timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, retries=retries)
+        store = cls(conn.client, prefix)
+        store.url, store.mode, store.cluster_forced, store._node_kwargs = conn.url, conn.mode, conn.forced, \
+            conn.node_kwargs
         return store
 
     @keeps_redis_errors
     async def verify(self) -> None:
-        """Pings Redis once at startup; StoreConfigError with a clear message for credentials or TLS trouble
-        (a process that cannot authenticate should not start, rather than fail every call)."""
+        """Asks Redis once at startup; StoreConfigError with one line naming the fix for what would otherwise fail
+        every call: credentials, TLS, cluster mode forced against what the server is, a cluster that is down, a
+        read-only replica given as the URL (a process that cannot work should not start)."""
         where = self.url or "Redis"
         no_password = StoreConfigError(f"{where} requires a password: put it in the URL "
                                        "(redis://:PASSWORD@host:port/db)")
         try:
             await self.redis.ping()
+            await self._verify_topology(where)
         except redis.exceptions.AuthenticationError as exc:
-            if not self.redis.connection_pool.connection_kwargs.get("password"):
+            if "password" not in self._node_kwargs and not self._password_given():
                 raise no_password from None
             raise StoreConfigError(f"{where} rejected the credentials: {exc} (check the password in the Redis URL)"
                                    ) from None
@@ -214,33 +212,96 @@ class StoreBase:
             if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
                 raise no_password from None
             raise
+        except MasterNotFoundError as exc:
+            raise StoreConfigError(f"no Sentinel at {where} knows a master of that name ({exc}): check the "
+                                   "sentinels' addresses and the service name in the URL") from None
+        except (redis.exceptions.RedisClusterException, redis.exceptions.ClusterDownError) as exc:
+            if "Cluster mode is not enabled" in str(exc):
+                raise StoreConfigError(f"{where} is not a Redis Cluster node but cluster mode is forced on "
+                                       f"({_CLUSTER_SETTING}=true): unset the setting (it is detected) or point the "
+                                       "URL at a cluster node") from None
+            raise StoreConfigError(f"the Redis Cluster at {where} is not usable ({exc}): wait until it reports "
+                                   "cluster_state:ok, or fix its slot coverage") from None
         except redis.exceptions.ConnectionError as exc:
             if "SSL" in str(exc) or "certificate" in str(exc).lower():
                 raise StoreConfigError(f"TLS to {where} failed: {exc}") from None
             raise
 
+    def _password_given(self) -> bool:
+        pool = getattr(self.redis, "connection_pool", None)
+        return bool(pool is not None and pool.connection_kwargs.get("password"))
+
+    async def _verify_topology(self, where: str) -> None:
+        setting = _CLUSTER_SETTING
+        if self.mode == "cluster":
+            info = await self.redis.cluster_info()
+            if info.get("cluster_state") != "ok":
+                raise StoreConfigError(f"the Redis Cluster at {where} is down (cluster_state: "
+                                       f"{info.get('cluster_state')}): wait for it, or fix its slot coverage")
+            return
+        enabled = bool((await self.redis.info("cluster")).get("cluster_enabled"))
+        if enabled:
+            raise StoreConfigError(f"{where} is a Redis Cluster node but cluster mode is forced off ({setting}=false):"
+                                   " unset the setting (it is detected) or set it to true")
+        if self.cluster_forced:
+            raise StoreConfigError(f"{where} is not a Redis Cluster node but cluster mode is forced on ({setting}="
+                                   "true): unset the setting (it is detected) or point the URL at a cluster node")
+        role = (await self.redis.info("replication")).get("role")
+        if role == "slave":
+            raise StoreConfigError(f"{where} is a read-only replica: give the master's URL, or a "
+                                   "redis-sentinel://... URL so that clients follow the master through failovers")
+
     @keeps_redis_errors
     async def close(self) -> None:
+        for node in self._nodes.values():
+            await node.aclose()
+        self._nodes.clear()
         await self.redis.aclose()
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
-    async def _run_with_script(self, script: Any, build: Callable[[Any], None]) -> list[Any]:
-        """Runs the commands `build` queues on a plain (non-transaction) pipeline, one of them an EVALSHA of
-        `script`: one round trip. (redis-py's own script-in-pipeline support sends SCRIPT EXISTS first, every
-        time: a round trip more.) When Redis does not know the script (a restart, SCRIPT FLUSH) it is loaded and
-        the pipeline run once more: every command queued here must be safe to repeat."""
-        for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
+    async def _client_for(self, key: str) -> Any:
+        """The client a multi-command pipeline on `key`'s slot runs on: the store's own, or in cluster mode a client
+        of the master that owns the slot (one connection for the whole pipeline, so WAIT after a write and a GET
+        after a script see the same node)."""
+        if self.mode != "cluster":
+            return self.redis
+        node = self.redis.get_node_from_key(key)
+        client = self._nodes.get((node.host, node.port))
+        if client is None:
+            client = self._nodes[(node.host, node.port)] = aioredis.Redis(host=node.host, port=node.port,
+                                                                          **self._node_kwargs)
+        return client
+
+    async def _run_with_script(self, script: Any, build: Callable[[Any], None], *, key: str) -> list[Any]:
+        """Runs the commands `build` queues on a plain (non-transaction) pipeline on `key`'s node, one of them an
+        EVALSHA of `script`: one round trip. (redis-py's own script-in-pipeline support sends SCRIPT EXISTS first,
+        every time: a round trip more.) When Redis does not know the script (a restart, SCRIPT FLUSH, a new
+        master) it is loaded and the pipeline run again; in cluster mode a MOVED (the slot has another owner now)
+        refreshes the slot table first, an ASK/TRYAGAIN (the slot is being migrated) waits a moment. Every command
+        queued here must be safe to repeat."""
+        for attempt in range(_SCRIPT_ATTEMPTS):
+            client = await self._client_for(key)
+            async with client.pipeline(transaction=False) as pipe:
                 build(pipe)
                 try:
                     return await pipe.execute()
                 except redis.exceptions.NoScriptError:
-                    if attempt:
+                    script.sha = await client.script_load(script.script)
+                except redis.exceptions.MovedError:
+                    if self.mode != "cluster" or attempt == _SCRIPT_ATTEMPTS - 1:
                         raise
-            script.sha = await self.redis.script_load(script.script)
-        raise AssertionError("unreachable")
+                    await self.redis.nodes_manager.initialize()
+                except (redis.exceptions.AskError, redis.exceptions.TryAgainError):
+                    if self.mode != "cluster" or attempt == _SCRIPT_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(0.05 * (attempt + 1))
+        raise redis.exceptions.TryAgainError(f"no stable owner for {key} after {_SCRIPT_ATTEMPTS} attempts")
+
+
+_SCRIPT_ATTEMPTS = 5
+_CLUSTER_SETTING = "RWKV_FRONT_REDIS_CLUSTER / RWKV_WORKER_REDIS_CLUSTER"
 
 
 class RedisSettings(BaseSettings):
@@ -256,12 +317,20 @@ class RedisSettings(BaseSettings):
     redis_timeout_s: float = Field(2.0, gt=0)  # per Redis read/write; a stuck Redis fails calls (UNAVAILABLE)
     redis_connect_timeout_s: float = Field(2.0, gt=0)
     redis_retries: int = Field(1, ge=0)  # reconnect-and-retry per call (the first call after a Redis restart)
+    # Redis Cluster: None = ask the server (INFO cluster); true/false force it (startup fails when it disagrees).
+    redis_cluster: bool | None = None
+    # Durable commits: a turn's commit waits until this many replicas hold it (WAIT on the session's node) before
+    # turn_end is sent; 0 = acknowledged by the master alone. A timeout fails the turn (UNAVAILABLE): see turns.py.
+    redis_wait_replicas: int = Field(0, ge=0)
+    redis_wait_timeout_ms: int = Field(1000, gt=0)
 
     def open_store(self) -> StateStore:
         """A StateStore on a new connection pool, as these settings say."""
         from common.store import StateStore  # the facade is built on this module
 
-        return StateStore.from_url(self.redis_url, prefix=self.redis_prefix, ca_cert=self.redis_ca_cert,
-                                   client_cert=self.redis_client_cert, client_key=self.redis_client_key,
-                                   timeout_s=self.redis_timeout_s, connect_timeout_s=self.redis_connect_timeout_s,
-                                   retries=self.redis_retries)
+        store = StateStore.from_url(self.redis_url, prefix=self.redis_prefix, cluster=self.redis_cluster,
+                                    ca_cert=self.redis_ca_cert, client_cert=self.redis_client_cert,
+                                    client_key=self.redis_client_key, timeout_s=self.redis_timeout_s,
+                                    connect_timeout_s=self.redis_connect_timeout_s, retries=self.redis_retries)
+        store.wait_replicas, store.wait_timeout_ms = self.redis_wait_replicas, self.redis_wait_timeout_ms
+        return store

@@ -27,7 +27,10 @@ class Tenants(StoreBase):
         hashes = [key.decode()[len(prefix):] async for key in self.redis.scan_iter(match=prefix + "*", count=500)]
         if not hashes:
             return []
-        tenants = await self.redis.mget([prefix + h for h in hashes])
+        async with self.redis.pipeline(transaction=False) as pipe:  # GETs, not MGET: the keys span Cluster slots
+            for h in hashes:
+                pipe.get(prefix + h)
+            tenants = await pipe.execute()
         return sorted((h, t.decode()) for h, t in zip(hashes, tenants) if t is not None)
 
     async def add_tokens(self, tenant: str, window: int, tokens: int, ttl_ms: int) -> int:

@@ -127,7 +127,7 @@ class TurnProtocol(StoreBase):
             if with_state:
                 pipe.get(state_key)
 
-        result, *data = await self._run_with_script(self._begin, build)
+        result, *data = await self._run_with_script(self._begin, build, key=meta_key)
         if result[0] == -1:
             raise SessionNotFound(f"session {sid} not found")
         if result[0] == 0:
@@ -192,7 +192,7 @@ class TurnProtocol(StoreBase):
             pipe.evalsha(self._commit.sha, 4, meta_key, state_key, lease_key, staging, lease.token,
                          expected_version, now_ms(), state_tokens, turns)
 
-        _, result = await self._run_with_script(self._commit, build)
+        _, result = await self._run_with_script(self._commit, build, key=meta_key)
         if result[0] == -1:
             raise LeaseLost(f"lease on session {sid} was lost; state not committed")
         if result[0] == -2:
