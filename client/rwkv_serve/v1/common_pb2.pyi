@@ -118,18 +118,20 @@ class TurnStart(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class TurnEnd(_message.Message):
-    __slots__ = ("stop_reason", "usage", "state_version", "stop_string", "stop_token_id")
+    __slots__ = ("stop_reason", "usage", "state_version", "stop_string", "stop_token_id", "replayed")
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     stop_reason: StopReason
     usage: Usage
     state_version: int
     stop_string: str
     stop_token_id: int
-    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., state_version: _Optional[int] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., state_version: _Optional[int] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
     __slots__ = ("turn_id", "turn_start", "delta", "turn_end")
