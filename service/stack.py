@@ -41,15 +41,21 @@ def cache_dir() -> Path:
 
 
 def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
-    import redis
+    """Whether the Redis at `url` (one node, any node of a cluster, or a redis-sentinel:// URL) answers a PING."""
+    import asyncio
+
+    from common.store import StateStore
+
+    async def ping() -> bool:
+        store = StateStore.from_url(url, timeout_s=timeout_s, connect_timeout_s=timeout_s, retries=0)
+        try:
+            return await store.ping()
+        finally:
+            await store.close()
 
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.RedisError, OSError, ValueError):
+        return asyncio.run(ping())
+    except Exception:  # down, refusing, not a Redis URL: the caller starts its own or says so
         return False
 
 
@@ -213,15 +219,22 @@ class Stack:
 
     @staticmethod
     def _registered(url: str, worker_ids: list[str]) -> bool:
-        import redis
+        """Every one of the workers has written its registry record (a Redis Cluster node's URL works too)."""
+        import asyncio
 
-        client = redis.Redis.from_url(url)
+        from common.store import StateStore
+
+        async def check() -> bool:
+            store = StateStore.from_url(url, timeout_s=1.0, connect_timeout_s=1.0)
+            try:
+                return set(worker_ids) <= {w.worker_id for w in await store.list_workers()}
+            finally:
+                await store.close()
+
         try:
-            return all(client.exists(f"rwkv:worker:{w}") for w in worker_ids)
-        except redis.RedisError:
+            return asyncio.run(check())
+        except Exception:  # not up yet (StoreUnavailable, a cluster still electing, ...): asked again shortly
             return False
-        finally:
-            client.close()
 
     def wait(self) -> int:
         """Blocks until a child dies (returns 1) or Ctrl-C / SIGTERM (KeyboardInterrupt, see main)."""

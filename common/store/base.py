@@ -274,6 +274,17 @@ class StoreBase:
                                                                           **self._node_kwargs)
         return client
 
+    async def _forget_node(self, client: Any) -> None:
+        """Drops a node client that failed and re-reads the cluster's slot table (best effort)."""
+        for address, node in list(self._nodes.items()):
+            if node is client:
+                del self._nodes[address]
+                await node.aclose()
+        try:
+            await self.redis.nodes_manager.initialize()
+        except (redis.exceptions.RedisError, OSError):
+            pass  # every startup node may be down for a moment: the next call tries again
+
     async def _run_with_script(self, script: Any, build: Callable[[Any], None], *, key: str) -> list[Any]:
         """Runs the commands `build` queues on a plain (non-transaction) pipeline on `key`'s node, one of them an
         EVALSHA of `script`: one round trip. (redis-py's own script-in-pipeline support sends SCRIPT EXISTS first,
@@ -297,6 +308,13 @@ class StoreBase:
                     if self.mode != "cluster" or attempt == _SCRIPT_ATTEMPTS - 1:
                         raise
                     await asyncio.sleep(0.05 * (attempt + 1))
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                    # Not repeated (a commit may have been applied before the connection died: the caller's retry
+                    # with the same turn id finds out), but in cluster mode the slot table is refreshed, so the
+                    # next call goes to whoever owns the slot after a failover.
+                    if self.mode == "cluster":
+                        await self._forget_node(client)
+                    raise
         raise redis.exceptions.TryAgainError(f"no stable owner for {key} after {_SCRIPT_ATTEMPTS} attempts")
 
 
