@@ -73,6 +73,7 @@ class TurnStarted:
 
     prompt_tokens: int
     worker_id: str
+    replayed: bool = False  # the turn was already committed: what follows is its stored result (not on the wire)
 
     def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
         return common_pb2.ChatEvent(
@@ -121,6 +122,7 @@ class TurnEnded:
     state_version: int  # after the turn (unchanged when cancelled or not committed; 0 when stateless)
     stop_string: str = ""
     stop_token_id: int = -1
+    replayed: bool = False  # the committed result of an earlier attempt under the same turn id, sent again
 
     def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
         return common_pb2.ChatEvent(turn_id=turn_id, turn_end=common_pb2.TurnEnd(
@@ -130,6 +132,7 @@ class TurnEnded:
             state_version=self.state_version,
             stop_string=self.stop_string,
             stop_token_id=max(self.stop_token_id, 0),
+            replayed=self.replayed,
         ))
 
 

@@ -225,8 +225,9 @@ class Router:
         """The error of a call that failed after the worker took it (or, in transport, before it could say)."""
         if _worker_gone(e):
             self.directory.mark_failed(worker)
-            return WorkerLost(f"lost worker {worker.worker_id} during the turn ({e.details()}); nothing was "
-                              "committed", worker_id=worker.worker_id)
+            return WorkerLost(f"lost worker {worker.worker_id} during the turn ({e.details()}); retry with the same "
+                              "turn_id: a turn it committed before dying is answered from the commit, not run again",
+                              worker_id=worker.worker_id)
         return _error(e)
 
     async def unary(self, method: str, request: Any, candidates: list[WorkerLoad],

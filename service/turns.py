@@ -24,6 +24,7 @@ from common.errors import (
 )
 from common.sampling import check_sampling
 from common.store import StateStore
+from common.store.turns import check_turn_id
 from common.telemetry import Telemetry, failed, send_context, set_session
 from common.worker_api import WorkerLoad
 from rwkv_serve.contract import sampling_from_pb
@@ -85,6 +86,7 @@ class Turns:
 
     async def plan_chat(self, tenant: str, turn: api_pb2.ChatTurn) -> TurnPlan:
         self.sessions.limits.check_text("text", turn.text)
+        check_turn_id(turn.turn_id)  # the worker stores it with the commit (exactly-once retries)
         meta = await self.sessions.get(tenant, turn.session_id)
         request = worker_pb2.RunTurnRequest(  # sampling: the turn's overrides; the worker applies the defaults
             session_id=meta.session_id, model=meta.model, kind=worker_pb2.INPUT_KIND_CHAT, text=turn.text,
@@ -95,6 +97,7 @@ class Turns:
 
     async def plan_generate(self, tenant: str, req: api_pb2.GenerateRequest) -> TurnPlan:
         self.sessions.limits.check_text("prompt", req.prompt)
+        check_turn_id(req.turn_id)
         request = worker_pb2.RunTurnRequest(kind=worker_pb2.INPUT_KIND_RAW, text=req.prompt, turn_id=req.turn_id,
                                             sampling=req.sampling, return_token_ids=True)
         if req.session_id:
@@ -131,9 +134,11 @@ class Turns:
 
         A worker that dies under the turn (WorkerLost): its lease is broken at once, and if no text reached the
         client yet the turn runs again on the next worker, from the last committed state (pinned with
-        expected_state_version, so a turn the dead worker managed to commit is never applied twice). Once text
-        was streamed a rerun would repeat it, so the client gets UNAVAILABLE with a retry hint instead, and its
-        retry finds the session free and unchanged."""
+        expected_state_version, so a turn the dead worker managed to commit is never applied twice: with a
+        turn id the next worker answers it from the commit's record, without one it is ABORTED). Once text
+        was streamed a rerun would repeat it, so the client gets UNAVAILABLE with a retry hint instead; its
+        retry with the same turn id finds either the session unchanged (the turn runs) or, when the dead worker
+        committed before it could send turn_end, the committed result (TurnEnd.replayed)."""
         with self.admission.turn():
             busy_until = time.monotonic() + plan.busy_wait_s
             pause = 0.005
@@ -210,6 +215,8 @@ class Turns:
             plan.generated_tokens += len(event.delta.token_ids)
             if not plan.client_wants_ids:
                 event.delta.ClearField("token_ids")
+        elif kind == "turn_end" and event.turn_end.replayed:
+            plan.prompt_tokens = plan.generated_tokens = 0  # a stored result: nothing was computed this time
         return event
 
     async def cancelled_end(self, plan: TurnPlan) -> common_pb2.ChatEvent:

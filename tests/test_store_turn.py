@@ -72,7 +72,7 @@ DIGEST = "ab" * 16
 
 def record(turn_id: str, text: str = "hello", digest: str = DIGEST) -> TurnRecord:
     return TurnRecord(turn_id, digest, text, (5, 6, 7), prompt_tokens=4, generated_tokens=3, state_tokens=11,
-                      stop_reason=3, stop_string="", stop_token_id=-1)
+                      stop_reason=3, stop_string="", stop_token_id=-1, input_tokens=2)
 
 
 async def test_a_retried_begin_with_the_committed_turn_id_gets_the_record(store: StateStore) -> None:
@@ -82,7 +82,8 @@ async def test_a_retried_begin_with_the_committed_turn_id_gets_the_record(store:
     assert await store.commit_and_release(lease, 0, STATE_A, state_tokens=11, record=record("t-1")) == 1
     # The same turn again (its worker died before turn_end): the record, no lease, whatever version it expected.
     replay = await store.begin_or_replay(sid, 5_000, "w2", turn_id="t-1", input_digest=DIGEST)
-    assert replay == TurnRecord("t-1", DIGEST, "hello", (5, 6, 7), 4, 3, 11, 3, "", -1, state_version=1)
+    assert replay == TurnRecord("t-1", DIGEST, "hello", (5, 6, 7), 4, 3, 11, 3, "", -1, state_version=1,
+                                input_tokens=2)
     assert not await store.redis.exists(store.keys.session(sid, "lease"))
     assert (await store.get_session(sid)).version == 1
     # A different turn id, or the same id with another input, is a new turn.

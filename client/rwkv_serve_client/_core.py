@@ -1,11 +1,13 @@
 """The SDK's logic shared by the sync and asyncio clients: request building, response and event decoding.
 
 Each public operation is described once here as a `Unary` (stub method, request, decoder); `sync.py` and `aio.py`
-only execute these descriptions with their flavour of channel and turn gRPC errors into typed exceptions.
+only execute these descriptions with their flavour of channel and turn gRPC errors into typed exceptions. A turn's
+retries are decided here too (`TurnRetry`): the twins only sleep and start the next attempt.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,13 @@ from google.protobuf import duration_pb2
 from rwkv_serve import contract
 from rwkv_serve.contract import API_KEY_HEADER
 from rwkv_serve.v1 import api_pb2, common_pb2
+from rwkv_serve_client.errors import (
+    QuotaExceededError,
+    ResourceExhaustedError,
+    RWKVError,
+    SessionBusyError,
+    UnavailableError,
+)
 from rwkv_serve_client.types import (
     ChatEvent,
     ChatTemplate,
@@ -106,7 +115,8 @@ def _duration(value: timedelta | float | int | None) -> duration_pb2.Duration | 
 
 
 def new_turn_id() -> str:
-    """A short random turn id, so that a cancel can name the turn it means."""
+    """A short random turn id: a cancel names the turn it means with it, and a retry sends it again, so that a
+    turn the server already committed is answered from the commit instead of running twice."""
     return uuid.uuid4().hex[:12]
 
 
@@ -252,3 +262,91 @@ class EventDecoder:
                 token_ids=self._tokens.pop(turn_id, []),
             )
         raise ValueError(f"event without a body in turn {turn_id!r}")
+
+
+# ---- retries ---------------------------------------------------------------------------------------------------
+
+MAX_RETRY_WAIT_S = 30.0  # a server hint longer than this (a token window) is not waited out: the error is raised
+
+
+def retryable(error: RWKVError, *, retrying: bool) -> bool:
+    """Whether a turn that failed with `error` may be sent again (with the same turn id).
+
+    UNAVAILABLE (no worker, a worker lost under the turn, Redis unreachable, a commit not confirmed by the
+    replicas) and RESOURCE_EXHAUSTED with a retry hint (overload) are; a tenant's quota, DEADLINE_EXCEEDED and
+    every other error are not. SessionBusy is, on a retry only: the failed attempt's lease may not be gone yet."""
+    if isinstance(error, QuotaExceededError):
+        return False
+    if isinstance(error, ResourceExhaustedError):
+        return error.retry_after_s is not None
+    if isinstance(error, UnavailableError):
+        return True
+    return retrying and isinstance(error, SessionBusyError)
+
+
+class TurnRetry:
+    """One turn's attempts: what of each attempt's events the caller gets, and whether (and when) to try again.
+
+    Every attempt sends the same request, turn id included, so a turn that the server committed before its
+    answer was lost comes back as the committed result (TurnEnd.replayed) instead of running again. `streaming`:
+    the caller sees the text deltas as they come; then a retry after text was already yielded must repeat that
+    text (a replay, or a rerun that produces the same text, e.g. greedy): only the rest is yielded, and a retry
+    whose text differs is closed (cancelling it) and the original error is raised. Without `streaming` (say,
+    complete) only the TurnResult matters, and any retryable failure is retried."""
+
+    def __init__(self, max_retries: int, backoff_s: float, timeout: float | None, *, streaming: bool) -> None:
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.streaming = streaming
+        self.retries = 0
+        self.done = False  # the TurnResult went to the caller: nothing to retry after that
+        self._seen: list[str] = []  # text yielded to the caller so far
+        self._pending = ""  # during a retry: yielded text the retry has not repeated yet
+        self._error: RWKVError | None = None  # the failure the current attempt retries
+        self._gave_up: RWKVError | None = None
+
+    def timeout(self) -> float | None:
+        """The deadline of the next attempt's call: what is left of the turn's timeout."""
+        return None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
+
+    def items(self, event: ChatEvent) -> list[str | TurnResult]:
+        """What the caller gets for one event of the current attempt (chat_item, minus text it already has)."""
+        if isinstance(event, TextDelta):
+            if not self.streaming or not event.text:
+                return []
+            text = event.text
+            if self._pending:
+                common = min(len(text), len(self._pending))
+                if text[:common] != self._pending[:common]:
+                    raise self._give_up("its text differs from the text already received")
+                self._pending, text = self._pending[common:], text[common:]
+            if not text:
+                return []
+            self._seen.append(text)
+            return [text]
+        if isinstance(event, TurnResult):
+            if self._pending:
+                raise self._give_up("its text is shorter than the text already received")
+            self.done = True
+            return [event]
+        return []
+
+    def _give_up(self, why: str) -> RWKVError:
+        error = self._gave_up = self._error or UnavailableError("the turn failed")
+        error.message = f"{error.message} (retried with the same turn id, but {why}: retry cancelled)"
+        return error
+
+    def delay(self, error: RWKVError) -> float:
+        """Seconds to wait before the next attempt after `error`; raises `error` when the turn may not be retried
+        (not retryable, out of retries, no time left, a hint over MAX_RETRY_WAIT_S, or the turn already ended)."""
+        if error is self._gave_up or self.done or self.retries >= self.max_retries \
+                or not retryable(error, retrying=self.retries > 0):
+            raise error
+        wait = error.retry_after_s if error.retry_after_s is not None else self.backoff_s * 2 ** self.retries
+        if wait > MAX_RETRY_WAIT_S or (self.deadline is not None and time.monotonic() + wait >= self.deadline):
+            raise error
+        self.retries += 1
+        self._error = error
+        self._pending = "".join(self._seen)  # every attempt starts the turn's text from its beginning
+        return max(0.0, wait)

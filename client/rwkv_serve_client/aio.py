@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,14 +13,16 @@ import grpc
 
 from rwkv_serve.v1 import api_pb2_grpc
 from rwkv_serve_client import _core
-from rwkv_serve_client.errors import from_rpc_error
+from rwkv_serve_client.errors import RWKVError, from_rpc_error
 from rwkv_serve_client.types import ChatEvent, ChatTemplate, ModelInfo, Preset, Session, SessionPage, TurnResult
 
 T = TypeVar("T")
 
 
 class AsyncChatStream:
-    """One open Chat stream: `await send()` turns, `async for` the typed events, `await cancel()` a turn."""
+    """One open Chat stream: `await send()` turns, `async for` the typed events, `await cancel()` a turn.
+
+    A stream does not retry (as ChatStream): chat() and say() do."""
 
     def __init__(self, stub: api_pb2_grpc.RwkvServiceStub, metadata: Sequence[tuple[str, str]],
                  session_id: str | None, timeout: float | None) -> None:
@@ -98,12 +101,18 @@ class AsyncRWKVClient:
 
     def __init__(self, target: str, api_key: str | None = None, *, timeout: float | None = 30.0,
                  channel: grpc.aio.Channel | None = None, options: Sequence[tuple[str, Any]] | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, tracer_provider: Any = None) -> None:
-        """As RWKVClient: `credentials` for TLS, an OpenTelemetry `tracer_provider` to trace the calls."""
+                 credentials: grpc.ChannelCredentials | None = None, tracer_provider: Any = None,
+                 max_turn_retries: int = 3, retry_backoff_s: float = 0.2) -> None:
+        """As RWKVClient: `credentials` for TLS, an OpenTelemetry `tracer_provider` to trace the calls, a turn
+        retried up to `max_turn_retries` times with the same turn id (0: never)."""
+        if max_turn_retries < 0 or retry_backoff_s < 0:
+            raise ValueError("max_turn_retries and retry_backoff_s must not be negative")
         self._channel = channel or _core.aio_channel(target, options, credentials, tracer_provider)
         self._stub = api_pb2_grpc.RwkvServiceStub(self._channel)
         self._metadata = _core.call_metadata(api_key)
         self.timeout = timeout
+        self.max_turn_retries = max_turn_retries
+        self.retry_backoff_s = retry_backoff_s
 
     async def _unary(self, op: _core.Unary[T], timeout: float | None) -> T:
         try:
@@ -195,48 +204,90 @@ class AsyncRWKVClient:
 
     async def chat(self, session_id: str, text: str, *, timeout: float | None = None,
                    expected_state_version: int | None = None, return_token_ids: bool = False,
-                   **sampling: Any) -> AsyncIterator[str | TurnResult]:
-        """Runs one turn: yields the text deltas as they come, then the TurnResult.
+                   turn_id: str | None = None, **sampling: Any) -> AsyncIterator[str | TurnResult]:
+        """Runs one turn: yields the text deltas as they come, then the TurnResult (retried as RWKVClient.chat
+        says: the same turn id, only text not yielded yet, the original error when a retry's text differs).
 
         Stopping the iteration early (aclose) cancels the turn (the session's state is left unchanged)."""
-        stream = self.chat_stream(session_id, timeout=timeout)
-        try:
-            await stream.send(text, expected_state_version=expected_state_version,
-                              return_token_ids=return_token_ids, **sampling)
-            async for event in stream.until_turn_end():
-                if (item := _core.chat_item(event)) is not None:
-                    yield item
-            await stream.done_sending()
-            async for _ in stream:  # the server ends the stream once the half-close arrives
-                pass
-        finally:
-            stream.close()
+        async for item in self._chat(session_id, text, True, timeout=timeout,
+                                     expected_state_version=expected_state_version,
+                                     return_token_ids=return_token_ids, turn_id=turn_id, **sampling):
+            yield item
+
+    async def _chat(self, session_id: str, text: str, streaming: bool, *, timeout: float | None = None,
+                    expected_state_version: int | None = None, return_token_ids: bool = False,
+                    turn_id: str | None = None, **sampling: Any) -> AsyncIterator[str | TurnResult]:
+        request = _core.chat_turn(session_id, text, turn_id=turn_id, expected_state_version=expected_state_version,
+                                  return_token_ids=return_token_ids, **sampling)  # checked once, sent each attempt
+
+        async def attempt(deadline: float | None) -> AsyncIterator[ChatEvent]:
+            stream = self.chat_stream(session_id, timeout=deadline)
+            try:
+                await stream.send(text, turn_id=request.turn.turn_id, expected_state_version=expected_state_version,
+                                  return_token_ids=return_token_ids, **sampling)
+                async for event in stream.until_turn_end():
+                    yield event
+                await stream.done_sending()
+                async for _ in stream:  # the server ends the stream once the half-close arrives
+                    pass
+            finally:
+                stream.close()
+
+        async for item in self._retrying(attempt, timeout, streaming):
+            yield item
+
+    async def _retrying(self, attempt: Callable[[float | None], AsyncIterator[ChatEvent]], timeout: float | None,
+                        streaming: bool) -> AsyncIterator[str | TurnResult]:
+        """Runs attempts of one turn until one ends it, as _core.TurnRetry decides."""
+        retry = _core.TurnRetry(self.max_turn_retries, self.retry_backoff_s, timeout, streaming=streaming)
+        while True:
+            async with contextlib.aclosing(attempt(retry.timeout())) as events:
+                try:
+                    async for event in events:
+                        for item in retry.items(event):
+                            yield item
+                    return
+                except RWKVError as error:
+                    wait = retry.delay(error)  # raises when the turn may not be retried
+            await asyncio.sleep(wait)
 
     async def say(self, session_id: str, text: str, **kwargs: Any) -> TurnResult:
-        """Runs one turn and returns its TurnResult (whole text) without streaming."""
-        return await _last(self.chat(session_id, text, **kwargs))
+        """Runs one turn and returns its TurnResult (whole text) without streaming (retried as RWKVClient.say)."""
+        return await _last(self._chat(session_id, text, False, **kwargs))
 
     async def generate(self, prompt: str, *, model: str = "", session_id: str = "", ephemeral: bool = False,
                        expected_state_version: int | None = None, return_token_ids: bool = False,
-                       timeout: float | None = None, **sampling: Any) -> AsyncIterator[str | TurnResult]:
-        """Completes a raw prompt: yields text deltas, then the TurnResult. Stateless unless `session_id`."""
-        request = _core.generate(prompt, model=model, session_id=session_id, ephemeral=ephemeral,
-                                 expected_state_version=expected_state_version, return_token_ids=return_token_ids,
-                                 **sampling)
-        call = self._stub.Generate(request, metadata=self._metadata, timeout=timeout)
-        decoder = _core.EventDecoder()
-        try:
-            async for pb in call:
-                if (item := _core.chat_item(decoder.decode(pb))) is not None:
-                    yield item
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            call.cancel()
+                       timeout: float | None = None, turn_id: str | None = None,
+                       **sampling: Any) -> AsyncIterator[str | TurnResult]:
+        """Completes a raw prompt: yields text deltas, then the TurnResult. Stateless unless `session_id`.
+        Retried as chat() is."""
+        async for item in self._generate(prompt, True, model=model, session_id=session_id, ephemeral=ephemeral,
+                                         expected_state_version=expected_state_version,
+                                         return_token_ids=return_token_ids, timeout=timeout, turn_id=turn_id,
+                                         **sampling):
+            yield item
+
+    async def _generate(self, prompt: str, streaming: bool, *, timeout: float | None = None,
+                        **kwargs: Any) -> AsyncIterator[str | TurnResult]:
+        request = _core.generate(prompt, **kwargs)
+
+        async def attempt(deadline: float | None) -> AsyncIterator[ChatEvent]:
+            call = self._stub.Generate(request, metadata=self._metadata, timeout=deadline)
+            decoder = _core.EventDecoder()
+            try:
+                async for pb in call:
+                    yield decoder.decode(pb)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            finally:
+                call.cancel()
+
+        async for item in self._retrying(attempt, timeout, streaming):
+            yield item
 
     async def complete(self, prompt: str, **kwargs: Any) -> TurnResult:
         """Like generate(), returning only the TurnResult (whole text)."""
-        return await _last(self.generate(prompt, **kwargs))
+        return await _last(self._generate(prompt, False, **kwargs))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,7 +14,7 @@ import grpc
 
 from rwkv_serve.v1 import api_pb2_grpc
 from rwkv_serve_client import _core
-from rwkv_serve_client.errors import from_rpc_error
+from rwkv_serve_client.errors import RWKVError, from_rpc_error
 from rwkv_serve_client.types import ChatEvent, ChatTemplate, ModelInfo, Preset, Session, SessionPage, TurnResult
 
 T = TypeVar("T")
@@ -22,7 +24,9 @@ class ChatStream:
     """One open Chat stream: `send()` turns, iterate the typed events, `cancel()` the running turn.
 
     Turns sent on one stream run one after another; iterate (or call `until_turn_end()`) to receive their
-    events. Use it as a context manager, or call `close()`, to end the stream (a running turn is cancelled)."""
+    events. Use it as a context manager, or call `close()`, to end the stream (a running turn is cancelled).
+    A stream does not retry: a failed turn ends it with the error; send the turn again, with the same turn_id, on
+    a new stream (chat() and say() do that for you)."""
 
     def __init__(self, stub: api_pb2_grpc.RwkvServiceStub, metadata: Sequence[tuple[str, str]],
                  session_id: str | None, timeout: float | None) -> None:
@@ -94,14 +98,24 @@ class RWKVClient:
 
     def __init__(self, target: str, api_key: str | None = None, *, timeout: float | None = 30.0,
                  channel: grpc.Channel | None = None, options: Sequence[tuple[str, Any]] | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, tracer_provider: Any = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, tracer_provider: Any = None,
+                 max_turn_retries: int = 3, retry_backoff_s: float = 0.2) -> None:
         """`target` is "host:port"; `timeout` is the deadline of unary calls (streams take their own);
         `credentials` turn on TLS (`client.tls_credentials(ca)`); with an OpenTelemetry `tracer_provider` each
-        call gets a client span and sends its trace context (W3C traceparent) to the server."""
+        call gets a client span and sends its trace context (W3C traceparent) to the server.
+
+        A turn (chat, say, generate, complete) that fails with a retryable error (UNAVAILABLE, e.g. its worker
+        died; RESOURCE_EXHAUSTED with a retry hint) is sent again with the same turn id, up to `max_turn_retries`
+        times (0: never), after the server's retry hint or else `retry_backoff_s`, doubling. A turn the server had
+        committed is answered from that commit, never applied twice (see chat() for what a stream yields)."""
+        if max_turn_retries < 0 or retry_backoff_s < 0:
+            raise ValueError("max_turn_retries and retry_backoff_s must not be negative")
         self._channel = channel or _core.sync_channel(target, options, credentials, tracer_provider)
         self._stub = api_pb2_grpc.RwkvServiceStub(self._channel)
         self._metadata = _core.call_metadata(api_key)
         self.timeout = timeout
+        self.max_turn_retries = max_turn_retries
+        self.retry_backoff_s = retry_backoff_s
 
     def _unary(self, op: _core.Unary[T], timeout: float | None) -> T:
         try:
@@ -187,45 +201,88 @@ class RWKVClient:
         return ChatStream(self._stub, self._metadata, session_id, timeout)
 
     def chat(self, session_id: str, text: str, *, timeout: float | None = None,
-             expected_state_version: int | None = None, return_token_ids: bool = False,
+             expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
              **sampling: Any) -> Iterator[str | TurnResult]:
-        """Runs one turn: yields the text deltas as they come, then the TurnResult.
+        """Runs one turn: yields the text deltas as they come, then the TurnResult. `timeout` covers the whole
+        turn, retries included; `turn_id` names it (default: a new random one).
 
-        Stopping the iteration early cancels the turn (the session's state is left unchanged)."""
-        stream = self.chat_stream(session_id, timeout=timeout)
-        try:
-            stream.send(text, expected_state_version=expected_state_version, return_token_ids=return_token_ids,
-                        **sampling)
-            yield from _texts(stream.until_turn_end())
-            stream.done_sending()
-            for _ in stream:  # the server ends the stream once the half-close arrives
-                pass
-        finally:
-            stream.close()
+        Stopping the iteration early cancels the turn (the session's state is left unchanged). A retryable failure
+        is retried with the same turn id (see the constructor): before any text was yielded, silently; after,
+        only when the retry's text starts with the text already yielded (the turn's committed result, or a rerun
+        that repeats it, e.g. greedy), and then only the rest is yielded; a retry with another text is cancelled
+        and the original error raised, as without retries."""
+        yield from self._chat(session_id, text, True, timeout=timeout, expected_state_version=expected_state_version,
+                              return_token_ids=return_token_ids, turn_id=turn_id, **sampling)
+
+    def _chat(self, session_id: str, text: str, streaming: bool, *, timeout: float | None = None,
+              expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
+              **sampling: Any) -> Iterator[str | TurnResult]:
+        request = _core.chat_turn(session_id, text, turn_id=turn_id, expected_state_version=expected_state_version,
+                                  return_token_ids=return_token_ids, **sampling)  # checked once, sent each attempt
+
+        def attempt(deadline: float | None) -> Iterator[ChatEvent]:
+            stream = self.chat_stream(session_id, timeout=deadline)
+            try:
+                stream.send(text, turn_id=request.turn.turn_id, expected_state_version=expected_state_version,
+                            return_token_ids=return_token_ids, **sampling)
+                yield from stream.until_turn_end()
+                stream.done_sending()
+                for _ in stream:  # the server ends the stream once the half-close arrives
+                    pass
+            finally:
+                stream.close()
+
+        yield from self._retrying(attempt, timeout, streaming)
+
+    def _retrying(self, attempt: Callable[[float | None], Iterator[ChatEvent]], timeout: float | None,
+                  streaming: bool) -> Iterator[str | TurnResult]:
+        """Runs attempts of one turn until one ends it, as _core.TurnRetry decides."""
+        retry = _core.TurnRetry(self.max_turn_retries, self.retry_backoff_s, timeout, streaming=streaming)
+        while True:
+            with contextlib.closing(attempt(retry.timeout())) as events:
+                try:
+                    for event in events:
+                        yield from retry.items(event)
+                    return
+                except RWKVError as error:
+                    wait = retry.delay(error)  # raises when the turn may not be retried
+            time.sleep(wait)
 
     def say(self, session_id: str, text: str, **kwargs: Any) -> TurnResult:
-        """Runs one turn and returns its TurnResult (whole text) without streaming."""
-        return _last(self.chat(session_id, text, **kwargs))
+        """Runs one turn and returns its TurnResult (whole text) without streaming; retried as chat() is, except
+        that the text of a failed attempt does not matter (nothing of it was shown)."""
+        return _last(self._chat(session_id, text, False, **kwargs))
 
     def generate(self, prompt: str, *, model: str = "", session_id: str = "", ephemeral: bool = False,
                  expected_state_version: int | None = None, return_token_ids: bool = False,
-                 timeout: float | None = None, **sampling: Any) -> Iterator[str | TurnResult]:
-        """Completes a raw prompt: yields text deltas, then the TurnResult. Stateless unless `session_id`."""
-        request = _core.generate(prompt, model=model, session_id=session_id, ephemeral=ephemeral,
-                                 expected_state_version=expected_state_version, return_token_ids=return_token_ids,
-                                 **sampling)
-        call = self._stub.Generate(request, metadata=self._metadata, timeout=timeout)
-        decoder = _core.EventDecoder()
-        try:
-            yield from _texts(decoder.decode(pb) for pb in call)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            call.cancel()
+                 timeout: float | None = None, turn_id: str | None = None,
+                 **sampling: Any) -> Iterator[str | TurnResult]:
+        """Completes a raw prompt: yields text deltas, then the TurnResult. Stateless unless `session_id`.
+        Retried as chat() is."""
+        yield from self._generate(prompt, True, model=model, session_id=session_id, ephemeral=ephemeral,
+                                  expected_state_version=expected_state_version, return_token_ids=return_token_ids,
+                                  timeout=timeout, turn_id=turn_id, **sampling)
+
+    def _generate(self, prompt: str, streaming: bool, *, timeout: float | None = None,
+                  **kwargs: Any) -> Iterator[str | TurnResult]:
+        request = _core.generate(prompt, **kwargs)
+
+        def attempt(deadline: float | None) -> Iterator[ChatEvent]:
+            call = self._stub.Generate(request, metadata=self._metadata, timeout=deadline)
+            decoder = _core.EventDecoder()
+            try:
+                for pb in call:
+                    yield decoder.decode(pb)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            finally:
+                call.cancel()
+
+        yield from self._retrying(attempt, timeout, streaming)
 
     def complete(self, prompt: str, **kwargs: Any) -> TurnResult:
         """Like generate(), returning only the TurnResult (whole text)."""
-        return _last(self.generate(prompt, **kwargs))
+        return _last(self._generate(prompt, False, **kwargs))
 
     def close(self) -> None:
         self._channel.close()
@@ -235,12 +292,6 @@ class RWKVClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _texts(events: Iterator[ChatEvent]) -> Iterator[str | TurnResult]:
-    for event in events:
-        if (item := _core.chat_item(event)) is not None:
-            yield item
 
 
 def _last(items: Iterator[str | TurnResult]) -> TurnResult:

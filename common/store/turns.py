@@ -80,7 +80,8 @@ class TurnRecord:
     """A committed turn's result, as a retry with the same turn id gets it back (rwkv:{sid}:turn).
 
     `turn_id` and `input_digest` say which turn it answers; `state_version` is the version the commit made (the
-    store sets it); `token_ids` is empty when the reply had more than MAX_RECORD_TOKEN_IDS."""
+    store sets it); `token_ids` is empty when the reply had more than MAX_RECORD_TOKEN_IDS; `input_tokens` is what
+    the turn's turn_start said (its input; prompt_tokens, the usage, also counts the template's closing tokens)."""
 
     turn_id: str
     input_digest: str
@@ -93,13 +94,15 @@ class TurnRecord:
     stop_string: str = ""
     stop_token_id: int = -1
     state_version: int = 0
+    input_tokens: int = 0
 
     def result_json(self) -> str:
         ids = list(self.token_ids) if len(self.token_ids) <= MAX_RECORD_TOKEN_IDS else []
         return json.dumps({
             "text": self.text, "ids": ids, "prompt": self.prompt_tokens, "generated": self.generated_tokens,
             "state_tokens": self.state_tokens, "version": self.state_version, "stop": self.stop_reason,
-            "stop_string": self.stop_string, "stop_token": self.stop_token_id}, separators=(",", ":"))
+            "stop_string": self.stop_string, "stop_token": self.stop_token_id, "input": self.input_tokens},
+            separators=(",", ":"))
 
     @classmethod
     def from_json(cls, turn_id: str, input_digest: str, raw: bytes | str) -> TurnRecord:
@@ -107,7 +110,7 @@ class TurnRecord:
             r = json.loads(raw)
             return cls(turn_id, input_digest, str(r["text"]), tuple(int(t) for t in r["ids"]), int(r["prompt"]),
                        int(r["generated"]), int(r["state_tokens"]), int(r["stop"]), str(r["stop_string"]),
-                       int(r["stop_token"]), int(r["version"]))
+                       int(r["stop_token"]), int(r["version"]), int(r["input"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateCorrupt(f"unreadable turn record ({exc!r})") from None
 
