@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
+import os
 import time
 from array import array
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from opentelemetry import trace
 
 from common.errors import (
     DeadlineExceeded,
@@ -28,6 +32,7 @@ from common.errors import (
     VersionConflict,
 )
 from common.store import Lease, SessionMeta, StateStore
+from common.store.turns import TURN_RESULT_TTL_MS, TurnRecord
 from common.telemetry import Telemetry, set_session
 from common.worker_api import (
     InputKind,
@@ -40,6 +45,7 @@ from common.worker_api import (
     TurnStarted,
     merge_sampling,
 )
+from rwkv_serve.contract import StopReason
 from worker.engine import Delta, Engine, Finished, Turn, TurnRequest
 from worker.sampler import SamplingParams
 from worker.state import (
@@ -82,6 +88,8 @@ class RunnerConfig:
     prefix_ttl_ms: int = 86_400_000
     default_sampling: Mapping[str, Any] | None = None  # worker defaults under session defaults
     max_prompt_tokens: int = 16_384  # a turn's input (formatted text + token ids); longer is INVALID_ARGUMENT
+    turn_result_ttl_ms: int = TURN_RESULT_TTL_MS  # how long a committed turn stays replayable under its turn id
+    fault_after_commit: str = ""  # TEST ONLY: "exit" = os._exit(1) right after a commit, before turn_end
 
 
 class TurnRunner:
@@ -124,8 +132,13 @@ class TurnRunner:
                                           model=self.config.model_id, worker_id=self.config.worker_id) as watch:
                 if watch.text is not None:
                     log.debug("turn %s input: %r", turn.turn_id, turn.text)
+                replay = False
                 async for event in events:
-                    if isinstance(event, TextDelta):
+                    if isinstance(event, TurnStarted) and event.replayed:
+                        replay = True  # a stored result: no tokens were generated, nothing to time
+                    elif replay:
+                        pass
+                    elif isinstance(event, TextDelta):
                         watch.delta(len(event.token_ids), event.text)
                     elif isinstance(event, TurnEnded):
                         watch.ended(event.prompt_tokens, event.generated_tokens, event.reason.label)
@@ -181,12 +194,24 @@ class TurnRunner:
 
     async def _session_turn(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
         # Two store round trips per turn: the lease with the session's meta (and, unless the local cache should
-        # hit, its state bytes) in one, the commit with the lease's release in the other.
+        # hit, its state bytes) in one, the commit with the lease's release in the other. A turn the session
+        # already committed under this turn id (its worker died before sending turn_end) gets the stored result
+        # from the first round trip instead, before any version check: it is never applied twice.
         sid = turn.session_id
-        lease, meta, data = await self.store.begin_turn(sid, self.config.lease_ms, holder=self.config.worker_id,
-                                                        with_state=not self._cached(sid))
+        digest = _input_digest(turn) if turn.turn_id else ""
+        begun = await self.store.begin_or_replay(sid, self.config.lease_ms, holder=self.config.worker_id,
+                                                 with_state=not self._cached(sid), turn_id=turn.turn_id,
+                                                 input_digest=digest)
+        if isinstance(begun, TurnRecord):
+            for replayed in self._replay(sid, begun):
+                yield replayed
+            return
+        lease, meta, data = begun
         renewal = asyncio.create_task(self._keep_lease(lease))
         released = False
+        texts: list[str] = []  # the reply as the client receives it: the turn's record, if it commits
+        token_ids: list[int] = []
+        input_tokens = 0
         try:
             self._check_meta(turn, meta)
             with self.telemetry.span("state.load", self.telemetry.state_load, session_id=meta.session_id):
@@ -195,6 +220,11 @@ class TurnRunner:
             request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
             async for event in self._generate(request, deadline, renewal):
                 if not isinstance(event, Finished):
+                    if isinstance(event, TextDelta):
+                        texts.append(event.text)
+                        token_ids.extend(event.token_ids)
+                    elif isinstance(event, TurnStarted):
+                        input_tokens = event.prompt_tokens
                     yield event
                     continue
                 if event.state is None:  # cancelled: the stored state stays as it was
@@ -205,14 +235,34 @@ class TurnRunner:
                     # Commit and release in one call, and only then turn_end: a client that sends its next turn
                     # the moment it sees this one end must find the session free. (If the commit fails, the
                     # finally below releases the lease: a no-op when the commit script already did.)
-                    version = await self._commit(lease, meta, event)
+                    record = _record(turn, digest, event, "".join(texts), token_ids, input_tokens) \
+                        if turn.turn_id else None
+                    version = await self._commit(lease, meta, event, record)
                     released = True
                     self._stop_renewal(renewal)
+                    if self.config.fault_after_commit == "exit":  # TEST ONLY (WorkerSettings.fault_after_commit)
+                        log.error("fault injection: exiting after the commit of %s version %d, before turn_end",
+                                  sid, version)
+                        os._exit(1)
                     ended = self._ended(event, version)
                 yield ended
         finally:
             if not released:
                 await self._release(lease, renewal)
+
+    def _replay(self, sid: str, record: TurnRecord) -> list[TurnEvent]:
+        """The events of a turn already committed, from its record: started, its whole text in one delta (no
+        logprobs: they are not stored), ended as it was, each marked as a replay."""
+        log.info("turn %s of session %s was committed already (version %d): replaying its result",
+                 record.turn_id, sid, record.state_version)
+        trace.get_current_span().set_attribute("rwkv.replayed", True)
+        return [
+            TurnStarted(record.input_tokens, self.config.worker_id, replayed=True),
+            TextDelta(record.text, record.token_ids),
+            TurnEnded(StopReason(record.stop_reason), record.prompt_tokens, record.generated_tokens,
+                      record.state_tokens, record.state_version, record.stop_string, record.stop_token_id,
+                      replayed=True),
+        ]
 
     def _cached(self, sid: str) -> bool:
         """Whether the local cache holds some version of sid (then the turn skips the state read, betting on a
@@ -374,14 +424,16 @@ class TurnRunner:
             except StoreUnavailable:
                 log.warning("could not renew the lease on %s; retrying", lease.session_id)
 
-    async def _commit(self, lease: Lease, meta: SessionMeta, finished: Finished) -> int:
+    async def _commit(self, lease: Lease, meta: SessionMeta, finished: Finished, record: TurnRecord | None = None
+                      ) -> int:
         state = finished.state
         assert state is not None
         with self.telemetry.span("state.commit", self.telemetry.state_commit, session_id=meta.session_id) as span:
             host = await asyncio.to_thread(state.to, "cpu")
             data = await asyncio.to_thread(state_to_bytes, host, self.model.fingerprint, finished.tokens_consumed)
             version = await self.store.commit_and_release(lease, meta.version, data,
-                                                          state_tokens=finished.tokens_consumed)
+                                                          state_tokens=finished.tokens_consumed, record=record,
+                                                          record_ttl_ms=self.config.turn_result_ttl_ms)
             span.set_attribute("rwkv.state_bytes", len(data))
             span.set_attribute("rwkv.state_version", version)
         self.telemetry.state_size.record(len(data))
@@ -396,6 +448,22 @@ class TurnRunner:
             finished.tokens_consumed if state_tokens is None else state_tokens, version,
             finished.stop_string, finished.stop_token_id,
         )
+
+
+def _input_digest(turn: TurnInput) -> str:
+    """What a turn asks for (kind, text, token ids, sampling overrides), hashed: a turn id reused for another input
+    is a new turn, not a replay of the old one."""
+    what = json.dumps([turn.kind.value, turn.text, list(turn.token_ids), dict(turn.sampling)], sort_keys=True,
+                      default=list)
+    return hashlib.sha256(what.encode()).hexdigest()[:32]
+
+
+def _record(turn: TurnInput, digest: str, finished: Finished, text: str, token_ids: list[int],
+            input_tokens: int) -> TurnRecord:
+    """The result a retry of this turn gets back (stored with the commit)."""
+    return TurnRecord(turn.turn_id, digest, text, tuple(token_ids), finished.prompt_tokens,
+                      finished.generated_tokens, finished.tokens_consumed, int(finished.reason),
+                      finished.stop_string, finished.stop_token_id, input_tokens=input_tokens)
 
 
 def _delta(event: Delta) -> TextDelta:

@@ -83,7 +83,9 @@ class WorkerCore:
             self.engine, self.store, tokenizer,
             RunnerConfig(model_id, self.worker_id, lease_ms=settings.lease_ms, prefix_ttl_ms=settings.prefix_ttl_ms,
                          default_sampling={"max_tokens": settings.default_max_tokens},
-                         max_prompt_tokens=settings.max_prompt_tokens),
+                         max_prompt_tokens=settings.max_prompt_tokens,
+                         turn_result_ttl_ms=settings.turn_result_ttl_ms,
+                         fault_after_commit=settings.fault_after_commit),
             self.cache, self.telemetry,
         )
         cfg = model.config

@@ -50,6 +50,14 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     # worker it saw die; otherwise (e.g. the front died too) this TTL is how long that session stays busy.
     lease_ms: int = Field(10_000, gt=0)
     prefix_ttl_ms: int = Field(86_400_000, gt=0)
+    # How long a committed turn's result stays in Redis (one record per session, its latest turn), so that a retry
+    # with the same turn_id after a worker died between its commit and its turn_end is answered from it instead of
+    # running again (common/store/turns.py).
+    turn_result_ttl_ms: int = Field(3_600_000, gt=0)
+    # TEST ONLY (fault injection): "exit" makes the worker os._exit(1) right after a turn's commit, before its
+    # turn_end is sent, the one moment a timed SIGKILL cannot hit (tests/test_exactly_once.py). Never set it in a
+    # deployment.
+    fault_after_commit: Literal["", "exit"] = ""
 
     # Engine.
     max_batch: int = Field(16, ge=1)
