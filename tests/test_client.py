@@ -211,3 +211,128 @@ def test_unavailable_carries_the_retry_hint() -> None:
     assert isinstance(error, client.UnavailableError) and error.retry_after_s == 0.0
     bare = error_from_status(grpc.StatusCode.UNAVAILABLE, "no worker")
     assert isinstance(bare, client.UnavailableError) and bare.retry_after_s is None
+
+
+# ---- retries of a turn (same turn id) ------------------------------------------------------------------------
+
+
+async def test_a_failed_turn_is_retried_with_the_same_turn_id(fakes, front_factory) -> None:  # noqa: F811
+    worker = await fakes("w1")
+    _, target = await front_factory()
+    servicer = worker.servicer
+
+    def scenario() -> None:
+        with RWKVClient(target, retry_backoff_s=0.01) as rwkv:
+            sid = rwkv.create_session("tiny").session_id
+            servicer.error, servicer.error_times = server_errors.Overloaded("full", retry_after_s=0.05), 2
+            assert rwkv.say(sid, "a b").text == "w1: a b "  # RESOURCE_EXHAUSTED with a hint: retried
+            assert len({r.turn_id for r in servicer.requests}) == 1 and len(servicer.requests) == 3
+            servicer.error, servicer.error_times = server_errors.Unavailable("draining"), 1
+            assert list(rwkv.chat(sid, "c", turn_id="mine"))[-1].turn_id == "mine"  # UNAVAILABLE: retried
+            assert [r.turn_id for r in servicer.requests[-2:]] == ["mine", "mine"]
+            servicer.error, servicer.error_times = server_errors.Unavailable("draining"), 1
+            assert rwkv.complete("d", model="tiny").text == "w1: d "  # completions too
+            servicer.error, servicer.error_times = server_errors.Unavailable("draining"), 9
+            asked = len(servicer.requests)
+            with pytest.raises(client.UnavailableError):  # bounded: 1 + max_turn_retries attempts
+                rwkv.say(sid, "e")
+            assert len(servicer.requests) - asked == 4
+            for error in (server_errors.DeadlineExceeded("late"), server_errors.InvalidArgument("bad")):
+                servicer.error, servicer.error_times = error, 1
+                asked = len(servicer.requests)
+                with pytest.raises(client.RWKVError):  # not retryable: one attempt
+                    rwkv.say(sid, "f")
+                assert len(servicer.requests) - asked == 1
+            servicer.error = None
+        with RWKVClient(target, max_turn_retries=0) as rwkv:  # the off switch
+            servicer.error, servicer.error_times = server_errors.Unavailable("draining"), 1
+            asked = len(servicer.requests)
+            with pytest.raises(client.UnavailableError):
+                rwkv.say(sid, "g")
+            assert len(servicer.requests) - asked == 1
+            servicer.error = None
+
+    await asyncio.wait_for(asyncio.to_thread(scenario), 60)
+
+
+async def test_the_async_client_retries_as_the_blocking_one(fakes, front_factory) -> None:  # noqa: F811
+    worker = await fakes("w1")
+    _, target = await front_factory()
+    servicer = worker.servicer
+    async with AsyncRWKVClient(target, retry_backoff_s=0.01) as rwkv:
+        sid = (await rwkv.create_session("tiny")).session_id
+        servicer.error, servicer.error_times = server_errors.Overloaded("full", retry_after_s=0.01), 1
+        assert (await rwkv.say(sid, "a")).text == "w1: a "
+        servicer.error, servicer.error_times = server_errors.Unavailable("draining"), 1
+        items = [item async for item in rwkv.generate("b c", model="tiny", turn_id="g1")]
+        assert items[:-1] == ["w1: ", "b ", "c "] and items[-1].turn_id == "g1"
+        assert [r.turn_id for r in servicer.requests[-2:]] == ["g1", "g1"]
+    async with AsyncRWKVClient(target, max_turn_retries=0) as rwkv:
+        servicer.error, servicer.error_times = server_errors.Unavailable("draining"), 1
+        with pytest.raises(client.UnavailableError):
+            await rwkv.say(sid, "d")
+    with pytest.raises(ValueError):
+        AsyncRWKVClient(target, max_turn_retries=-1)
+
+
+def _result(text: str, turn_id: str = "t") -> TurnResult:
+    return TurnResult(turn_id, text, StopReason.MAX_TOKENS, client.Usage(1, 2, 3), 1)
+
+
+def _delta(text: str) -> TextDelta:
+    return TextDelta("t", text, [], [])
+
+
+def test_a_retried_stream_yields_only_the_text_not_yielded_yet() -> None:
+    lost = client.UnavailableError("lost worker w1", grpc.StatusCode.UNAVAILABLE)
+    lost.retry_after_s = 0.0
+    retry = client._core.TurnRetry(3, 0.1, None, streaming=True)
+    assert [retry.items(_delta("Hel")), retry.items(_delta("lo"))] == [["Hel"], ["lo"]]
+    assert retry.delay(lost) == 0.0
+    # The retry repeats the text (the committed result in one delta, or a rerun): only the rest comes out.
+    assert retry.items(TurnStarted("t", 3, "w2")) == []
+    assert retry.items(_delta("Hello, wor")) == [", wor"]
+    assert retry.items(_delta("ld")) == ["ld"]
+    result = _result("Hello, world")
+    assert retry.items(result) == [result]
+    with pytest.raises(client.UnavailableError):  # after the result nothing is retried
+        retry.delay(lost)
+
+
+@pytest.mark.parametrize("retried", [["Help"], ["He"]], ids=["other text", "shorter text"])
+def test_a_retried_stream_with_another_text_raises_the_original_error(retried: list[str]) -> None:
+    lost = client.UnavailableError("lost worker w1", grpc.StatusCode.UNAVAILABLE)
+    retry = client._core.TurnRetry(3, 0.1, None, streaming=True)
+    assert retry.items(_delta("Hello")) == ["Hello"]
+    retry.delay(lost)
+    with pytest.raises(client.UnavailableError) as raised:
+        for text in retried:
+            retry.items(_delta(text))
+        retry.items(_result("".join(retried)))
+    assert raised.value is lost and "lost worker w1" in raised.value.message and "retry cancelled" in str(lost)
+    with pytest.raises(client.UnavailableError):
+        retry.delay(lost)  # given up: not retried again
+
+
+def test_which_failures_are_retried_and_when() -> None:
+    def error(cls: type, retry_after: float | None = None) -> client.RWKVError:
+        made = cls("x")
+        made.retry_after_s = retry_after
+        return made
+
+    retry = client._core.TurnRetry(3, 0.1, None, streaming=False)
+    assert retry.items(_delta("ignored")) == []  # say(): partial text does not matter
+    assert retry.delay(error(client.UnavailableError)) == pytest.approx(0.1)  # no hint: backoff, doubling
+    assert retry.delay(error(client.ResourceExhaustedError, 0.5)) == 0.5  # the server's hint
+    assert retry.delay(error(client.SessionBusyError)) == pytest.approx(0.4)  # busy, on a retry only
+    with pytest.raises(client.UnavailableError):
+        retry.delay(error(client.UnavailableError))  # out of retries (3)
+    for not_retried in (error(client.QuotaExceededError, 5.0), error(client.ResourceExhaustedError),
+                        error(client.DeadlineExceededError), error(client.VersionConflictError),
+                        error(client.SessionBusyError), error(client.UnavailableError, 60.0)):
+        with pytest.raises(type(not_retried)):
+            client._core.TurnRetry(3, 0.1, None, streaming=False).delay(not_retried)
+    with pytest.raises(client.UnavailableError):  # the wait would pass the turn's timeout
+        client._core.TurnRetry(3, 0.1, 0.5, streaming=False).delay(error(client.UnavailableError, 1.0))
+    with pytest.raises(client.UnavailableError):  # retries off
+        client._core.TurnRetry(0, 0.1, None, streaming=False).delay(error(client.UnavailableError))
