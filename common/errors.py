@@ -76,7 +76,8 @@ class Unavailable(ServeError):
 
 
 class WorkerLost(Unavailable):
-    """The worker running the turn went away mid-turn (crashed or unreachable); nothing was committed: retry."""
+    """The worker running the turn went away mid-turn (crashed or unreachable): retry with the same turn_id (a turn
+    it had committed is then answered from that commit, never applied twice)."""
 
     def __init__(self, message: str = "", worker_id: str = "", retry_after_s: float | None = 0.0) -> None:
         super().__init__(message)

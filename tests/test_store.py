@@ -15,6 +15,7 @@ from common.errors import (
     VersionConflict,
 )
 from common.store import Lease, StateStore
+from common.store.turns import TurnRecord
 from common.worker_api import ModelDescription, WorkerLoad
 
 STATE_A = b"state-a" * 1000
@@ -121,6 +122,16 @@ async def test_unknown_session(store: StateStore) -> None:
         await store.commit_and_release(held, 0, STATE_A, state_tokens=1)
     with pytest.raises(SessionNotFound):
         await store.delete_session(sid)
+
+
+async def test_deleting_a_session_removes_every_key_it_owns(store: StateStore) -> None:
+    sid = await new_session(store)
+    record = TurnRecord("t-1", "d" * 64, "hi", (1, 2), 3, 2, 5, 1)
+    held = await lease(store, sid)
+    await store.commit_and_release(held, 0, STATE_A, state_tokens=5, record=record)
+    assert await store.redis.exists(store.keys.session(sid, "turn"))  # the last turn's result, for its retries
+    await store.delete_session(sid)
+    assert [k async for k in store.redis.scan_iter(match=f"rwkv:{{{sid}}}*")] == []
 
 
 async def test_fork_copies_state_and_evolves_independently(store: StateStore) -> None:

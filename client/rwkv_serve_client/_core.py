@@ -260,6 +260,7 @@ class EventDecoder:
                 stop_token_id=e.stop_token_id,
                 worker_id=self._worker.pop(turn_id, ""),
                 token_ids=self._tokens.pop(turn_id, []),
+                replayed=e.replayed,
             )
         raise ValueError(f"event without a body in turn {turn_id!r}")
 

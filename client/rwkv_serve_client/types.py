@@ -172,6 +172,7 @@ class TurnResult:
     stop_token_id: int = 0
     worker_id: str = ""
     token_ids: list[int] = field(default_factory=list)
+    replayed: bool = False  # the server answered a retried turn_id from its commit (the turn ran once, earlier)
 
     @property
     def cancelled(self) -> bool:

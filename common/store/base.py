@@ -6,6 +6,7 @@ one place. A session's keys share one hash tag, so Cluster keeps them in one slo
   rwkv:{sid}:state     the engine's state record (bytes) at meta.version
   rwkv:{sid}:lease     random token of the worker running a turn (turns.py)
   rwkv:{sid}:staging:<token>  a commit's bytes, renamed onto :state by the compare-and-set script
+  rwkv:{sid}:turn      the last committed turn's id, input digest and result (a retry of it is answered from here)
   rwkv:tenant:<tenant>:sessions  sorted-set index for ListSessions (lazily pruned of expired sessions)
   rwkv:worker:<id>     a worker's registry record (JSON) with a heartbeat TTL; rwkv:workers indexes the ids
   rwkv:preset:<model>:<name>     preset initial states (state-tuned files), no TTL
@@ -82,6 +83,10 @@ class Keys:
     def session(self, sid: str, part: str) -> str:
         family, dot, rest = check_session_id(sid).partition(".")
         return f"{self.prefix}:{{{family}}}{dot}{rest}:{part}"
+
+    def session_all(self, sid: str) -> tuple[str, ...]:
+        """Every key a session owns (what deleting it removes)."""
+        return (*self.session_keys(sid), self.session(sid, "turn"))
 
     def session_keys(self, sid: str) -> tuple[str, str, str]:
         """meta, state, lease."""

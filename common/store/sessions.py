@@ -216,7 +216,7 @@ class Sessions(StoreBase):
     async def delete_session(self, sid: str) -> None:
         """Deletes the session's metadata, state and lease; SessionNotFound when unknown."""
         meta = await self.get_session(sid)
-        deleted = await self.redis.delete(*self.keys.session_keys(sid))
+        deleted = await self.redis.delete(*self.keys.session_all(sid))
         await self.redis.zrem(self.keys.tenant_index(meta.tenant), _index_member(meta))
         if not deleted:
             raise SessionNotFound(f"session {sid} not found")
