@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +66,44 @@ def test_admin_cli_on_a_cluster(cluster: RedisCluster) -> None:
     listed = subprocess.run([sys.executable, "-m", "service.admin", "--redis-url", cluster.url, "keys", "list"],
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "acme" in listed.stdout, listed.stderr
+
+
+def test_a_master_killed_mid_conversation_loses_no_acknowledged_turn(stack: Stack, cluster: RedisCluster,
+                                                                     twin_model) -> None:  # noqa: F811
+    """Last in the module: SIGKILLs a master. Sessions keep chatting while its replica takes over (WAIT 1: a turn
+    whose turn_end a client saw is on a replica); the SDK retries failed turns with the same turn_id. Every turn is
+    there exactly once and the conversations go on exactly as the single-process greedy run."""
+    model, tokenizer = twin_model
+    turns = 6
+    with RWKVClient(stack.target, max_turn_retries=12, retry_backoff_s=0.3) as rwkv:
+        sessions = [rwkv.create_session(MODEL, temperature=0, max_tokens=6) for _ in range(4)]
+        twins = [Twin(model, tokenizer) for _ in sessions]
+        victim = cluster.owner(f"rwkv:{{{sessions[0].session_id}}}:meta")
+        results: dict[int, list] = {i: [] for i in range(len(sessions))}
+        errors: list[BaseException] = []
+        killed = threading.Event()
+
+        def converse(i: int) -> None:
+            try:
+                for turn in range(turns):
+                    if i == 0 and turn == 2:
+                        victim.kill()  # mid-conversation, between two of this session's turns
+                        killed.set()
+                    results[i].append(rwkv.say(sessions[i].session_id, f"Turn {turn}?", return_token_ids=True))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=converse, args=(i,)) for i in range(len(sessions))]
+        for thread in threads:
+            thread.start()
+        assert killed.wait(120)
+        time.sleep(4)  # the replica is promoted; then the old master comes back as its replica (as a pod would)
+        victim.restart()
+        for thread in threads:
+            thread.join(300)
+        assert not errors, errors
+        for i, twin in enumerate(twins):
+            expected = [twin.turn(f"Turn {turn}?", 6) for turn in range(turns)]
+            assert [(r.text, r.token_ids) for r in results[i]] == expected
+            assert [r.state_version for r in results[i]] == list(range(1, turns + 1))  # each applied once
+            assert rwkv.get_session(sessions[i].session_id).state_version == turns
