@@ -49,11 +49,13 @@ from rwkv_serve.contract import StopReason
 from worker.engine import Delta, Engine, Finished, Turn, TurnRequest
 from worker.sampler import SamplingParams
 from worker.state import (
+    STORAGE_DTYPES,
     ForeignStateError,
     State,
     StateFormatError,
     check_finite,
     state_from_bytes,
+    state_to_buffer,
     state_to_bytes,
     time_state_from_bytes,
 )
@@ -88,6 +90,7 @@ class RunnerConfig:
     prefix_ttl_ms: int = 86_400_000
     default_sampling: Mapping[str, Any] | None = None  # worker defaults under session defaults
     max_prompt_tokens: int = 16_384  # a turn's input (formatted text + token ids); longer is INVALID_ARGUMENT
+    state_storage_dtype: str = "fp32"  # what the records written to Redis keep their tensors in (STORAGE_DTYPES)
     turn_result_ttl_ms: int = TURN_RESULT_TTL_MS  # how long a committed turn stays replayable under its turn id
     fault_after_commit: str = ""  # TEST ONLY: "exit" = os._exit(1) right after a commit, before turn_end
 
@@ -345,9 +348,14 @@ class TurnRunner:
             finished = event
         assert isinstance(finished, Finished) and finished.state is not None
         state = finished.state
-        data = await asyncio.to_thread(state_to_bytes, state, self.model.fingerprint, finished.tokens_consumed)
+        data = await asyncio.to_thread(self._encode, state, finished.tokens_consumed)
         await self.store.put_prefix(meta.model, key, data, self.config.prefix_ttl_ms)
         return state, finished.tokens_consumed
+
+    def _encode(self, state: State, tokens_consumed: int) -> memoryview:
+        """The state record to store (a buffer Redis takes as it is), in the configured storage dtype."""
+        dtype = STORAGE_DTYPES[self.config.state_storage_dtype]
+        return state_to_buffer(state, self.model.fingerprint, tokens_consumed, dtype=dtype, wkv_dtype=dtype)
 
     async def _decode(self, data: bytes, what: str) -> tuple[State, int]:
         try:
@@ -430,7 +438,7 @@ class TurnRunner:
         assert state is not None
         with self.telemetry.span("state.commit", self.telemetry.state_commit, session_id=meta.session_id) as span:
             host = await asyncio.to_thread(state.to, "cpu")
-            data = await asyncio.to_thread(state_to_bytes, host, self.model.fingerprint, finished.tokens_consumed)
+            data = await asyncio.to_thread(self._encode, host, finished.tokens_consumed)
             version = await self.store.commit_and_release(lease, meta.version, data,
                                                           state_tokens=finished.tokens_consumed, record=record,
                                                           record_ttl_ms=self.config.turn_result_ttl_ms)

@@ -67,6 +67,10 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     max_prompt_tokens: int = Field(16_384, ge=1)  # a turn's input; longer is INVALID_ARGUMENT (the seed's context)
     default_max_tokens: int = Field(256, ge=1)
     cache_bytes: int = Field(1 << 30, ge=0)  # local LRU of recent session states (host memory)
+    # What the state records this worker writes to Redis (sessions, prefix cache) keep their tensors in: bf16 or
+    # fp16 halve them (the engine still computes in fp32; see docs/benchmarks.md for the drift). Records of any
+    # storage dtype are read back, whatever this says.
+    state_storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     # The largest preset upload (PrepareState) this worker reads; the front's max_preset_mb should not exceed it.
     max_preset_mb: int = Field(64, ge=1)
 

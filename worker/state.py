@@ -2,25 +2,45 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 import struct
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import torch
 
 MAGIC = b"RWKV5ST\x00"
-FORMAT_VERSION = 1
-# magic, format version, dtype code, reserved, fingerprint, n_layer, n_embd, n_head, head_size, tokens, payload bytes
-_HEADER = struct.Struct("<8sHBx32sIIIIQQ")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# magic, format version, shift dtype code, WKV dtype code (version 1: a reserved zero byte, WKV always fp32),
+# fingerprint, n_layer, n_embd, n_head, head_size, tokens, payload bytes. Then the payload (att shift [L,D],
+# WKV [L,H,N,N], ffn shift [L,D], little-endian) and a CRC of header + payload: CRC-32C (Castagnoli, the SSE4.2 /
+# ARMv8 instruction) from version 2 on, zlib's CRC-32 in version 1.
+_HEADER = struct.Struct("<8sHBB32sIIIIQQ")
 _CRC = struct.Struct("<I")
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
-_NUMPY_BITS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}  # bf16: raw bits
+_NUMPY_BITS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16: raw bits
+_ESIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+# The worker's RWKV_WORKER_STATE_STORAGE_DTYPE names: what every tensor of a stored record is kept in.
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SERIAL_ELEMENTS = 32768 - 64  # see _serial_copy
+
+log = logging.getLogger(__name__)
+
+# Decoding widens 16-bit storage with torch, reading a view of the record (bytes from Redis are read-only)
+# that it copies out of once and never writes. torch.frombuffer warns, once per process, that a view of
+# read-only memory could be written; that one warning is spent here, silenced, instead of in a worker's log.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.frombuffer(b"\0\0", dtype=torch.uint8)
 
 
 class StateFormatError(ValueError):
@@ -80,75 +100,112 @@ class State:
         return self.att_shift, self.wkv, self.ffn_shift
 
 
-def state_to_bytes(state: State, fingerprint: bytes, tokens_consumed: int, dtype: torch.dtype = torch.float32) -> bytes:
-    """The versioned binary record of one session's state (batch size 1); shift vectors stored in `dtype`."""
+def state_to_buffer(
+    state: State, fingerprint: bytes, tokens_consumed: int, dtype: torch.dtype = torch.float32,
+    wkv_dtype: torch.dtype = torch.float32,
+) -> memoryview:
+    """The versioned binary record of one session's state (batch size 1), shift vectors stored in `dtype` and
+    the WKV matrices in `wkv_dtype` (fp32, bf16 or fp16), as a writable memoryview of one buffer.
+
+    One copy: the header and each tensor go straight into one preallocated buffer (the 16-bit conversion
+    writes there), and the checksum reads that buffer. Redis takes the memoryview as it is; `state_to_bytes`
+    is the same record as bytes. fp16 storage of a tensor holding a value fp16 cannot (beyond 65504, NaN) keeps
+    it in fp32 in that record (a warning in the log): the record says what it holds."""
     if state.batch_size != 1:
         raise ValueError(f"a state record holds one session, got batch size {state.batch_size}")
     if len(fingerprint) != 32:
         raise ValueError("fingerprint must be 32 bytes")
+    for dt in (dtype, wkv_dtype):
+        if dt not in _DTYPE_CODES:
+            raise ValueError(f"a state record stores fp32, bf16 or fp16, not {dt}")
     L, _, H, N, _ = state.wkv.shape
     D = state.att_shift.shape[-1]
-    parts = [
-        state.att_shift.detach().to("cpu", dtype).contiguous(),
-        state.wkv.detach().to("cpu", torch.float32).contiguous(),  # the WKV matrix is always fp32
-        state.ffn_shift.detach().to("cpu", dtype).contiguous(),
-    ]
-    payload = b"".join(_tensor_bytes(p) for p in parts)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[dtype], fingerprint, L, D, H, N, tokens_consumed,
-                          len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(header))
-    return b"".join((header, payload, _CRC.pack(crc)))
+    parts = ((state.att_shift, dtype), (state.wkv, wkv_dtype), (state.ffn_shift, dtype))
+    payload = sum(t.numel() * _ESIZE[dt] for t, dt in parts)
+    total = _HEADER.size + payload + _CRC.size
+    # numpy rather than bytearray: it asks the kernel for huge pages (a 43 MB record is ~20 pages, not ~10,000
+    # faults of 4 KiB that cost more than the copy), and it skips bytearray's zero fill.
+    buf = np.empty(total, dtype=np.uint8)
+    _HEADER.pack_into(buf, 0, MAGIC, FORMAT_VERSION, _DTYPE_CODES[dtype], _DTYPE_CODES[wkv_dtype], fingerprint,
+                      L, D, H, N, tokens_consumed, payload)
+    off = _HEADER.size
+    for i, (t, dt) in enumerate(parts):
+        region = buf[off : off + t.numel() * _ESIZE[dt]]
+        _copy_into(region, t.detach(), dt)
+        if dt is torch.float16 and not _fits_fp16(region):
+            log.warning("state holds values fp16 cannot (beyond 65504, or NaN): this record keeps the %s in fp32",
+                        "WKV matrices" if i == 1 else "shift vectors")
+            return state_to_buffer(state, fingerprint, tokens_consumed, torch.float32 if i != 1 else dtype,
+                                   torch.float32 if i == 1 else wkv_dtype)
+        off += region.nbytes
+    view = memoryview(buf)
+    _CRC.pack_into(buf, off, crc32c.crc32c(view[:off]))
+    return view
 
 
-def read_header(data: bytes | memoryview) -> dict:
-    """The header fields of a state record, without checking its payload."""
+def state_to_bytes(
+    state: State, fingerprint: bytes, tokens_consumed: int, dtype: torch.dtype = torch.float32,
+    wkv_dtype: torch.dtype = torch.float32,
+) -> bytes:
+    """`state_to_buffer` as bytes (one more copy: for protobuf fields, files and tests; Redis takes the buffer)."""
+    return bytes(state_to_buffer(state, fingerprint, tokens_consumed, dtype, wkv_dtype))
+
+
+def read_header(data: bytes | bytearray | memoryview) -> dict:
+    """The header fields of a state record (any readable version), without checking its payload."""
     if len(data) < _HEADER.size:
         raise StateFormatError(f"state record truncated: {len(data)} bytes, header alone is {_HEADER.size}")
-    magic, version, dcode, fp, L, D, H, N, tokens, nbytes = _HEADER.unpack_from(data, 0)
+    magic, version, dcode, wcode, fp, L, D, H, N, tokens, nbytes = _HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise StateFormatError(f"not an RWKV-5 state record (magic {magic!r})")
-    if version != FORMAT_VERSION:
-        raise StateFormatError(f"state record format version {version}, this build reads {FORMAT_VERSION}")
-    if dcode not in _CODE_DTYPES:
-        raise StateFormatError(f"state record has unknown dtype code {dcode}")
-    return dict(dtype=_CODE_DTYPES[dcode], fingerprint=fp, n_layer=L, n_embd=D, n_head=H, head_size=N,
-                tokens_consumed=tokens, payload_bytes=nbytes)
+    if version not in READABLE_VERSIONS:
+        raise StateFormatError(f"state record format version {version}, this build reads "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if version == 1:
+        wcode = _DTYPE_CODES[torch.float32]  # the byte was reserved: version 1 always stored WKV in fp32
+    for code in (dcode, wcode):
+        if code not in _CODE_DTYPES:
+            raise StateFormatError(f"state record has unknown dtype code {code}")
+    return dict(version=version, dtype=_CODE_DTYPES[dcode], wkv_dtype=_CODE_DTYPES[wcode], fingerprint=fp,
+                n_layer=L, n_embd=D, n_head=H, head_size=N, tokens_consumed=tokens,
+                payload_bytes=nbytes)
 
 
 def state_from_bytes(
     data: bytes | bytearray | memoryview, fingerprint: bytes | None, device: torch.device | str = "cpu"
 ) -> tuple[State, int]:
-    """Parse and verify a state record; returns (state of batch size 1, tokens consumed).
+    """Parse and verify a state record of any readable version and storage dtype; returns (state of batch
+    size 1, in fp32 on `device`, tokens consumed).
 
-    `fingerprint` None skips the model check (for tools that only inspect records)."""
+    The tensors are read in place (views of `data`) and copied once into fresh fp32 tensors, widening 16-bit
+    storage on the way. `fingerprint` None skips the model check (for tools that only inspect records)."""
     h = read_header(data)
     if fingerprint is not None and h["fingerprint"] != fingerprint:
         raise ForeignStateError(
             f"state belongs to another model (fingerprint {h['fingerprint'].hex()[:16]}…, "
             f"this model {fingerprint.hex()[:16]}…; shapes L{h['n_layer']} D{h['n_embd']} H{h['n_head']})"
         )
-    L, D, H, N, dtype = h["n_layer"], h["n_embd"], h["n_head"], h["head_size"], h["dtype"]
-    esize = torch.tensor([], dtype=dtype).element_size()
-    expected = 2 * L * D * esize + L * H * N * N * 4
+    L, D, H, N, dtype, wkv_dtype = (h[k] for k in ("n_layer", "n_embd", "n_head", "head_size", "dtype", "wkv_dtype"))
+    shapes = (((L, 1, D), dtype), ((L, 1, H, N, N), wkv_dtype), ((L, 1, D), dtype))
+    expected = sum(math.prod(shape) * _ESIZE[dt] for shape, dt in shapes)
     if h["payload_bytes"] != expected:
         raise StateFormatError(f"state payload is {h['payload_bytes']} bytes, its shapes need {expected}")
     total = _HEADER.size + expected + _CRC.size
     if len(data) != total:
         raise StateFormatError(f"state record is {len(data)} bytes, expected {total} (truncated or padded)")
-    view = memoryview(data)
+    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
     (crc,) = _CRC.unpack_from(view, total - _CRC.size)
-    if zlib.crc32(view[_HEADER.size : total - _CRC.size], zlib.crc32(view[: _HEADER.size])) != crc:
+    covered = view[: total - _CRC.size]
+    actual = crc32c.crc32c(covered) if h["version"] >= 2 else zlib.crc32(covered)
+    if actual != crc:
         raise StateFormatError("state record checksum mismatch (corrupted bytes)")
+    device = torch.device(device)
     off = _HEADER.size
-    shapes = [((L, 1, D), dtype), ((L, 1, H, N, N), torch.float32), ((L, 1, D), dtype)]
     tensors = []
     for shape, dt in shapes:
         count = math.prod(shape)
-        # One plain memcpy through numpy: torch's parallel copy costs ~8 ms of thread wake-ups on a small record.
-        raw = np.frombuffer(view, dtype=_NUMPY_BITS[dt], count=count, offset=off).copy()
-        off += raw.nbytes
-        t = torch.from_numpy(raw).view(dt).reshape(shape)
-        tensors.append(t.to(device=device, dtype=torch.float32))
+        tensors.append(_copy_out(view, off, count, dt, device).view(shape))
+        off += count * _ESIZE[dt]
     return State(*tensors), h["tokens_consumed"]
 
 
@@ -227,8 +284,44 @@ def time_state_to_dict(state: State) -> dict[str, torch.Tensor]:
             for i in range(state.wkv.shape[0])}
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    # bf16 has no numpy dtype: reinterpret the bits as int16 for the copy out.
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+def _fits_fp16(region: np.ndarray) -> bool:
+    """Whether fp16 values (as bytes) are all finite: no overflow to infinity, no NaN. Two integer max-reductions
+    over the bits, no temporary: +inf/NaN have int16 bits >= 0x7C00, -inf/NaN uint16 bits >= 0xFC00."""
+    bits = region.view(np.int16)
+    return not bits.size or (int(bits.max()) < 0x7C00 and int(bits.view(np.uint16).max()) < 0xFC00)
+
+
+def _host_numpy(t: torch.Tensor) -> np.ndarray:
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # bf16: raw bits
+
+
+def _serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for flat host tensors, in pieces under torch's grain size (32768 elements), so that each runs
+    on the calling thread alone. A dtype conversion is memory-bound, and waking torch's OpenMP pool from the side
+    thread that encodes or decodes, on cores the engine (or anything else) keeps busy, cost more than it saved on
+    the 2-core box the benchmarks ran on: 8 ms for a 270 KB record (docs/benchmarks.md), 30-60 ms for a 12B one."""
+    for d, s in zip(dst.split(_SERIAL_ELEMENTS), src.split(_SERIAL_ELEMENTS)):
+        d.copy_(s)
+
+
+def _copy_into(region: np.ndarray, t: torch.Tensor, dt: torch.dtype) -> None:
+    """t (any device, any float dtype) into `region` (its bytes in the record) as dt: the one copy."""
+    if t.device.type != "cpu":  # converted on the device, then one copy to the host
+        torch.from_numpy(region).view(dt).view(t.shape).copy_(t)
+    elif t.dtype == dt:  # a plain memcpy through numpy
+        src = _host_numpy(t)
+        np.copyto(region.view(src.dtype).reshape(src.shape), src)
+    else:
+        _serial_copy(torch.from_numpy(region).view(dt), t.reshape(-1))
+
+
+def _copy_out(view: memoryview, off: int, count: int, dt: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The `count` values of dtype dt at `off` in a record as a fresh fp32 tensor on `device`: the one copy."""
+    if device.type != "cpu":  # to the device as stored, widened there
+        return torch.frombuffer(view, dtype=dt, count=count, offset=off).to(device).float()
+    out = np.empty(count, dtype=np.float32)  # numpy: huge pages (see state_to_buffer)
+    if dt is torch.float32:
+        np.copyto(out, np.frombuffer(view, dtype=np.float32, count=count, offset=off))
+    else:
+        _serial_copy(torch.from_numpy(out), torch.frombuffer(view, dtype=dt, count=count, offset=off))
+    return torch.from_numpy(out)
