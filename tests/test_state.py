@@ -409,9 +409,16 @@ async def test_worker_setting_stores_halved_records_any_worker_reads(redis_url, 
         # Another worker (fp32 storage itself) loads the 16-bit record and continues from exactly that state.
         stored, _ = state_from_bytes(record, tiny_model.fingerprint)
         expected = greedy(tiny_model, stored, [65, 35], 4)
-        tokens, ended = await raw_turn(reader, sid, [65, 35], 4)
+        fork = (await store.fork_session(sid)).session_id
+        tokens, ended = await raw_turn(reader, fork, [65, 35], 4)
         assert tokens == expected and ended.state_version == 2
-        _, record = await store.load_state(sid)
+        # The writer's own next turn starts from its local cache, which holds the state as stored (rounded), not
+        # the exact one it computed: whichever worker serves a session, it continues the same way.
+        cached, _ = writer.runner.cache.get(sid, 1)
+        assert all(torch.equal(a, b) for a, b in zip(cached.tensors(), stored.tensors()))
+        tokens, _ = await raw_turn(writer, sid, [65, 35], 4)
+        assert tokens == expected
+        _, record = await store.load_state(fork)
         assert read_header(record)["wkv_dtype"] == torch.float32  # what the reader writes: its own setting
         assert len(record) == HEADER_BYTES + tiny_model.config.state_bytes + CRC_BYTES
     finally:

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import torch
 from opentelemetry import trace
 
 from common.errors import (
@@ -353,8 +354,18 @@ class TurnRunner:
         return state, finished.tokens_consumed
 
     def _encode(self, state: State, tokens_consumed: int) -> memoryview:
-        """The state record to store (a buffer Redis takes as it is), in the configured storage dtype."""
+        """The state record to store (a buffer Redis takes as it is), in the configured storage dtype.
+
+        With 16-bit storage `state` is rounded in place to what the record holds, so the local cache (and the
+        caller) continue from exactly the state any other worker would load: a session's continuation does not
+        depend on which worker serves it."""
         dtype = STORAGE_DTYPES[self.config.state_storage_dtype]
+        if dtype != torch.float32:
+            with torch.inference_mode():  # the engine's states are inference tensors
+                for tensor in state.tensors():
+                    stored = tensor.to(dtype)
+                    if bool(torch.isfinite(stored).all()):  # else the record keeps it in fp32 (fp16 overflow)
+                        tensor.copy_(stored)
         return state_to_buffer(state, self.model.fingerprint, tokens_consumed, dtype=dtype, wkv_dtype=dtype)
 
     async def _decode(self, data: bytes, what: str) -> tuple[State, int]:
