@@ -1,9 +1,8 @@
 """Runs one turn end to end on a worker: lease -> state -> format -> engine -> stream -> commit -> release.
 
 The plain object behind the WorkerService servicer (which only converts protobuf). Where a session's state
-comes from, in order: the local cache when its version equals the stored one (affinity saves the Redis read),
-the stored state bytes, or, before the first turn, the preset plus the template's opening and system prompt
-(content-addressed in Redis, so every session with the same system prompt shares one prefill).
+comes from and how it becomes a record: worker/session_state.py. A retried turn id that the session already
+committed is answered from its stored result (common/store/turns.py), never run twice.
 """
 
 from __future__ import annotations
@@ -15,20 +14,16 @@ import json
 import logging
 import os
 import time
-from array import array
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-import torch
 from opentelemetry import trace
 
 from common.errors import (
     DeadlineExceeded,
-    ForeignState,
     InvalidArgument,
     ModelNotFound,
-    StateCorrupt,
     StoreUnavailable,
     VersionConflict,
 )
@@ -49,16 +44,9 @@ from common.worker_api import (
 from rwkv_serve.contract import StopReason
 from worker.engine import Delta, Engine, Finished, Turn, TurnRequest
 from worker.sampler import SamplingParams
+from worker.session_state import StateSource
 from worker.state import (
-    STORAGE_DTYPES,
-    ForeignStateError,
     State,
-    StateFormatError,
-    check_finite,
-    state_from_bytes,
-    state_to_buffer,
-    state_to_bytes,
-    time_state_from_bytes,
 )
 from worker.state_cache import StateCache
 from worker.templates import ChatTemplate, get_template
@@ -108,6 +96,7 @@ class TurnRunner:
         self.config = config
         self.cache = cache
         self.model = engine.model
+        self.states = StateSource(store, self.model, cache, config, self.tokenize, self._prefill)
 
     # ---- public -----------------------------------------------------------------------------------------
 
@@ -151,32 +140,8 @@ class TurnRunner:
                     yield event
 
     async def prepare_state(self, source: str, data: bytes) -> PreparedState:
-        """An uploaded preset state checked against this model, as a state record (nothing is stored here).
-
-        source "time_state_pth": a torch .pth of blocks.N.att.time_state tensors, converted (zero shift vectors,
-        stamped with this model's fingerprint). source "state_record": a record, verified (format, checksum,
-        fingerprint) and returned unchanged. InvalidArgument for bytes that are neither; ForeignState for a
-        state of another model."""
-        c, fingerprint = self.model.config, self.model.fingerprint
-
-        def convert() -> PreparedState:
-            if source == "time_state_pth":
-                state = time_state_from_bytes(data, c.n_layer, c.n_head, c.head_size, c.n_embd)
-                record, tokens = state_to_bytes(check_finite(state), fingerprint, tokens_consumed=0), 0
-            elif source == "state_record":
-                state, tokens = state_from_bytes(data, fingerprint)
-                record = bytes(data)
-                check_finite(state)
-            else:
-                raise InvalidArgument("the upload needs time_state_pth or state_record")
-            return PreparedState(record, fingerprint.hex(), tokens)
-
-        try:
-            return await asyncio.to_thread(convert)
-        except ForeignStateError as exc:
-            raise ForeignState(f"not a state of model {self.config.model_id!r}: {exc}") from None
-        except StateFormatError as exc:
-            raise InvalidArgument(f"not a state: {exc}") from None
+        """An uploaded preset state checked against this model (worker.session_state.StateSource.prepare)."""
+        return await self.states.prepare(source, data)
 
     # ---- the three kinds of turn ------------------------------------------------------------------------
 
@@ -191,7 +156,7 @@ class TurnRunner:
     async def _ephemeral(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
         meta = await self._meta(turn)
         with self.telemetry.span("state.load", self.telemetry.state_load, session_id=meta.session_id):
-            state, consumed = await self._session_state(meta)
+            state, consumed = await self.states.load(meta)
         request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
         async for event in self._generate(request, deadline):
             yield self._ended(event, meta.version, meta.state_tokens) if isinstance(event, Finished) else event
@@ -204,7 +169,7 @@ class TurnRunner:
         sid = turn.session_id
         digest = _input_digest(turn) if turn.turn_id else ""
         begun = await self.store.begin_or_replay(sid, self.config.lease_ms, holder=self.config.worker_id,
-                                                 with_state=not self._cached(sid), turn_id=turn.turn_id,
+                                                 with_state=not self.states.cached(sid), turn_id=turn.turn_id,
                                                  input_digest=digest)
         if isinstance(begun, TurnRecord):
             for replayed in self._replay(sid, begun):
@@ -219,7 +184,7 @@ class TurnRunner:
         try:
             self._check_meta(turn, meta)
             with self.telemetry.span("state.load", self.telemetry.state_load, session_id=meta.session_id):
-                state, consumed = await self._session_state(meta, data)
+                state, consumed = await self.states.load(meta, data)
             del data  # the decoded state is all that is needed now
             request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
             async for event in self._generate(request, deadline, renewal):
@@ -268,11 +233,6 @@ class TurnRunner:
                       replayed=True),
         ]
 
-    def _cached(self, sid: str) -> bool:
-        """Whether the local cache holds some version of sid (then the turn skips the state read, betting on a
-        hit; a miss costs one more round trip)."""
-        return self.cache is not None and sid in self.cache
-
     @staticmethod
     def _stop_renewal(renewal: asyncio.Task[None]) -> None:
         if renewal.done() and not renewal.cancelled():
@@ -304,75 +264,13 @@ class TurnRunner:
                                   f"not {turn.expected_version}")
         return meta
 
-    async def _session_state(self, meta: SessionMeta, prefetched: bytes | None = None) -> tuple[State | None, int]:
-        """The session's state at meta.version on the model's device, and the tokens it has consumed.
-
-        `prefetched`: the state bytes at meta.version, when the caller read them along with meta."""
-        cached = self.cache.get(meta.session_id, meta.version)
-        if cached is not None:
-            state, consumed = cached
-            return await asyncio.to_thread(state.to, self.model.device), consumed
-        if meta.version == 0:
-            return await self._initial_state(meta)
-        if prefetched is not None:
-            return await self._decode(prefetched, f"session {meta.session_id}")
-        stored, data = await self.store.load_state(meta.session_id)
-        if stored.version != meta.version:
-            raise VersionConflict(f"session {meta.session_id} moved to version {stored.version}")
-        if data is None:
-            raise StateCorrupt(f"session {meta.session_id} is at version {meta.version} but its state is missing")
-        return await self._decode(data, f"session {meta.session_id}")
-
-    async def _initial_state(self, meta: SessionMeta) -> tuple[State | None, int]:
-        """A new session's state: its preset (or zeros) plus the template's opening and the system prompt."""
-        base: State | None = None
-        preset_digest = b""
-        if meta.preset:
-            data = await self.store.get_preset(meta.model, meta.preset)
-            base, _ = await self._decode(data, f"preset {meta.preset}")
-            # The prefix cache is keyed by the preset's bytes, not its name: a preset replaced under the same name
-            # (RegisterPreset with replace) can never be served from entries built on the old one, even those
-            # written by a prefill that was running while it was replaced.
-            preset_digest = (await asyncio.to_thread(hashlib.sha256, data)).hexdigest().encode()
-        tokens = await self.tokenize(get_template(meta.template).prefix(meta.system_prompt))
-        if not tokens:
-            return base, 0
-        key = hashlib.sha256(preset_digest + b"\0" + array("i", tokens).tobytes()).hexdigest()
-        data = await self.store.get_prefix(meta.model, key, self.config.prefix_ttl_ms)
-        if data is not None:
-            try:
-                return await self._decode(data, "prefix")
-            except StateCorrupt:  # another model's or a damaged entry: rebuild it
-                log.warning("ignoring unreadable prefix-cache entry %s", key)
+    async def _prefill(self, tokens: list[int], base: State | None) -> Finished:
+        """Feeds `tokens` onto `base` through the engine and returns the finished turn (its state)."""
         finished = None
         async for event in self._generate(TurnRequest(tokens, state=base, prefill_only=True), None):
             finished = event
         assert isinstance(finished, Finished) and finished.state is not None
-        state = finished.state
-        data = await asyncio.to_thread(self._encode, state, finished.tokens_consumed)
-        await self.store.put_prefix(meta.model, key, data, self.config.prefix_ttl_ms)
-        return state, finished.tokens_consumed
-
-    def _encode(self, state: State, tokens_consumed: int) -> memoryview:
-        """The state record to store (a buffer Redis takes as it is), in the configured storage dtype.
-
-        With 16-bit storage `state` is rounded in place to what the record holds, so the local cache (and the
-        caller) continue from exactly the state any other worker would load: a session's continuation does not
-        depend on which worker serves it."""
-        dtype = STORAGE_DTYPES[self.config.state_storage_dtype]
-        if dtype != torch.float32:
-            with torch.inference_mode():  # the engine's states are inference tensors
-                for tensor in state.tensors():
-                    stored = tensor.to(dtype)
-                    if bool(torch.isfinite(stored).all()):  # else the record keeps it in fp32 (fp16 overflow)
-                        tensor.copy_(stored)
-        return state_to_buffer(state, self.model.fingerprint, tokens_consumed, dtype=dtype, wkv_dtype=dtype)
-
-    async def _decode(self, data: bytes, what: str) -> tuple[State, int]:
-        try:
-            return await asyncio.to_thread(state_from_bytes, data, self.model.fingerprint, self.model.device)
-        except StateFormatError as exc:
-            raise StateCorrupt(f"{what}: {exc}") from exc
+        return finished
 
     async def _request(
         self, turn: TurnInput, template: ChatTemplate, session_sampling: Mapping[str, Any],
@@ -449,7 +347,7 @@ class TurnRunner:
         assert state is not None
         with self.telemetry.span("state.commit", self.telemetry.state_commit, session_id=meta.session_id) as span:
             host = await asyncio.to_thread(state.to, "cpu")
-            data = await asyncio.to_thread(self._encode, host, finished.tokens_consumed)
+            data = await asyncio.to_thread(self.states.encode, host, finished.tokens_consumed)
             version = await self.store.commit_and_release(lease, meta.version, data,
                                                           state_tokens=finished.tokens_consumed, record=record,
                                                           record_ttl_ms=self.config.turn_result_ttl_ms)
