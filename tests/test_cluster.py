@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import SessionBusy, VersionConflict
+from common.errors import SessionBusy, StoreUnavailable, VersionConflict
 from common.store import StateStore, StoreConfigError
 from common.worker_api import ModelDescription, WorkerLoad
 from tests.redis_topologies import RedisCluster, SentinelSetup, start_cluster, start_redis, start_sentinel_setup
@@ -176,3 +176,59 @@ async def test_sentinel_url_follows_a_failover(sentinels: SentinelSetup) -> None
         assert await store.commit_and_release(lease, 1, STATE[::-1], state_tokens=6) == 2
     finally:
         await store.close()
+
+
+async def test_a_turn_during_a_slot_migration_waits_for_it(cstore: StateStore, cluster: RedisCluster) -> None:
+    """Resharding caught in the middle: the session's keys already moved, the slot not yet handed over (the old
+    owner answers ASK). The turn protocol waits the migration out instead of failing."""
+    meta = await cstore.create_session(tenant="t1", model="tiny", template="chat", ttl_ms=60_000)
+    lease, _, _ = await cstore.begin_turn(meta.session_id, 5_000)
+    assert await cstore.commit_and_release(lease, 0, STATE, state_tokens=3) == 1
+    key = cstore.keys.session(meta.session_id, "meta")
+    source = cluster.owner(key)
+    target = next(n for n in cluster.masters() if n.port != source.port)
+    src, dst = source.client(), target.client()
+    slot = src.cluster("keyslot", key)
+    src_id, dst_id = src.cluster("myid"), dst.cluster("myid")
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+    src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+
+    async def hand_over() -> None:
+        await asyncio.sleep(0.3)
+        for node in cluster.masters():
+            await asyncio.to_thread(node.client().execute_command, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+    handover = asyncio.create_task(hand_over())
+    lease, got, data = await cstore.begin_turn(meta.session_id, 5_000)  # ASK while migrating, then MOVED
+    await handover
+    assert (got.version, data) == (1, STATE)
+    assert await cstore.commit_and_release(lease, 1, STATE[::-1], state_tokens=6) == 2
+    assert cluster.owner(key).port == target.port
+
+
+async def test_a_cluster_that_is_down_stops_the_start_and_fails_calls_as_unavailable(cluster: RedisCluster) -> None:
+    """Last of the cluster tests: takes a master and its replica down, so a third of the slots has no owner."""
+    store = StateStore.from_url(cluster.url)
+    await store.verify()
+    meta = await store.create_session(tenant="t1", model="tiny", template="chat", ttl_ms=60_000)
+    victim = cluster.owner(store.keys.session(meta.session_id, "meta"))
+    victim_id = victim.client().cluster("myid")
+    for node in cluster.nodes:  # its replica first, then the master: no failover can save the slots
+        if node.proc.poll() is None and node.client().info("replication").get("master_port") == victim.port:
+            node.kill()
+    victim.kill()
+    survivor = next(n for n in cluster.nodes if n.proc.poll() is None)
+    for _ in range(100):
+        if survivor.client().cluster("info").get("cluster_state") == "fail":
+            break
+        await asyncio.sleep(0.1)
+    assert survivor.client().cluster("info").get("cluster_state") == "fail", victim_id
+    with pytest.raises(StoreUnavailable):
+        await store.get_session(meta.session_id)
+    await store.close()
+    fresh = StateStore.from_url(f"redis://127.0.0.1:{survivor.port}/0")
+    with pytest.raises(StoreConfigError, match="Redis Cluster .* (is down|is not usable)"):
+        await fresh.verify()
+    await fresh.close()

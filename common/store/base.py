@@ -24,8 +24,10 @@ The store knows bytes only: the state record's format belongs to worker.state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import re
 import time
@@ -266,17 +268,18 @@ class StoreBase:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
-    async def _client_for(self, key: str) -> Any:
+    async def _client_for(self, key: str, address: tuple[str, int] | None = None) -> Any:
         """The client a multi-command pipeline on `key`'s slot runs on: the store's own, or in cluster mode a client
         of the master that owns the slot (one connection for the whole pipeline, so WAIT after a write and a GET
-        after a script see the same node)."""
+        after a script see the same node). `address`: the owner a MOVED named, newer than the slot table."""
         if self.mode != "cluster":
             return self.redis
-        node = self.redis.get_node_from_key(key)
-        client = self._nodes.get((node.host, node.port))
+        if address is None:
+            node = self.redis.get_node_from_key(key)
+            address = (node.host, node.port)
+        client = self._nodes.get(address)
         if client is None:
-            client = self._nodes[(node.host, node.port)] = aioredis.Redis(host=node.host, port=node.port,
-                                                                          **self._node_kwargs)
+            client = self._nodes[address] = aioredis.Redis(host=address[0], port=address[1], **self._node_kwargs)
         return client
 
     async def _forget_node(self, client: Any) -> None:
@@ -295,24 +298,31 @@ class StoreBase:
         EVALSHA of `script`: one round trip. (redis-py's own script-in-pipeline support sends SCRIPT EXISTS first,
         every time: a round trip more.) When Redis does not know the script (a restart, SCRIPT FLUSH, a new
         master) it is loaded and the pipeline run again; in cluster mode a MOVED (the slot has another owner now)
-        refreshes the slot table first, an ASK/TRYAGAIN (the slot is being migrated) waits a moment. Every command
-        queued here must be safe to repeat."""
-        for attempt in range(_SCRIPT_ATTEMPTS):
-            client = await self._client_for(key)
+        goes to the owner it names, an ASK/TRYAGAIN (the slot is being migrated) waits a moment, for up to
+        _REDIRECT_BUDGET_S. Every command queued here must be safe to repeat."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _REDIRECT_BUDGET_S
+        owner: tuple[str, int] | None = None
+        for attempt in itertools.count():
+            client = await self._client_for(key, owner)
             async with client.pipeline(transaction=False) as pipe:
                 build(pipe)
                 try:
                     return await pipe.execute()
                 except redis.exceptions.NoScriptError:
+                    if attempt > 3:
+                        raise
                     script.sha = await client.script_load(script.script)
-                except redis.exceptions.MovedError:
-                    if self.mode != "cluster" or attempt == _SCRIPT_ATTEMPTS - 1:
+                except redis.exceptions.MovedError as exc:  # the slot has a new owner: go there, re-read the table
+                    if self.mode != "cluster" or loop.time() > deadline:
                         raise
-                    await self.redis.nodes_manager.initialize()
-                except (redis.exceptions.AskError, redis.exceptions.TryAgainError):
-                    if self.mode != "cluster" or attempt == _SCRIPT_ATTEMPTS - 1:
+                    owner = (exc.host, int(exc.port))
+                    with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                        await self.redis.nodes_manager.initialize()
+                except (redis.exceptions.AskError, redis.exceptions.TryAgainError):  # the slot is being migrated
+                    if self.mode != "cluster" or loop.time() > deadline:
                         raise
-                    await asyncio.sleep(0.05 * (attempt + 1))
+                    await asyncio.sleep(min(0.02 * 2 ** attempt, 0.2))
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
                     # Not repeated (a commit may have been applied before the connection died: the caller's retry
                     # with the same turn id finds out), but in cluster mode the slot table is refreshed, so the
@@ -320,10 +330,10 @@ class StoreBase:
                     if self.mode == "cluster":
                         await self._forget_node(client)
                     raise
-        raise redis.exceptions.TryAgainError(f"no stable owner for {key} after {_SCRIPT_ATTEMPTS} attempts")
+        raise AssertionError("unreachable")
 
 
-_SCRIPT_ATTEMPTS = 5
+_REDIRECT_BUDGET_S = 2.0  # how long a turn follows MOVED and waits out ASK/TRYAGAIN (a slot migration) at most
 _CLUSTER_SETTING = "RWKV_FRONT_REDIS_CLUSTER / RWKV_WORKER_REDIS_CLUSTER"
 
 
