@@ -350,3 +350,95 @@ def test_stop_checker_basic_flow(tok: WorldTokenizer) -> None:
     assert [s.reason for s in (checker.step(ids[0]), checker.step(ids[1]))] == [None, "max_tokens"]
     checker = StopChecker(tok)
     assert checker.step(0).reason == "stop_token"
+
+
+# --- the batch-vectorized sampler against the per-row one it replaced, and its pieces --------------------------
+
+def test_same_tokens_logprobs_and_counts_as_the_per_row_reference() -> None:
+    import random
+
+    from bench import _sampler_reference as old
+
+    rng = random.Random(0)
+    for trial in range(4):
+        b, v = ((1, 300), (7, 65536), (32, 2000), (5, 65536))[trial]
+        params = [SamplingParams(
+            temperature=rng.choice([0, 0.3, 1.0, 1.7]), top_p=rng.choice([1.0, 0.3, 0.9, 0.05]),
+            top_k=rng.choice([0, 1, 5, 50, 100, 70000]), presence_penalty=rng.choice([0, 0.5, -0.3]),
+            frequency_penalty=rng.choice([0, 0.5, 1.0]), penalty_decay=rng.choice([0.996, 0.5, 0.0, 1.0, 0.01]),
+            banned_tokens=rng.choice([(), (0,), (0, 5, 7)]), seed=trial * 100 + i, logprobs=rng.choice([0, 0, 3]))
+            for i in range(b)]
+        new_states = [SamplerState(p) for p in params]
+        old_states = [old.SamplerState(p) for p in params]
+        for step in range(40):
+            logits = _logits(b, v, seed=1000 * trial + step, scale=rng.choice([0.05, 1.0, 3.0, 10.0]))
+            if step % 5 == 0:
+                logits = logits.round()  # exact ties
+            assert sample_batch(logits, new_states) == old.sample_batch(logits, old_states)
+        for a, o in zip(new_states, old_states):
+            assert a.counts() == o.counts()
+
+
+def test_argmax_and_logsumexp_helpers_are_bit_identical() -> None:
+    from worker.sampler import _argmax, _logsumexp
+
+    for v in (1, 63, 64, 100, 3000, 65530):
+        for seed in range(6):
+            x = _logits(9, v, seed=seed)
+            if seed % 2:
+                x = x.round()
+            if seed % 3 == 0:
+                x[:, : v // 2] = -math.inf
+            assert torch.equal(_argmax(x), x.argmax(dim=1))
+            assert torch.equal(_logsumexp(x, torch.empty_like(x)), torch.logsumexp(x, dim=1))
+
+
+def test_penalties_equal_a_pure_python_reference() -> None:
+    # logit[n] -= presence + count[n] * frequency; every count *= decay after each step, then the token counts 1.
+    v, steps = 50, 300
+    cases = [(0.5, 0.5, 0.996), (0.3, 1.0, 0.5), (-0.2, 0.7, 0.0), (0.0, 2.0, 1.0), (1.0, 0.0, 0.9)]
+    params = [SamplingParams(temperature=0, presence_penalty=p, frequency_penalty=f, penalty_decay=d, logprobs=5)
+              for p, f, d in cases]
+    states = [SamplerState(p) for p in params]
+    counts: list[dict[int, float]] = [{} for _ in params]
+    for step in range(steps):
+        logits = _logits(len(params), v, seed=step, scale=0.5)
+        results = sample_batch(logits, states)
+        for r, (p, res) in enumerate(zip(params, results)):
+            row = logits[r].double().tolist()
+            for n, c in counts[r].items():
+                row[n] -= p.presence_penalty + c * p.frequency_penalty
+            z = math.log(sum(math.exp(t) for t in row))
+            top = max(range(v), key=lambda n: (row[n], -n))
+            assert res.token_id == top or row[res.token_id] == pytest.approx(row[top], abs=1e-5)
+            assert res.logprob == pytest.approx(row[res.token_id] - z, abs=1e-4)
+            assert dict(res.top_logprobs) == pytest.approx({n: row[n] - z for n, _ in res.top_logprobs}, abs=1e-4)
+            # decay 0 forgets the tokens (as the sampler always did), so presence no longer applies to them either
+            counts[r] = {n: c * p.penalty_decay for n, c in counts[r].items()} if p.penalty_decay else {}
+            counts[r][res.token_id] = counts[r].get(res.token_id, 0.0) + 1.0
+            assert states[r].counts() == pytest.approx(counts[r], rel=1e-9, abs=1e-300)
+
+
+def test_rows_of_collected_states_are_reused_clean() -> None:
+    import gc
+
+    from worker.sampler import _bank_for
+
+    bank = _bank_for(torch.device("cpu"))
+    states = [SamplerState(SamplingParams(temperature=0, frequency_penalty=1.0)) for _ in range(40)]
+    for step in range(3):
+        sample_batch(_logits(40, 100, seed=step), states)
+    rows_before = bank._rows
+    del states
+    gc.collect()
+    fresh = [SamplerState(SamplingParams(temperature=0)) for _ in range(40)]
+    assert all(s.counts() == {} for s in fresh)
+    sample_batch(_logits(40, 100, seed=9), fresh)
+    assert bank._rows == rows_before  # the collected states' rows were handed out again
+    assert all(len(s.counts()) == 1 for s in fresh)
+
+
+def test_a_state_twice_in_one_batch_is_rejected() -> None:
+    state = SamplerState(SamplingParams())
+    with pytest.raises(ValueError, match="more than once"):
+        sample_batch(torch.zeros(2, 10), [state, state])

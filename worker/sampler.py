@@ -171,6 +171,7 @@ class _Bank:
         self._free: list[int] = []
         self._released: list[int] = []
         self._rows = 0
+        self._scratch: list[torch.Tensor | None] = [None, None]
         self._alloc(rows=16, width=16, bans=1)
 
     def _alloc(self, rows: int, width: int, bans: int) -> None:
@@ -211,6 +212,14 @@ class _Bank:
         if bans:
             self.ban_ids[slot, :bans] = torch.tensor(state._bans, dtype=torch.long)
         return slot
+
+    def scratch(self, x: torch.Tensor, which: int = 0) -> torch.Tensor:
+        """A buffer shaped like x, reused from call to call (a fresh 8 MiB tensor per step costs page faults on
+        CPU: 2 ms, more than the arithmetic). Lock held; valid until the lock goes."""
+        buf = self._scratch[which]
+        if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype:
+            buf = self._scratch[which] = torch.empty(x.numel(), dtype=x.dtype, device=self.device)
+        return buf[: x.numel()].view(x.shape)
 
     def release(self, slot: int) -> None:
         self._released.append(slot)
@@ -307,6 +316,28 @@ def _attach(states: Sequence[SamplerState], device: torch.device) -> _Bank:
 def _rows(t: torch.Tensor, rows: torch.Tensor, n_total: int) -> torch.Tensor:
     """t[rows], without the copy when rows is every row in order."""
     return t if rows.numel() == n_total else t.index_select(0, rows)
+
+
+def _argmax(x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """x.argmax(dim=1) (the first index of the row max), from chunk maxima: ~5x faster than argmax on CPU."""
+    n_rows, vocab = x.shape
+    n = vocab // chunk
+    parts = [x[:, : n * chunk].reshape(n_rows, n, chunk).amax(dim=2)] if n else []
+    if vocab % chunk:
+        parts.append(x[:, n * chunk :].amax(dim=1, keepdim=True))
+    cmax = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    top = cmax.amax(dim=1, keepdim=True)
+    start = (cmax == top).to(torch.int8).argmax(dim=1) * chunk  # the first chunk holding the max
+    cols = (start.unsqueeze(1) + torch.arange(min(chunk, vocab), device=x.device)).clamp_(max=vocab - 1)
+    return start + (x.gather(1, cols) == top).to(torch.int8).argmax(dim=1)
+
+
+def _logsumexp(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(x, dim=1), bit for bit (its CPU and CUDA composite), with the exp in a reused buffer."""
+    top = x.amax(dim=1, keepdim=True)
+    top.masked_fill_(top.abs() == math.inf, 0)
+    total = torch.sub(x, top, out=buf).exp_().sum(dim=1)
+    return total.log_().add_(top.squeeze(1))
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -420,29 +451,29 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[S
                 valid = (pos < ban_n.unsqueeze(1)) & (ban_ids < vocab)  # ids past the sampled range can't be drawn
                 cols.append(torch.where(valid, ban_ids, 0))
                 adds.append(torch.where(valid, -math.inf, -0.0))
-            x = x.scatter_add(1, torch.cat(cols, 1), torch.cat(adds, 1).to(x.dtype))
+            x = bank.scratch(x).copy_(x).scatter_add_(1, torch.cat(cols, 1), torch.cat(adds, 1).to(x.dtype))
 
-        lse = torch.logsumexp(x, dim=-1)  # (B,) log partition of the penalised logits
+        lse = _logsumexp(x, bank.scratch(x, 1))  # (B,) log partition of the penalised logits
         greedy: list[int] = []
         full: list[int] = []
         cut: list[int] = []
         for r, s in enumerate(states):
             (greedy if s._greedy else cut if s.params.top_p < 1 or 0 < s.params.top_k < vocab else full).append(r)
         if len(greedy) == n_rows:
-            tokens = x.argmax(dim=-1)
+            tokens = _argmax(x)
         else:
             tokens = torch.empty(n_rows, dtype=torch.long, device=device)
             draws = torch.tensor([states[r]._uniform() for r in full + cut], dtype=torch.float64).to(device)
             if greedy:
                 g = torch.tensor(greedy, device=device)
-                tokens[g] = _rows(x, g, n_rows).argmax(dim=-1)
+                tokens[g] = _argmax(_rows(x, g, n_rows))
             if full:
                 # probs ** (1/T) is proportional to exp((logit - max) / T); subtracting the max rather than the log
                 # partition keeps the top weight at 1 so a small T cannot underflow a whole row to zero.
                 f = torch.tensor(full, device=device)
                 xs = _rows(x, f, n_rows)
                 temp = rows.par.index_select(0, f)[:, _TEMPERATURE].float().unsqueeze(1)
-                weights = torch.exp((xs - xs.max(dim=1, keepdim=True).values) / temp)  # (R, V)
+                weights = torch.exp((xs - xs.amax(dim=1, keepdim=True)) / temp)  # (R, V)
                 tokens[f] = _inverse_cdf(weights, draws[: len(full)])
             if cut:
                 c = torch.tensor(cut, device=device)
@@ -450,23 +481,23 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[S
                 tokens[c] = _sample_cut(_rows(x, c, n_rows), lse.index_select(0, c), rows.par.index_select(0, c),
                                         draws[len(full):], need_k)
         lengths = bank.observe(rows, tokens)
+        # x may be the bank's scratch buffer: done with it before the lock goes.
+        chosen_logprob = x.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
+        packed = torch.stack([tokens.double(), chosen_logprob.double(), lengths.double()]).tolist()  # one transfer
+        token_list = [int(t) for t in packed[0]]
+        chosen = packed[1]
 
-    chosen_logprob = x.gather(1, tokens.unsqueeze(1)).squeeze(1) - lse
-    packed = torch.stack([tokens.double(), chosen_logprob.double(), lengths.double()]).tolist()  # one transfer
-    token_list = [int(t) for t in packed[0]]
-    chosen = packed[1]
-
-    alternatives: dict[int, tuple[tuple[int, float], ...]] = {}
-    want = [r for r, s in enumerate(states) if s.params.logprobs > 0]
-    if want:
-        w = torch.tensor(want, device=device)
-        k = max(states[r].params.logprobs for r in want)
-        vals, ids = torch.topk(_rows(x, w, n_rows), k, dim=-1)
-        vals = (vals - lse.index_select(0, w).unsqueeze(1)).tolist()
-        ids = ids.tolist()
-        for j, r in enumerate(want):
-            n = states[r].params.logprobs
-            alternatives[r] = tuple(zip(ids[j][:n], vals[j][:n]))
+        alternatives: dict[int, tuple[tuple[int, float], ...]] = {}
+        want = [r for r, s in enumerate(states) if s.params.logprobs > 0]
+        if want:
+            w = torch.tensor(want, device=device)
+            k = max(states[r].params.logprobs for r in want)
+            vals, ids = torch.topk(_rows(x, w, n_rows), k, dim=-1)
+            vals = (vals - lse.index_select(0, w).unsqueeze(1)).tolist()
+            ids = ids.tolist()
+            for j, r in enumerate(want):
+                n = states[r].params.logprobs
+                alternatives[r] = tuple(zip(ids[j][:n], vals[j][:n]))
 
     results = []
     for r, state in enumerate(states):
