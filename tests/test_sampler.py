@@ -422,7 +422,7 @@ def test_penalties_equal_a_pure_python_reference() -> None:
 def test_rows_of_collected_states_are_reused_clean() -> None:
     import gc
 
-    from worker.sampler import _bank_for
+    from worker.sampler_bank import _bank_for
 
     bank = _bank_for(torch.device("cpu"))
     states = [SamplerState(SamplingParams(temperature=0, frequency_penalty=1.0)) for _ in range(40)]
