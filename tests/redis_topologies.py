@@ -7,7 +7,8 @@ import random
 import socket
 import subprocess
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,9 +112,38 @@ class RedisCluster:
                     return node
         raise RuntimeError(f"no master owns slot {slot}")
 
+    def begin_migration(self, key: str) -> tuple[int, str]:
+        """Resharding, first half: `key`'s slot set MIGRATING to another master, its keys moved there; the slot is
+        not handed over yet (its old owner answers ASK). Returns (slot, the new owner's node id)."""
+        source = self.owner(key)
+        target = next(n for n in self.masters() if n.port != source.port)
+        src, dst = source.client(), target.client()
+        slot = src.cluster("keyslot", key)
+        src_id, dst_id = src.cluster("myid"), dst.cluster("myid")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+        src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        return slot, dst_id
+
+    def finish_migration(self, slot: int, owner_id: str) -> None:
+        """Resharding, second half: every master learns the slot's new owner."""
+        for node in self.masters():
+            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner_id)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+@contextmanager
+def running_cluster(workdir: Path) -> Iterator[RedisCluster]:
+    """A started cluster, stopped on exit (for module fixtures)."""
+    cluster = start_cluster(workdir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def start_cluster(workdir: Path) -> RedisCluster:

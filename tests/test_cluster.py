@@ -11,18 +11,15 @@ import pytest
 from common.errors import SessionBusy, StoreUnavailable, VersionConflict
 from common.store import StateStore, StoreConfigError
 from common.worker_api import ModelDescription, WorkerLoad
-from tests.redis_topologies import RedisCluster, SentinelSetup, start_cluster, start_redis, start_sentinel_setup
+from tests.redis_topologies import RedisCluster, SentinelSetup, running_cluster, start_redis, start_sentinel_setup
 
 STATE = b"\x01state" * 4000
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
-    try:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
@@ -118,18 +115,10 @@ async def test_a_moved_slot_is_followed(cstore: StateStore, cluster: RedisCluste
     assert await cstore.commit_and_release(lease, 0, STATE, state_tokens=3) == 1
     key = cstore.keys.session(meta.session_id, "meta")
     source = cluster.owner(key)
-    target = next(n for n in cluster.masters() if n.port != source.port)
-    src, dst = source.client(), target.client()
-    slot = src.cluster("keyslot", key)
-    src_id, dst_id = src.cluster("myid"), dst.cluster("myid")
-    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-    keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
-    src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
-    for node in cluster.masters():
-        node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    slot, owner_id = cluster.begin_migration(key)
+    cluster.finish_migration(slot, owner_id)
     await asyncio.sleep(0.5)
-    assert cluster.owner(key).port == target.port
+    assert cluster.owner(key).port != source.port
     lease, got, data = await cstore.begin_turn(meta.session_id, 5_000)  # MOVED -> the new owner
     assert (got.version, data) == (1, STATE)
     assert await cstore.commit_and_release(lease, 1, STATE[::-1], state_tokens=6) == 2
@@ -186,26 +175,18 @@ async def test_a_turn_during_a_slot_migration_waits_for_it(cstore: StateStore, c
     assert await cstore.commit_and_release(lease, 0, STATE, state_tokens=3) == 1
     key = cstore.keys.session(meta.session_id, "meta")
     source = cluster.owner(key)
-    target = next(n for n in cluster.masters() if n.port != source.port)
-    src, dst = source.client(), target.client()
-    slot = src.cluster("keyslot", key)
-    src_id, dst_id = src.cluster("myid"), dst.cluster("myid")
-    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-    keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
-    src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    slot, owner_id = cluster.begin_migration(key)
 
     async def hand_over() -> None:
         await asyncio.sleep(0.3)
-        for node in cluster.masters():
-            await asyncio.to_thread(node.client().execute_command, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        await asyncio.to_thread(cluster.finish_migration, slot, owner_id)
 
     handover = asyncio.create_task(hand_over())
     lease, got, data = await cstore.begin_turn(meta.session_id, 5_000)  # ASK while migrating, then MOVED
     await handover
     assert (got.version, data) == (1, STATE)
     assert await cstore.commit_and_release(lease, 1, STATE[::-1], state_tokens=6) == 2
-    assert cluster.owner(key).port == target.port
+    assert cluster.owner(key).port != source.port
 
 
 async def test_a_cluster_that_is_down_stops_the_start_and_fails_calls_as_unavailable(cluster: RedisCluster) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from rwkv_serve_client import RWKVClient
 from service.stack import Stack, free_port
-from tests.redis_topologies import RedisCluster, start_cluster
+from tests.redis_topologies import RedisCluster, running_cluster
 from tests.test_e2e import MODEL, Twin, checkpoint, twin_model  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -21,11 +21,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    cluster = start_cluster(tmp_path_factory.mktemp("cluster-e2e"))
-    try:
+    with running_cluster(tmp_path_factory.mktemp("cluster-e2e")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
