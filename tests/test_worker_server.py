@@ -265,9 +265,14 @@ async def test_lease_is_released_before_turn_end(worker: Worker, store: StateSto
     sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000)).session_id
     lease_key = store.keys.session(sid, "lease")
     for i in range(1, 4):
-        call = worker.stub.RunTurn(chat(sid, f"turn {i}", max_tokens=3))
+        call = worker.stub.RunTurn(chat(sid, f"turn {i}", max_tokens=40))
+        event = await call.read()
+        assert event.HasField("turn_start")
+        # Held while the turn runs (checked at its start: after its last delta the commit may already have let it
+        # go, which is the point of the test; 40 tokens leave the check a margin of 40 engine steps).
+        assert await store.redis.exists(lease_key)
         while not (event := await call.read()).HasField("turn_end"):
-            assert await store.redis.exists(lease_key)  # held while the turn runs
+            pass
         assert event.turn_end.state_version == i
         assert not await store.redis.exists(lease_key)  # already released when turn_end arrives
         assert await call.read() is grpc.aio.EOF
