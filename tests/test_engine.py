@@ -294,3 +294,75 @@ def test_ids_the_tokenizer_cannot_decode_are_never_sampled(tiny_checkpoint, toke
     for turn in (hot, sampled):
         assert run.finished(turn) is not None and run.finished(turn).reason is StopReason.MAX_TOKENS
         assert len(run.tokens(turn)) == 8 and max(run.tokens(turn)) < tokenizer.vocab_size
+
+
+# ---- prefill batched across sessions -------------------------------------------------------------------------------
+
+MIXED = (1, 7, 8, 9, 33, 200)  # around the WKV chunk of 8 and the engine's prefill chunk of 32 below
+
+
+def test_batched_prefill_equals_prefilling_each_session_alone(tiny_model, tokenizer) -> None:
+    prompts = [prompt(n, 100 + n) for n in MIXED]
+    results = {}
+    for budget in (0, 64, 10_000):  # 0: one session's chunk per step, alone; the others group equal lengths
+        engine = Engine(tiny_model, tokenizer, max_batch=8, prefill_chunk=32, prefill_token_budget=budget)
+        run = Collector(engine)
+        turns = [engine.submit(TurnRequest(p, GREEDY)) for p in prompts]
+        grouped = []
+        while not engine.idle:
+            plan = engine.scheduler.schedule()
+            grouped.append(max((len(g.seqs) for g in plan.prefill), default=0))
+            for turn, event in engine.scheduler.postprocess(plan, engine.batch_runner.run(plan)):
+                run.events.setdefault(turn.id, []).append(event)
+        results[budget] = [(run.tokens(t), run.finished(t)) for t in turns]
+        assert max(grouped) == (1 if budget == 0 else 2)  # 33 and 200 share 32-token chunks
+    for p, (tokens, done) in zip(prompts, results[0]):
+        expected, expected_state = direct_greedy(tiny_model, p, 8)
+        assert tokens == expected
+        assert_state_close(done.state, expected_state)
+    for budget in (64, 10_000):
+        for (tokens, done), (alone_tokens, alone) in zip(results[budget], results[0]):
+            assert tokens == alone_tokens and done.tokens_consumed == alone.tokens_consumed
+            assert_state_close(done.state, alone.state)
+
+
+def test_batched_prefill_states_match_within_the_fp32_bound(tiny_model, tokenizer) -> None:
+    """Prefill-only turns: the states of a batched prefill against the model fed each prompt alone, in one call;
+    and the first logits from those states within 1e-4 of their RMS (the bound of tests/test_model.py)."""
+    prompts = [prompt(n, 200 + n) for n in MIXED]
+    engine = Engine(tiny_model, tokenizer, max_batch=8, prefill_chunk=32, prefill_token_budget=10_000)
+    run = Collector(engine)
+    turns = [engine.submit(TurnRequest(p, prefill_only=True)) for p in prompts]
+    run.run()
+    probe = torch.tensor([[261]])
+    for p, turn in zip(prompts, turns):
+        done = run.finished(turn)
+        alone = feed(tiny_model, tiny_model.init_state(1), p)
+        assert done.tokens_consumed == len(p)
+        assert_state_close(done.state, alone)
+        got, want = tiny_model.forward(probe, done.state)[0], tiny_model.forward(probe, alone)[0]
+        assert (got - want).abs().max() <= 1e-4 * want.pow(2).mean().sqrt()
+
+
+def test_the_decode_lane_keeps_stepping_while_a_big_prefill_group_runs(tiny_model, tokenizer) -> None:
+    engine = Engine(tiny_model, tokenizer, max_batch=8, prefill_chunk=16, prefill_token_budget=32)
+    run = Collector(engine)
+    streaming = engine.submit(TurnRequest(prompt(3, 20), replace(GREEDY, max_tokens=50)))
+    run.step()
+    assert len(run.tokens(streaming)) == 1
+    big = [engine.submit(TurnRequest(prompt(300, 21 + i), GREEDY)) for i in range(6)]
+    steps = 0
+    while not all(run.tokens(t) for t in big):
+        before = len(run.tokens(streaming))
+        plan = engine.scheduler.schedule()
+        assert plan.prefill_tokens <= 32 and streaming._seq in plan.decode
+        for turn, event in engine.scheduler.postprocess(plan, engine.batch_runner.run(plan)):
+            run.events.setdefault(turn.id, []).append(event)
+        assert len(run.tokens(streaming)) == before + 1  # one token every step, prefill or not
+        steps += 1
+        if steps == 49:
+            break
+    assert len(run.tokens(streaming)) == steps + 1 and any(len(g.seqs) == 2 for g in plan.prefill)
+    run.run()
+    for i, t in enumerate(big):
+        assert run.tokens(t) == direct_greedy(tiny_model, prompt(300, 21 + i), 8)[0]

@@ -14,7 +14,7 @@ import pytest
 from common.errors import DeadlineExceeded, Overloaded
 from rwkv_serve.contract import StopReason
 from worker.engine.events import Delta, Finished
-from worker.engine.scheduler import Phase, Scheduler, Seq, Step, StepResult
+from worker.engine.scheduler import Phase, PrefillGroup, Scheduler, Seq, Step, StepResult
 
 
 def test_importing_the_scheduler_leaves_torch_out() -> None:
@@ -95,24 +95,38 @@ def seq(name: str, feed: list[int], *, tokens: list[int] | None = None, max_toke
                prefill_only=prefill_only, deadline=deadline, turn=name, prompt_tokens=len(feed))
 
 
-def scheduler(max_batch: int = 4, max_queued: int = 8, prefill_chunk: int = 4) -> Scheduler:
-    return Scheduler(max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk, tokenizer=Tokenizer())
+def scheduler(max_batch: int = 4, max_queued: int = 8, prefill_chunk: int = 4, budget: int = 0) -> Scheduler:
+    """Budget 0 (one turn's chunk per step) unless a test is about the grouping."""
+    return Scheduler(max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk, tokenizer=Tokenizer(),
+                     prefill_token_budget=budget)
 
 
 _forwards = count()
 
 
 def fake_run(step: Step) -> StepResult:
-    """What BatchRunner.run does, with scripted samples: the prefilled turn gets a new state, sampled rows a token."""
+    """What BatchRunner.run does, with scripted samples: prefilled turns get a new state, sampled rows a token."""
     result = StepResult()
     if step.decode:
         result.lane_state = LaneState([s.turn for s in step.decode])
         result.decode_samples = [Sample(step.decode[i].sampler.draw()) for i in step.sample_rows]
-    if step.prefill is not None:
-        step.prefill.state = f"prefilled-{step.prefill.turn}-{next(_forwards)}"
-        if step.sample_prefill:
-            result.prefill_sample = Sample(step.prefill.sampler.draw())
+    forward = next(_forwards)
+    for group in step.prefill:
+        for seq in group.seqs:
+            seq.state = f"prefilled-{seq.turn}-{forward}"
+        result.prefill_samples.append([Sample(group.seqs[i].sampler.draw()) for i in group.sample_rows])
     return result
+
+
+def only(plan: Step) -> tuple[Seq, list[int], bool]:
+    """The step's one prefill chunk: its turn, its tokens, whether it samples."""
+    (group,) = plan.prefill
+    (seq,), (tokens,) = group.seqs, group.tokens
+    return seq, tokens, group.sample_rows == [0]
+
+
+def lengths(plan: Step) -> list[tuple[list[str], int]]:
+    return [([x.turn for x in g.seqs], g.length) for g in plan.prefill]
 
 
 def step(s: Scheduler) -> tuple[Step, list[tuple[object, object]]]:
@@ -136,7 +150,7 @@ def test_waiting_turns_are_admitted_in_order_up_to_the_slot_limit() -> None:
     plan = s.schedule()
     assert s.running == [a, b] and list(s.waiting) == [c]
     assert (a.phase, b.phase, c.phase) == (Phase.PREFILL, Phase.PREFILL, Phase.WAITING)
-    assert plan.prefill is a and plan.decode == []  # one prefill per step: the first admitted
+    assert only(plan)[0] is a and plan.decode == []  # one prefill per step: the first admitted
     assert (s.load.capacity, s.load.active, s.load.queued) == (2, 2, 1)
 
 
@@ -161,7 +175,7 @@ def test_a_slot_freed_by_a_finished_turn_admits_the_next_one() -> None:
     (done,) = by_turn(events, "a")
     assert isinstance(done, Finished) and done.state.startswith("prefilled-a") and s.running == []
     plan = s.schedule()
-    assert plan.prefill is not None and plan.prefill.turn == "b"
+    assert only(plan)[0].turn == "b"
 
 
 # ---- drops ----------------------------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ def test_cancelled_turns_are_dropped_waiting_or_running_and_free_their_slot() ->
     for _, e in events[:2]:
         assert isinstance(e, Finished) and e.reason is StopReason.CANCELLED and e.state is None
     assert by_turn(events, "a")[0].tokens_consumed == 2  # what it had fed, no state handed back
-    assert plan.prefill is c and s.running == [c] and not s.waiting  # c took the slot in the same step
+    assert only(plan)[0] is c and s.running == [c] and not s.waiting  # c took the slot in the same step
 
 
 def test_a_waiting_turn_past_its_deadline_is_dropped_unrun() -> None:
@@ -227,26 +241,26 @@ def test_prefill_goes_in_chunks_then_the_turn_joins_the_decode_lane() -> None:
     a = seq("a", list(range(1, 11)), tokens=[7, 8, 9])
     s.add(a)
     plan, events = step(s)
-    assert plan.prefill_tokens == [1, 2, 3, 4] and not plan.sample_prefill and events == []
+    assert only(plan)[1:] == ([1, 2, 3, 4], False) and events == []
     plan, _ = step(s)
-    assert plan.prefill_tokens == [5, 6, 7, 8] and a.consumed == 8 and a.phase is Phase.PREFILL
+    assert only(plan)[1] == [5, 6, 7, 8] and a.consumed == 8 and a.phase is Phase.PREFILL
     plan, events = step(s)  # the last chunk samples the first token
-    assert plan.prefill_tokens == [9, 10] and plan.sample_prefill
+    assert only(plan)[1:] == ([9, 10], True)
     assert events == [("a", Delta("<7>", (7,)))] and a.phase is Phase.DECODE and a.feed == [7]
     b = seq("b", [20, 21])
     s.add(b)
     plan = s.schedule()  # a decodes its token while the newcomer prefills, in the same step
     assert plan.decode == [a] and plan.decode_tokens == [7] and plan.sample_rows == [0]
-    assert plan.prefill is b and plan.prefill_tokens == [20, 21]
+    assert only(plan)[:2] == (b, [20, 21])
 
 
-def test_one_prefill_per_step_and_decode_rows_in_admission_order() -> None:
+def test_budget_0_is_one_prefill_per_step_and_decode_rows_in_admission_order() -> None:
     s = scheduler(prefill_chunk=8)
     a, b, c = seq("a", [1]), seq("b", [2]), seq("c", [3])
     for x in (a, b, c):
         s.add(x)
     plans = [step(s)[0] for _ in range(3)]
-    assert [p.prefill.turn for p in plans] == ["a", "b", "c"]
+    assert [only(p)[0].turn for p in plans] == ["a", "b", "c"]
     assert [p.decode for p in plans] == [[], [a], [a, b]]
     assert s.schedule().decode == [a, b, c]
 
@@ -291,6 +305,69 @@ def test_prefill_only_finishes_with_the_prefilled_state_and_no_deltas() -> None:
     assert step(s)[1] == []
     plan, events = step(s)
     ((turn, done),) = events
-    assert turn == "a" and not plan.sample_prefill and isinstance(done, Finished)
+    assert turn == "a" and not only(plan)[2] and isinstance(done, Finished)
     assert done.state == a.state and done.state.startswith("prefilled-a") and done.tokens_consumed == 3
     assert done.generated_tokens == 0 and a.sampler.drawn == 0
+
+
+# ---- prefill groups and the token budget ---------------------------------------------------------------------------
+
+
+def test_without_a_decode_lane_every_prefill_chunk_runs_grouped_by_length() -> None:
+    s = scheduler(max_batch=8, prefill_chunk=8, budget=4)  # the budget binds only beside a decode lane
+    for name, n in (("a", 1), ("b", 7), ("c", 8), ("d", 9), ("e", 1), ("f", 20), ("g", 8)):
+        s.add(seq(name, list(range(1, n + 1))))
+    plan = s.schedule()
+    assert plan.decode == [] and plan.prefill_tokens == 1 + 7 + 8 + 8 + 1 + 8 + 8
+    # Groups in order of their first turn, rows in admission order; long prompts still go in chunks of 8.
+    assert lengths(plan) == [(["a", "e"], 1), (["b"], 7), (["c", "d", "f", "g"], 8)]
+    assert [g.sample_rows for g in plan.prefill] == [[0, 1], [0], [0, 3]]  # d and f have more to feed
+    assert all(len(t) == g.length for g in plan.prefill for t in g.tokens)
+    events = s.postprocess(plan, fake_run(plan))
+    assert sorted(t for t, e in events if isinstance(e, Delta)) == ["a", "b", "c", "e", "g"]
+    assert {x.turn: x.consumed for x in s.running} == {"a": 1, "b": 7, "c": 8, "d": 8, "e": 1, "f": 8, "g": 8}
+    plan = s.schedule()  # the five that sampled decode; d's tail and f's next chunk prefill (budget 4 now)
+    assert [x.turn for x in plan.decode] == ["a", "b", "c", "e", "g"]
+    assert lengths(plan) == [(["d"], 1)]  # d's 1 fits, f's 8 do not: f waits for the next step
+
+
+def test_beside_a_decode_lane_the_budget_bounds_the_step_in_admission_order() -> None:
+    s = scheduler(max_batch=8, prefill_chunk=8, budget=20)
+    s.add(seq("lane", [1]))
+    step(s)  # "lane" decodes from now on
+    for name, n in (("a", 8), ("b", 3), ("c", 8), ("d", 8), ("e", 1)):
+        s.add(seq(name, list(range(1, n + 1))))
+    plan = s.schedule()
+    assert [x.turn for x in plan.decode] == ["lane"]
+    # 8 + 3 + 8 = 19 fit; d's 8 would exceed 20, so d waits and so does e behind it (no overtaking).
+    assert lengths(plan) == [(["a", "c"], 8), (["b"], 3)] and plan.prefill_tokens == 19
+    s.postprocess(plan, fake_run(plan))
+    plan = s.schedule()
+    assert lengths(plan) == [(["d"], 8), (["e"], 1)]
+
+
+def test_a_budget_below_one_chunk_cuts_the_first_turns_chunk() -> None:
+    s = scheduler(prefill_chunk=8, budget=3)
+    s.add(seq("a", [1], tokens=list(range(1, 20)), max_tokens=20))  # decodes throughout
+    step(s)
+    b = seq("b", list(range(10, 20)))
+    s.add(b)
+    fed = []
+    while b.phase is not Phase.DECODE:
+        plan, _ = step(s)
+        fed.append(plan.prefill[0].tokens[0])
+    assert fed == [[10, 11, 12], [13, 14, 15], [16, 17, 18], [19]]  # progress every step, all 10 tokens, in order
+    assert b.consumed == 10
+
+
+def test_prefill_only_and_generating_turns_share_a_group() -> None:
+    s = scheduler(prefill_chunk=4, budget=64)
+    p, g = seq("p", [1, 2], prefill_only=True), seq("g", [3, 4], tokens=[9])
+    s.add(p)
+    s.add(g)
+    plan = s.schedule()
+    (group,) = plan.prefill
+    assert isinstance(group, PrefillGroup) and group.seqs == [p, g] and group.sample_rows == [1]
+    events = s.postprocess(plan, fake_run(plan))
+    assert [(t, type(e).__name__) for t, e in events] == [("p", "Finished"), ("g", "Delta")]
+    assert s.running == [g] and g.phase is Phase.DECODE and p.sampler.drawn == 0

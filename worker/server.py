@@ -74,7 +74,8 @@ class WorkerCore:
         self.store = store or settings.open_store()
         self.engine = Engine(
             model, tokenizer, max_batch=settings.max_batch, max_queued=settings.max_queued,
-            prefill_chunk=settings.prefill_chunk, max_tokens_limit=settings.max_tokens_limit,
+            prefill_chunk=settings.prefill_chunk, prefill_token_budget=settings.prefill_token_budget,
+            max_tokens_limit=settings.max_tokens_limit,
         )
         self.cache = StateCache(settings.cache_bytes)
         self.engine.on_decode = self.telemetry.batch_size.record

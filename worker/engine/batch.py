@@ -1,5 +1,5 @@
-"""The batch runner: runs a scheduled Step on the model (the decode lane in one batched forward, a prefill chunk)
-and samples the next tokens.
+"""The batch runner: runs a scheduled Step on the model (the decode lane in one batched forward, each prefill group
+in one batched forward of its turns' equal-length chunks) and samples the next tokens.
 
 The lane's batched state stays batched from step to step while the lane is unchanged (no split and re-cat per
 token), and two state buffers alternate: each step writes its output into the buffer the previous step read.
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.engine.scheduler import Seq, Step, StepResult
+from worker.engine.scheduler import PrefillGroup, Seq, Step, StepResult
 from worker.model import RWKV5
 from worker.sampler import SampleResult, sample_batch
 from worker.state import State
@@ -28,7 +28,8 @@ class Lane:
 
 
 class BatchRunner:
-    """Runs each Step on one model: the lane's decode forward (B x 1), at most one prefill chunk (1 x T), sampling."""
+    """Runs each Step on one model: the lane's decode forward (B x 1), one forward per prefill group (B x T),
+    sampling."""
 
     def __init__(self, model: RWKV5, sample_vocab: int) -> None:
         self.model = model
@@ -37,14 +38,13 @@ class BatchRunner:
         self.on_decode: Callable[[int], None] | None = None  # metrics hook: each decode step's batch size
 
     def run(self, step: Step) -> StepResult:
-        """The step's forwards and samples; writes the prefilled turn's new state into its Seq."""
+        """The step's forwards and samples; writes each prefilled turn's new state into its Seq."""
         result = StepResult()
         if step.decode:
             result.lane_state, result.decode_samples = self._decode(step)
         else:
             self.lane = Lane()  # let go of the last batch's tensors
-        if step.prefill is not None:
-            result.prefill_sample = self._prefill(step)
+        result.prefill_samples = [self._prefill(group) for group in step.prefill]
         return result
 
     def reset(self) -> None:
@@ -80,14 +80,22 @@ class BatchRunner:
             return state, []
         return state, sample_batch(logits[rows, : self.sample_vocab], [seqs[i].sampler for i in rows])
 
-    def _prefill(self, step: Step) -> SampleResult | None:
-        seq = step.prefill
-        assert seq is not None
-        if seq.state is None:  # a fresh session: the model's zero state, made when the turn first runs
-            seq.state = self.model.init_state(1)
-        tokens = torch.tensor([step.prefill_tokens], dtype=torch.long, device=self.model.device)
-        logits, seq.state = self.model.forward(tokens, seq.state)  # (1, V)
-        if not step.sample_prefill:
-            return None
-        (sample,) = sample_batch(logits[:, : self.sample_vocab], [seq.sampler])
-        return sample
+    def _prefill(self, group: PrefillGroup) -> list[SampleResult]:
+        """One forward over the group's chunks (B x T, every row the same length: exact); each turn's new state is
+        its own row (a copy, so no turn's state holds the others' memory alive)."""
+        seqs = group.seqs
+        for seq in seqs:
+            if seq.state is None:  # a fresh session: the model's zero state, made when the turn first runs
+                seq.state = self.model.init_state(1)
+        tokens = torch.tensor(group.tokens, dtype=torch.long, device=self.model.device)
+        state = seqs[0].state if len(seqs) == 1 else State.cat([s.state for s in seqs])
+        logits, state = self.model.forward(tokens, state)  # (B, V)
+        if len(seqs) == 1:
+            seqs[0].state = state
+        else:
+            for i, seq in enumerate(seqs):
+                seq.state = state.select(i)
+        rows = group.sample_rows
+        if not rows:
+            return []
+        return sample_batch(logits[rows, : self.sample_vocab], [seqs[i].sampler for i in rows])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from worker.engine.batch import BatchRunner
 from worker.engine.events import EngineEvent, EngineLoad, Finished
-from worker.engine.scheduler import Scheduler, Seq
+from worker.engine.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler, Seq
 from worker.model import RWKV5
 from worker.sampler import SamplerState, SamplingParams, StopChecker
 from worker.state import State
@@ -96,10 +96,12 @@ class Engine:
         max_batch: int = 16,
         max_queued: int = 64,
         prefill_chunk: int = 256,
+        prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         max_tokens_limit: int | None = None,
     ) -> None:
-        if max_batch < 1 or max_queued < 0 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be positive, max_queued non-negative")
+        if max_batch < 1 or max_queued < 0 or prefill_chunk < 1 or prefill_token_budget < 0:
+            raise ValueError("max_batch and prefill_chunk must be positive, max_queued and prefill_token_budget "
+                             "non-negative")
         self.model = model
         self.tokenizer = tokenizer
         # Sample only ids the tokenizer can decode: World models have 65536 output rows but 65530 tokens, and a
@@ -108,9 +110,10 @@ class Engine:
         self.max_batch = max_batch
         self.max_queued = max_queued
         self.prefill_chunk = prefill_chunk
+        self.prefill_token_budget = prefill_token_budget
         self.max_tokens_limit = max_tokens_limit
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk,
-                                   tokenizer=tokenizer)
+                                   tokenizer=tokenizer, prefill_token_budget=prefill_token_budget)
         self.batch_runner = BatchRunner(model, self.sample_vocab)
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine")
@@ -178,7 +181,7 @@ class Engine:
 
     def step_sync(self) -> list[Delivery]:
         """Runs one engine step; returns the events to deliver, in order. Call from one thread at a time."""
-        step = self.scheduler.schedule()  # drop, admit; the decode lane and at most one prefill chunk
+        step = self.scheduler.schedule()  # drop, admit; the decode lane and the prefill groups
         result = self.batch_runner.run(step)  # the forwards and the sampling
         return self.scheduler.postprocess(step, result)  # deltas, stops, finished turns and their states
 

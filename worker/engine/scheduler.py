@@ -4,9 +4,13 @@ A turn's life (Phase): WAITING (queued) -> PREFILL (its input fed, one chunk per
 sampled token fed, the next one sampled) -> CLOSING (the reply's last token and the template's epilogue fed, no
 sampling) -> finished. One step: schedule() drops cancelled turns (and waiting ones whose deadline passed),
 admits waiting turns into free slots and says what runs: every DECODE/CLOSING turn feeds one token, all together
-(the decode lane), and at most one PREFILL turn feeds one chunk, so a long prompt never stalls the others. The
-batch runner runs that Step; postprocess() turns its samples into deltas, decides stops and retires the turns
-that finished. States, samplers, stop checkers and the tokenizer pass through here as opaque objects.
+(the decode lane), and the PREFILL turns feed one chunk each (at most `prefill_chunk` tokens), in admission
+order, grouped by chunk length so that each group is one batched forward (B x T). A step's prefill tokens stay
+within `prefill_token_budget` while a decode lane runs (a long prompt never stalls the others); a step without a
+decode lane has nobody waiting on a token and takes every PREFILL turn's chunk. Budget 0 is the old behaviour:
+one turn's chunk per step. The batch runner runs that Step; postprocess() turns its samples into deltas,
+decides stops and retires the turns that finished. States, samplers, stop checkers and the tokenizer pass
+through here as opaque objects.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ if TYPE_CHECKING:
 
 # What a step hands out: (the turn's handle, its next event or the error that ended it).
 Event = tuple[Any, EngineEvent | Exception]
+
+# Prefill tokens per step beside a running decode lane: the old one-chunk step's worst case (one full chunk of
+# the default prefill_chunk), so a decode step never carries more prefill work than before (docs/benchmarks.md).
+DEFAULT_PREFILL_TOKEN_BUDGET = 256
 
 
 class Phase(Enum):
@@ -67,20 +75,36 @@ class Seq:
 
 
 @dataclass(eq=False)
+class PrefillGroup:
+    """Prefill chunks of equal length from several turns: one batched forward (B x T). Equal lengths keep it
+    exact: RWKV is recurrent, so a padding token would be consumed into the state."""
+
+    seqs: list[Seq]  # in admission order
+    tokens: list[list[int]]  # row i: the chunk seqs[i] feeds; all of one length
+    sample_rows: list[int] = field(default_factory=list)  # rows whose chunk ends the input of a turn that generates
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens[0])
+
+
+@dataclass(eq=False)
 class Step:
-    """What runs this step: one token for each turn of the decode lane, and at most one prefill chunk."""
+    """What runs this step: one token for each turn of the decode lane, and the prefill groups."""
 
     decode: list[Seq]  # the lane, in admission order: one batched forward (B x 1)
     decode_tokens: list[int]  # the token each of them feeds
     sample_rows: list[int]  # the lane rows that sample (DECODE; CLOSING turns only feed)
-    prefill: Seq | None = None
-    prefill_tokens: list[int] = field(default_factory=list)
-    sample_prefill: bool = False  # the chunk ends the input of a turn that generates: sample its first token
+    prefill: list[PrefillGroup] = field(default_factory=list)  # one forward each, in order
     events: list[Event] = field(default_factory=list)  # of the turns dropped before the step, in order
 
     @property
     def empty(self) -> bool:
-        return not self.decode and self.prefill is None
+        return not self.decode and not self.prefill
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(len(g.seqs) * g.length for g in self.prefill)
 
 
 @dataclass
@@ -88,17 +112,19 @@ class StepResult:
     """What the batch runner hands back for a Step."""
 
     decode_samples: list[SampleResult] = field(default_factory=list)  # one per Step.sample_rows, in order
-    prefill_sample: SampleResult | None = None  # when Step.sample_prefill
+    prefill_samples: list[list[SampleResult]] = field(default_factory=list)  # per group, one per its sample_rows
     lane_state: State | None = None  # the lane's new batched state; row i belongs to Step.decode[i]
 
 
 class Scheduler:
     """The slots and the queue of one engine: admission, bounds, drops, and what each step runs and yields."""
 
-    def __init__(self, *, max_batch: int, max_queued: int, prefill_chunk: int, tokenizer: Any) -> None:
+    def __init__(self, *, max_batch: int, max_queued: int, prefill_chunk: int, tokenizer: Any,
+                 prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET) -> None:
         self.max_batch = max_batch
         self.max_queued = max_queued
         self.prefill_chunk = prefill_chunk
+        self.prefill_token_budget = prefill_token_budget  # beside a decode lane; 0 = one turn's chunk per step
         self.tokenizer = tokenizer  # only .decode(): to name the stop string that ended a turn
         self.waiting: deque[Seq] = deque()  # appended by add() on any thread, popped by the engine thread
         self.running: list[Seq] = []  # admitted turns, in admission order; only the engine thread touches it
@@ -148,12 +174,36 @@ class Scheduler:
         lane = [s for s in self.running if s.phase in (Phase.DECODE, Phase.CLOSING)]
         rows = [i for i, s in enumerate(lane) if s.phase is Phase.DECODE]
         step = Step(lane, [s.feed.pop(0) for s in lane], rows, events=events)
-        prefill = next((s for s in self.running if s.phase is Phase.PREFILL), None)
-        if prefill is not None:
-            step.prefill = prefill
-            step.prefill_tokens, prefill.feed = prefill.feed[: self.prefill_chunk], prefill.feed[self.prefill_chunk :]
-            step.sample_prefill = not prefill.feed and not prefill.prefill_only
+        step.prefill = self._plan_prefill(lane_busy=bool(lane))
         return step
+
+    def _plan_prefill(self, lane_busy: bool) -> list[PrefillGroup]:
+        """The PREFILL turns' chunks this step, in admission order, grouped by length (groups in order of their
+        first turn). Beside a decode lane they stay within the token budget: the first turn always runs (its
+        chunk cut to the budget if the budget is smaller); the first turn whose chunk does not fit in what is
+        left waits, and so do the ones after it (no overtaking, no chunks cut to odd lengths)."""
+        turns = [s for s in self.running if s.phase is Phase.PREFILL]
+        if not turns:
+            return []
+        if self.prefill_token_budget <= 0:
+            turns = turns[:1]
+        left = self.prefill_token_budget if lane_busy and self.prefill_token_budget > 0 else None
+        groups: dict[int, PrefillGroup] = {}
+        for i, seq in enumerate(turns):
+            n = min(len(seq.feed), self.prefill_chunk)
+            if left is not None:
+                if i == 0:
+                    n = min(n, left)
+                elif n > left:
+                    break
+                left -= n
+            chunk, seq.feed = seq.feed[:n], seq.feed[n:]
+            group = groups.setdefault(n, PrefillGroup([], []))
+            if not seq.feed and not seq.prefill_only:
+                group.sample_rows.append(len(group.seqs))
+            group.seqs.append(seq)
+            group.tokens.append(chunk)
+        return list(groups.values())
 
     def _drop(self) -> list[Event]:
         """Drops cancelled turns, and waiting turns whose deadline passed (those never run)."""
@@ -187,7 +237,8 @@ class Scheduler:
     # ---- after the step: samples -> events ------------------------------------------------------------------
 
     def postprocess(self, step: Step, result: StepResult) -> list[Event]:
-        """The step's events in order: its drops, the lane's deltas, the lane's finished turns, then the prefill's."""
+        """The step's events in order: its drops, the lane's deltas, the lane's finished turns, then the
+        prefill groups' (in order, rows in order)."""
         out = step.events
         for seq in step.decode:
             seq.consumed += 1
@@ -198,23 +249,28 @@ class Scheduler:
                 assert result.lane_state is not None
                 seq.state = result.lane_state.select(i)
                 self._finish(seq, out)
-        seq = step.prefill
-        if seq is None:
-            return out
-        seq.consumed += len(step.prefill_tokens)
+        samples = result.prefill_samples or [[] for _ in step.prefill]
+        for group, group_samples in zip(step.prefill, samples, strict=True):
+            sampled = dict(zip(group.sample_rows, group_samples, strict=True))
+            for i, seq in enumerate(group.seqs):
+                self._after_chunk(seq, group.length, sampled.get(i), out)
+        return out
+
+    def _after_chunk(self, seq: Seq, fed: int, sample: SampleResult | None, out: list[Event]) -> None:
+        """A turn fed one prefill chunk: more to come, or its input is in (finish, or its first token)."""
+        seq.consumed += fed
         if seq.feed:  # more chunks to come
-            return out
+            return
         seq.prefilled_ns = time.time_ns()
         if seq.prefill_only:
             seq.result = Finished(StopReason.MAX_TOKENS, 0, 0, None, 0)
             self._finish(seq, out)
-            return out
+            return
         seq.phase = Phase.DECODE
-        assert result.prefill_sample is not None
-        self._on_sample(seq, result.prefill_sample, out)
+        assert sample is not None
+        self._on_sample(seq, sample, out)
         if seq.phase is Phase.CLOSING and not seq.feed:
             self._finish(seq, out)
-        return out
 
     def _on_sample(self, seq: Seq, sample: SampleResult, out: list[Event]) -> None:
         """Turns one sampled token into output and decides whether the turn goes on."""
