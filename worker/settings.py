@@ -64,10 +64,11 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     max_queued: int = Field(64, ge=0)
     prefill_chunk: int = Field(256, ge=1)
     # Prefill tokens per engine step while a decode lane runs: the waiting turns' chunks, grouped by length, each
-    # group one batched forward. It bounds what a prefill adds to the running streams' inter-token latency (256:
-    # the old one-chunk step's worst case); a step with no stream decoding takes every waiting chunk. 0 = the
-    # old behaviour, one turn's chunk per step (its first token waits for every turn admitted before it).
-    prefill_token_budget: int = Field(256, ge=0)
+    # group one batched forward. It bounds what a prefill adds to the running streams' inter-token latency (128:
+    # chosen by bench/bench_prefill.py, see docs/benchmarks.md); a step with no stream decoding takes every
+    # waiting chunk. 0 = the old behaviour, one turn's chunk per step (a first token waits for every turn
+    # admitted before it).
+    prefill_token_budget: int = Field(128, ge=0)
     max_tokens_limit: int = Field(4096, ge=1)
     max_prompt_tokens: int = Field(16_384, ge=1)  # a turn's input; longer is INVALID_ARGUMENT (the seed's context)
     default_max_tokens: int = Field(256, ge=1)

@@ -1,0 +1,186 @@
+"""Prefill benchmark: time to first token when many turns arrive at once, and what it costs the running streams.
+
+The engine is driven directly, in this process (its async loop and engine thread, as a worker runs it; no front,
+Redis or gRPC), so the numbers are the engine's own and a run takes a minute on two cores. Two configurations
+of the same engine and model, interleaved over rounds: `prefill_token_budget=0` (the old one-chunk-per-step
+behaviour, the baseline) and the default budget (prefill chunks grouped across sessions). Each round measures
+  1. a lone turn's time to first token (the engine idle);
+  2. a burst: 32 turns submitted together (time to first token of each, inter-token latency of the streams);
+  3. staggered: 32 turns, one every `--gap-ms`, so most prefills run beside a decode lane (the budget binds):
+     time to first token, and the inter-token latency of the streams already decoding.
+Every turn: the service benchmark's prompt (raw, ~20 tokens), greedy, end of text banned so each reply runs to
+max_tokens, a fresh state. Latency percentiles pool every sample of every round.
+Usage: `python -m bench.bench_prefill [--rounds 3] [--shape 6x384]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from bench.service_common import PROMPT, RESULTS, banned_ids, checkout, machine, pct
+
+CONFIGS = {"one chunk per step": 0, "grouped": None}  # budget None: the engine's default; see --budgets
+
+
+async def one_turn(engine: Any, tokens: list[int], params: Any, delay_s: float = 0.0) -> tuple[float, list[float]]:
+    """Submits one turn after `delay_s`; its submit time and the time of each token-bearing delta."""
+    from worker.engine import Delta, Finished, TurnRequest
+
+    if delay_s:
+        await asyncio.sleep(delay_s)
+    t0 = time.perf_counter()
+    times: list[float] = []
+    async for event in engine.submit(TurnRequest(tokens, params)):
+        if isinstance(event, Delta) and event.token_ids:
+            times.append(time.perf_counter())
+        elif isinstance(event, Finished):
+            break
+    return t0, times
+
+
+async def measure(engine: Any, tokens: list[int], params: Any, n: int, gap_s: float, lone: int) -> dict:
+    lone_ttft = []
+    for _ in range(lone):
+        t0, times = await one_turn(engine, tokens, params)
+        lone_ttft.append(times[0] - t0)
+    out: dict[str, Any] = {"lone_ttft_s": lone_ttft}
+    for name, gap in (("burst", 0.0), ("staggered", gap_s)):
+        runs = await asyncio.gather(*(one_turn(engine, tokens, params, i * gap) for i in range(n)))
+        out[name] = {"ttft_s": [times[0] - t0 for t0, times in runs],
+                     "itl_s": [b - a for _, times in runs for a, b in zip(times, times[1:])],
+                     "generated": sum(len(times) for _, times in runs)}
+    return out
+
+
+def summarize(rounds: list[dict]) -> dict:
+    lone = statistics.median(x for r in rounds for x in r["lone_ttft_s"])
+    out: dict[str, Any] = {"lone_ttft_ms": lone * 1e3}
+    for name in ("burst", "staggered"):
+        ttft = [x for r in rounds for x in r[name]["ttft_s"]]
+        itl = [x for r in rounds for x in r[name]["itl_s"]]
+        out[name] = {"ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p90_ms": pct(ttft, 90) * 1e3,
+                     "ttft_p90_over_lone": pct(ttft, 90) / lone, "itl_p50_ms": pct(itl, 50) * 1e3,
+                     "itl_p99_ms": pct(itl, 99) * 1e3, "samples_ttft_itl": [len(ttft), len(itl)]}
+    return out
+
+
+async def bench(cfg: dict, checkpoint: Path) -> dict:
+    import torch
+
+    from worker.engine import Engine
+    from worker.model import RWKV5
+    from worker.sampler import SamplingParams
+    from worker.tokenizer import load_tokenizer
+
+    if cfg["torch_threads"]:
+        torch.set_num_threads(cfg["torch_threads"])
+    model = RWKV5.from_checkpoint(checkpoint, dtype=torch.float32)
+    tokenizer = load_tokenizer(None)
+    tokens = tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=cfg["max_tokens"], temperature=0.0,
+                            banned_tokens=tuple(banned_ids(model.config.vocab_size)))
+    engines = {}
+    for label, budget in CONFIGS.items():
+        kwargs = {} if budget is None else {"prefill_token_budget": budget}
+        engines[label] = Engine(model, tokenizer, max_batch=cfg["concurrency"], max_queued=64, **kwargs)
+        engines[label].start()
+    raw: dict[str, list[dict]] = {label: [] for label in CONFIGS}
+    try:
+        for engine in engines.values():  # warm-up: every batch size once
+            await measure(engine, tokens, params, cfg["concurrency"], 0.0, 1)
+        for r in range(cfg["rounds"]):
+            order = list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]  # ABBA
+            for label in order:
+                raw[label].append(await measure(engines[label], tokens, params, cfg["concurrency"],
+                                                cfg["gap_ms"] / 1e3, cfg["lone"]))
+                print(f"[bench_prefill] round {r + 1}/{cfg['rounds']} {label} done", file=sys.stderr, flush=True)
+    finally:
+        for engine in engines.values():
+            await engine.close()
+    budgets = {label: engines[label].prefill_token_budget for label in CONFIGS}
+    return {"raw": raw, "prompt_tokens": len(tokens), "budgets": budgets,
+            "model": {"n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "kernel": model.kernel}}
+
+
+def print_report(cfg: dict, res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = res["model"]
+    t = Table(title=f"{cfg['concurrency']} turns of {res['prompt_tokens']} prompt tokens + {cfg['max_tokens']} "
+                    f"generated, L{m['n_layer']} D{m['n_embd']} fp32 ({m['kernel']}), engine direct; ms, "
+                    f"{cfg['rounds']} interleaved rounds pooled")
+    for col in ("prefill", "budget", "lone TTFT", "arrival", "TTFT p50", "TTFT p90", "p90 / lone", "ITL p50",
+                "ITL p99"):
+        t.add_column(col, justify="right")
+    for label, s in res["summary"].items():
+        for name in ("burst", "staggered"):
+            v = s[name]
+            arrival = "at once" if name == "burst" else f"every {cfg['gap_ms']:g} ms"
+            t.add_row(label, str(res["budgets"][label]), f"{s['lone_ttft_ms']:.1f}", arrival,
+                      f"{v['ttft_p50_ms']:.0f}", f"{v['ttft_p90_ms']:.0f}", f"{v['ttft_p90_over_lone']:.1f}x",
+                      f"{v['itl_p50_ms']:.1f}", f"{v['itl_p99_ms']:.1f}")
+    Console().print(t)
+
+
+def main(
+    shape: str = typer.Option("6x384", help="random model, LAYERSxWIDTH"),
+    rounds: int = typer.Option(3, help="interleaved rounds per configuration"),
+    concurrency: int = typer.Option(32, help="turns per burst, and the engine's max_batch"),
+    max_tokens: int = typer.Option(32, help="tokens generated per turn"),
+    gap_ms: float = typer.Option(10.0, help="time between arrivals in the staggered run"),
+    lone: int = typer.Option(5, help="lone turns per round"),
+    torch_threads: int = typer.Option(0, help="intra-op threads; 0 = torch's default"),
+    budgets: str = typer.Option("", help="extra budgets to compare, e.g. 64,128 (the sweep behind the default)"),
+    out: Path = typer.Option(RESULTS / "prefill.json", help="where the JSON goes"),
+) -> None:
+    """Runs the configurations, prints the table and writes the JSON."""
+    for b in filter(None, budgets.split(",")):
+        CONFIGS[f"grouped, budget {int(b)}"] = int(b)
+    from worker.checkpoint import make_random_checkpoint
+
+    cfg = {"shape": shape, "rounds": rounds, "concurrency": concurrency, "max_tokens": max_tokens, "gap_ms": gap_ms,
+           "lone": lone, "torch_threads": torch_threads}
+    n_layer, n_embd = (int(x) for x in shape.split("x"))
+    load_before, started = os.getloadavg(), time.perf_counter()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        import torch
+
+        checkpoint = make_random_checkpoint(Path(tmp) / "bench.pth", n_layer=n_layer, n_embd=n_embd, seed=0,
+                                            dtype=torch.float32)
+        res = asyncio.run(bench(cfg, checkpoint))
+    res["summary"] = {label: summarize(runs) for label, runs in res["raw"].items()}
+    base, new = (res["summary"][label] for label in list(CONFIGS)[:2])
+    res["goals"] = {
+        "burst_ttft_p90_over_lone": {"value": new["burst"]["ttft_p90_over_lone"], "goal": "<= 8",
+                                     "baseline": base["burst"]["ttft_p90_over_lone"]},
+        "staggered_ttft_p90_over_lone": {"value": new["staggered"]["ttft_p90_over_lone"],
+                                         "baseline": base["staggered"]["ttft_p90_over_lone"]},
+        "burst_itl_p99_over_baseline": {"value": new["burst"]["itl_p99_ms"] / base["burst"]["itl_p99_ms"],
+                                        "goal": "<= 1.1"},
+        "staggered_itl_p99_over_baseline": {"value": new["staggered"]["itl_p99_ms"] / base["staggered"]["itl_p99_ms"],
+                                            "goal": "<= 1.1"},
+    }
+    res["config"], res["checkout"] = cfg, checkout()
+    res["machine"] = machine(load_before, started)
+    print_report(cfg, res)
+    for key, g in res["goals"].items():
+        print(f"{key}: {g['value']:.2f}" + (f" (goal {g['goal']})" if "goal" in g else "")
+              + (f", baseline {g['baseline']:.2f}" if "baseline" in g else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)
