@@ -270,6 +270,13 @@ class EventDecoder:
 MAX_RETRY_WAIT_S = 30.0  # a server hint longer than this (a token window) is not waited out: the error is raised
 
 
+def retry_settings(max_turn_retries: int, retry_backoff_s: float) -> tuple[int, float]:
+    """The clients' turn-retry settings, checked (both twins take them as constructor arguments)."""
+    if max_turn_retries < 0 or retry_backoff_s < 0:
+        raise ValueError("max_turn_retries and retry_backoff_s must not be negative")
+    return max_turn_retries, retry_backoff_s
+
+
 def retryable(error: RWKVError, *, retrying: bool) -> bool:
     """Whether a turn that failed with `error` may be sent again (with the same turn id).
 

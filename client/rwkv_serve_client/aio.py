@@ -105,14 +105,11 @@ class AsyncRWKVClient:
                  max_turn_retries: int = 3, retry_backoff_s: float = 0.2) -> None:
         """As RWKVClient: `credentials` for TLS, an OpenTelemetry `tracer_provider` to trace the calls, a turn
         retried up to `max_turn_retries` times with the same turn id (0: never)."""
-        if max_turn_retries < 0 or retry_backoff_s < 0:
-            raise ValueError("max_turn_retries and retry_backoff_s must not be negative")
+        self.max_turn_retries, self.retry_backoff_s = _core.retry_settings(max_turn_retries, retry_backoff_s)
         self._channel = channel or _core.aio_channel(target, options, credentials, tracer_provider)
         self._stub = api_pb2_grpc.RwkvServiceStub(self._channel)
         self._metadata = _core.call_metadata(api_key)
         self.timeout = timeout
-        self.max_turn_retries = max_turn_retries
-        self.retry_backoff_s = retry_backoff_s
 
     async def _unary(self, op: _core.Unary[T], timeout: float | None) -> T:
         try:

@@ -108,14 +108,11 @@ class RWKVClient:
         died; RESOURCE_EXHAUSTED with a retry hint) is sent again with the same turn id, up to `max_turn_retries`
         times (0: never), after the server's retry hint or else `retry_backoff_s`, doubling. A turn the server had
         committed is answered from that commit, never applied twice (see chat() for what a stream yields)."""
-        if max_turn_retries < 0 or retry_backoff_s < 0:
-            raise ValueError("max_turn_retries and retry_backoff_s must not be negative")
+        self.max_turn_retries, self.retry_backoff_s = _core.retry_settings(max_turn_retries, retry_backoff_s)
         self._channel = channel or _core.sync_channel(target, options, credentials, tracer_provider)
         self._stub = api_pb2_grpc.RwkvServiceStub(self._channel)
         self._metadata = _core.call_metadata(api_key)
         self.timeout = timeout
-        self.max_turn_retries = max_turn_retries
-        self.retry_backoff_s = retry_backoff_s
 
     def _unary(self, op: _core.Unary[T], timeout: float | None) -> T:
         try:
