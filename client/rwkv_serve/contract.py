@@ -30,6 +30,7 @@ class StopReason(enum.IntEnum):
     STOP_STRING = common_pb2.STOP_REASON_STOP_STRING
     MAX_TOKENS = common_pb2.STOP_REASON_MAX_TOKENS
     CANCELLED = common_pb2.STOP_REASON_CANCELLED
+    CONSTRAINT_COMPLETE = common_pb2.STOP_REASON_CONSTRAINT_COMPLETE
 
     @property
     def label(self) -> str:

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "template", "default_sampling", "state_version", "state_tokens", "turns", "created_at", "updated_at", "ttl", "system_prompt", "preset", "forked_from", "metadata")
+    __slots__ = ("session_id", "model", "template", "default_sampling", "state_version", "state_tokens", "turns", "created_at", "updated_at", "ttl", "system_prompt", "preset", "forked_from", "metadata", "keep_versions")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Session(_message.Message):
     PRESET_FIELD_NUMBER: _ClassVar[int]
     FORKED_FROM_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     template: _common_pb2.ChatTemplate
@@ -48,10 +49,11 @@ class Session(_message.Message):
     preset: str
     forked_from: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., template: _Optional[_Union[_common_pb2.ChatTemplate, str]] = ..., default_sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., state_version: _Optional[int] = ..., state_tokens: _Optional[int] = ..., turns: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., system_prompt: _Optional[str] = ..., preset: _Optional[str] = ..., forked_from: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    keep_versions: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., template: _Optional[_Union[_common_pb2.ChatTemplate, str]] = ..., default_sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., state_version: _Optional[int] = ..., state_tokens: _Optional[int] = ..., turns: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., system_prompt: _Optional[str] = ..., preset: _Optional[str] = ..., forked_from: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., keep_versions: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "template", "system_prompt", "preset", "default_sampling", "ttl", "metadata")
+    __slots__ = ("model", "template", "system_prompt", "preset", "default_sampling", "ttl", "metadata", "keep_versions")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,7 @@ class CreateSessionRequest(_message.Message):
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     template: _common_pb2.ChatTemplate
     system_prompt: str
@@ -73,7 +76,8 @@ class CreateSessionRequest(_message.Message):
     default_sampling: _common_pb2.Sampling
     ttl: _duration_pb2.Duration
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., template: _Optional[_Union[_common_pb2.ChatTemplate, str]] = ..., system_prompt: _Optional[str] = ..., preset: _Optional[str] = ..., default_sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    keep_versions: int
+    def __init__(self, model: _Optional[str] = ..., template: _Optional[_Union[_common_pb2.ChatTemplate, str]] = ..., system_prompt: _Optional[str] = ..., preset: _Optional[str] = ..., default_sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., keep_versions: _Optional[int] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -110,7 +114,7 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForkSessionRequest(_message.Message):
-    __slots__ = ("session_id", "ttl", "metadata", "default_sampling", "expected_state_version")
+    __slots__ = ("session_id", "ttl", "metadata", "default_sampling", "expected_state_version", "state_version")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,28 +127,32 @@ class ForkSessionRequest(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     ttl: _duration_pb2.Duration
     metadata: _containers.ScalarMap[str, str]
     default_sampling: _common_pb2.Sampling
     expected_state_version: int
-    def __init__(self, session_id: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., default_sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., expected_state_version: _Optional[int] = ...) -> None: ...
+    state_version: int
+    def __init__(self, session_id: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., default_sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., expected_state_version: _Optional[int] = ..., state_version: _Optional[int] = ...) -> None: ...
 
 class ChatTurn(_message.Message):
-    __slots__ = ("session_id", "text", "sampling", "turn_id", "expected_state_version", "return_token_ids")
+    __slots__ = ("session_id", "text", "sampling", "turn_id", "expected_state_version", "return_token_ids", "messages")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     sampling: _common_pb2.Sampling
     turn_id: str
     expected_state_version: int
     return_token_ids: bool
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., turn_id: _Optional[str] = ..., expected_state_version: _Optional[int] = ..., return_token_ids: _Optional[bool] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., turn_id: _Optional[str] = ..., expected_state_version: _Optional[int] = ..., return_token_ids: _Optional[bool] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class ChatCancel(_message.Message):
     __slots__ = ("turn_id",)
@@ -161,7 +169,7 @@ class ChatRequest(_message.Message):
     def __init__(self, turn: _Optional[_Union[ChatTurn, _Mapping]] = ..., cancel: _Optional[_Union[ChatCancel, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "sampling", "session_id", "ephemeral", "expected_state_version", "return_token_ids", "turn_id")
+    __slots__ = ("model", "prompt", "sampling", "session_id", "ephemeral", "expected_state_version", "return_token_ids", "turn_id", "messages", "template", "n")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +178,9 @@ class GenerateRequest(_message.Message):
     EXPECTED_STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     sampling: _common_pb2.Sampling
@@ -178,7 +189,10 @@ class GenerateRequest(_message.Message):
     expected_state_version: int
     return_token_ids: bool
     turn_id: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., session_id: _Optional[str] = ..., ephemeral: _Optional[bool] = ..., expected_state_version: _Optional[int] = ..., return_token_ids: _Optional[bool] = ..., turn_id: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    template: _common_pb2.ChatTemplate
+    n: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., session_id: _Optional[str] = ..., ephemeral: _Optional[bool] = ..., expected_state_version: _Optional[int] = ..., return_token_ids: _Optional[bool] = ..., turn_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., template: _Optional[_Union[_common_pb2.ChatTemplate, str]] = ..., n: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

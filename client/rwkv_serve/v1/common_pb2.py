@@ -24,37 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arwkv_serve/v1/common.proto\x12\rrwkv_serve.v1\"\x1a\n\x0bTokenIdList\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x88\x04\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1a\n\rpenalty_decay\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x31\n\rbanned_tokens\x18\x07 \x01(\x0b\x32\x1a.rwkv_serve.v1.TokenIdList\x12\x32\n\x0estop_token_ids\x18\x08 \x01(\x0b\x32\x1a.rwkv_serve.v1.TokenIdList\x12/\n\x0cstop_strings\x18\t \x01(\x0b\x32\x19.rwkv_serve.v1.StringList\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x10\n\x0e_penalty_decayB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.rwkv_serve.v1.TopLogprob\"[\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.rwkv_serve.v1.TokenLogprob\"N\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\x12\x14\n\x0cstate_tokens\x18\x03 \x01(\x03\"5\n\tTurnStart\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\xb3\x01\n\x07TurnEnd\x12.\n\x0bstop_reason\x18\x01 \x01(\x0e\x32\x19.rwkv_serve.v1.StopReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.rwkv_serve.v1.Usage\x12\x15\n\rstate_version\x18\x03 \x01(\x03\x12\x13\n\x0bstop_string\x18\x04 \x01(\t\x12\x15\n\rstop_token_id\x18\x05 \x01(\x05\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\xac\x01\n\tChatEvent\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12.\n\nturn_start\x18\x02 \x01(\x0b\x32\x18.rwkv_serve.v1.TurnStartH\x00\x12)\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x18.rwkv_serve.v1.TextDeltaH\x00\x12*\n\x08turn_end\x18\x04 \x01(\x0b\x32\x16.rwkv_serve.v1.TurnEndH\x00\x42\x07\n\x05\x65vent\"\xd0\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07n_layer\x18\x02 \x01(\x05\x12\x0e\n\x06n_embd\x18\x03 \x01(\x05\x12\x0e\n\x06n_head\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x13\n\x0brandom_init\x18\x08 \x01(\x08\x12\x0f\n\x07presets\x18\t \x03(\t\x12\x0f\n\x07workers\x18\n \x01(\x05\x12\x11\n\thead_size\x18\x0b \x01(\x05*y\n\x0c\x43hatTemplate\x12\x1d\n\x19\x43HAT_TEMPLATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HAT_TEMPLATE_CHAT\x10\x01\x12\x1b\n\x17\x43HAT_TEMPLATE_ONE_STATE\x10\x02\x12\x15\n\x11\x43HAT_TEMPLATE_RAW\x10\x03*\x99\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_STOP_TOKEN\x10\x01\x12\x1b\n\x17STOP_REASON_STOP_STRING\x10\x02\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x03\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arwkv_serve/v1/common.proto\x12\rrwkv_serve.v1\"\x1a\n\x0bTokenIdList\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xc0\x04\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1a\n\rpenalty_decay\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x31\n\rbanned_tokens\x18\x07 \x01(\x0b\x32\x1a.rwkv_serve.v1.TokenIdList\x12\x32\n\x0estop_token_ids\x18\x08 \x01(\x0b\x32\x1a.rwkv_serve.v1.TokenIdList\x12/\n\x0cstop_strings\x18\t \x01(\x0b\x32\x19.rwkv_serve.v1.StringList\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\x36\n\x0fresponse_format\x18\r \x01(\x0b\x32\x1d.rwkv_serve.v1.ResponseFormatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x10\n\x0e_penalty_decayB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0b\n\t_logprobs\"Z\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x03 \x01(\tH\x00\x42\x08\n\x06\x66ormat\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.rwkv_serve.v1.TopLogprob\"[\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.rwkv_serve.v1.TokenLogprob\"e\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\x12\x14\n\x0cstate_tokens\x18\x03 \x01(\x03\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"5\n\tTurnStart\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\xb3\x01\n\x07TurnEnd\x12.\n\x0bstop_reason\x18\x01 \x01(\x0e\x32\x19.rwkv_serve.v1.StopReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.rwkv_serve.v1.Usage\x12\x15\n\rstate_version\x18\x03 \x01(\x03\x12\x13\n\x0bstop_string\x18\x04 \x01(\t\x12\x15\n\rstop_token_id\x18\x05 \x01(\x05\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\xbc\x01\n\tChatEvent\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12.\n\nturn_start\x18\x02 \x01(\x0b\x32\x18.rwkv_serve.v1.TurnStartH\x00\x12)\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x18.rwkv_serve.v1.TextDeltaH\x00\x12*\n\x08turn_end\x18\x04 \x01(\x0b\x32\x16.rwkv_serve.v1.TurnEndH\x00\x12\x0e\n\x06\x63hoice\x18\x05 \x01(\x05\x42\x07\n\x05\x65vent\"\xd0\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07n_layer\x18\x02 \x01(\x05\x12\x0e\n\x06n_embd\x18\x03 \x01(\x05\x12\x0e\n\x06n_head\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x13\n\x0brandom_init\x18\x08 \x01(\x08\x12\x0f\n\x07presets\x18\t \x03(\t\x12\x0f\n\x07workers\x18\n \x01(\x05\x12\x11\n\thead_size\x18\x0b \x01(\x05*y\n\x0c\x43hatTemplate\x12\x1d\n\x19\x43HAT_TEMPLATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HAT_TEMPLATE_CHAT\x10\x01\x12\x1b\n\x17\x43HAT_TEMPLATE_ONE_STATE\x10\x02\x12\x15\n\x11\x43HAT_TEMPLATE_RAW\x10\x03*\xbe\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_STOP_TOKEN\x10\x01\x12\x1b\n\x17STOP_REASON_STOP_STRING\x10\x02\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x03\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x04\x12#\n\x1fSTOP_REASON_CONSTRAINT_COMPLETE\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rwkv_serve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATTEMPLATE']._serialized_start=1562
-  _globals['_CHATTEMPLATE']._serialized_end=1683
-  _globals['_STOPREASON']._serialized_start=1686
-  _globals['_STOPREASON']._serialized_end=1839
+  _globals['_CHATTEMPLATE']._serialized_start=1809
+  _globals['_CHATTEMPLATE']._serialized_end=1930
+  _globals['_STOPREASON']._serialized_start=1933
+  _globals['_STOPREASON']._serialized_end=2123
   _globals['_TOKENIDLIST']._serialized_start=45
   _globals['_TOKENIDLIST']._serialized_end=71
   _globals['_STRINGLIST']._serialized_start=73
   _globals['_STRINGLIST']._serialized_end=101
   _globals['_SAMPLING']._serialized_start=104
-  _globals['_SAMPLING']._serialized_end=624
-  _globals['_TOPLOGPROB']._serialized_start=626
-  _globals['_TOPLOGPROB']._serialized_end=673
-  _globals['_TOKENLOGPROB']._serialized_start=675
-  _globals['_TOKENLOGPROB']._serialized_end=764
-  _globals['_TEXTDELTA']._serialized_start=766
-  _globals['_TEXTDELTA']._serialized_end=857
-  _globals['_USAGE']._serialized_start=859
-  _globals['_USAGE']._serialized_end=937
-  _globals['_TURNSTART']._serialized_start=939
-  _globals['_TURNSTART']._serialized_end=992
-  _globals['_TURNEND']._serialized_start=995
-  _globals['_TURNEND']._serialized_end=1174
-  _globals['_CHATEVENT']._serialized_start=1177
-  _globals['_CHATEVENT']._serialized_end=1349
-  _globals['_MODELINFO']._serialized_start=1352
-  _globals['_MODELINFO']._serialized_end=1560
+  _globals['_SAMPLING']._serialized_end=680
+  _globals['_RESPONSEFORMAT']._serialized_start=682
+  _globals['_RESPONSEFORMAT']._serialized_end=772
+  _globals['_CHATMESSAGE']._serialized_start=774
+  _globals['_CHATMESSAGE']._serialized_end=832
+  _globals['_TOPLOGPROB']._serialized_start=834
+  _globals['_TOPLOGPROB']._serialized_end=881
+  _globals['_TOKENLOGPROB']._serialized_start=883
+  _globals['_TOKENLOGPROB']._serialized_end=972
+  _globals['_TEXTDELTA']._serialized_start=974
+  _globals['_TEXTDELTA']._serialized_end=1065
+  _globals['_USAGE']._serialized_start=1067
+  _globals['_USAGE']._serialized_end=1168
+  _globals['_TURNSTART']._serialized_start=1170
+  _globals['_TURNSTART']._serialized_end=1223
+  _globals['_TURNEND']._serialized_start=1226
+  _globals['_TURNEND']._serialized_end=1405
+  _globals['_CHATEVENT']._serialized_start=1408
+  _globals['_CHATEVENT']._serialized_end=1596
+  _globals['_MODELINFO']._serialized_start=1599
+  _globals['_MODELINFO']._serialized_end=1807
 # @@protoc_insertion_point(module_scope)

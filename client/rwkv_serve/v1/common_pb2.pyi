@@ -21,6 +21,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_STOP_STRING: _ClassVar[StopReason]
     STOP_REASON_MAX_TOKENS: _ClassVar[StopReason]
     STOP_REASON_CANCELLED: _ClassVar[StopReason]
+    STOP_REASON_CONSTRAINT_COMPLETE: _ClassVar[StopReason]
 CHAT_TEMPLATE_UNSPECIFIED: ChatTemplate
 CHAT_TEMPLATE_CHAT: ChatTemplate
 CHAT_TEMPLATE_ONE_STATE: ChatTemplate
@@ -30,6 +31,7 @@ STOP_REASON_STOP_TOKEN: StopReason
 STOP_REASON_STOP_STRING: StopReason
 STOP_REASON_MAX_TOKENS: StopReason
 STOP_REASON_CANCELLED: StopReason
+STOP_REASON_CONSTRAINT_COMPLETE: StopReason
 
 class TokenIdList(_message.Message):
     __slots__ = ("ids",)
@@ -44,7 +46,7 @@ class StringList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "penalty_decay", "banned_tokens", "stop_token_ids", "stop_strings", "max_tokens", "seed", "logprobs")
+    __slots__ = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "penalty_decay", "banned_tokens", "stop_token_ids", "stop_strings", "max_tokens", "seed", "logprobs", "response_format")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +59,7 @@ class Sampling(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
@@ -69,7 +72,28 @@ class Sampling(_message.Message):
     max_tokens: int
     seed: int
     logprobs: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_decay: _Optional[float] = ..., banned_tokens: _Optional[_Union[TokenIdList, _Mapping]] = ..., stop_token_ids: _Optional[_Union[TokenIdList, _Mapping]] = ..., stop_strings: _Optional[_Union[StringList, _Mapping]] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    response_format: ResponseFormat
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_decay: _Optional[float] = ..., banned_tokens: _Optional[_Union[TokenIdList, _Mapping]] = ..., stop_token_ids: _Optional[_Union[TokenIdList, _Mapping]] = ..., stop_strings: _Optional[_Union[StringList, _Mapping]] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
+
+class ResponseFormat(_message.Message):
+    __slots__ = ("json_schema", "regex", "lark_grammar")
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    LARK_GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    regex: str
+    lark_grammar: str
+    def __init__(self, json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., lark_grammar: _Optional[str] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content", "name")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    name: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -100,14 +124,16 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "state_tokens")
+    __slots__ = ("prompt_tokens", "generated_tokens", "state_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     state_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., state_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., state_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class TurnStart(_message.Message):
     __slots__ = ("prompt_tokens", "worker_id")
@@ -134,16 +160,18 @@ class TurnEnd(_message.Message):
     def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., state_version: _Optional[int] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
-    __slots__ = ("turn_id", "turn_start", "delta", "turn_end")
+    __slots__ = ("turn_id", "turn_start", "delta", "turn_end", "choice")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_START_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     TURN_END_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     turn_start: TurnStart
     delta: TextDelta
     turn_end: TurnEnd
-    def __init__(self, turn_id: _Optional[str] = ..., turn_start: _Optional[_Union[TurnStart, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., turn_end: _Optional[_Union[TurnEnd, _Mapping]] = ...) -> None: ...
+    choice: int
+    def __init__(self, turn_id: _Optional[str] = ..., turn_start: _Optional[_Union[TurnStart, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., turn_end: _Optional[_Union[TurnEnd, _Mapping]] = ..., choice: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("id", "n_layer", "n_embd", "n_head", "vocab_size", "state_bytes", "fingerprint", "random_init", "presets", "workers", "head_size")

@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from rwkv_serve.v1 import common_pb2 as rwkv__serve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arwkv_serve/v1/worker.proto\x12\rrwkv_serve.v1\x1a\x1arwkv_serve/v1/common.proto\"\xb2\x02\n\x0eRunTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.rwkv_serve.v1.InputKind\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12)\n\x08sampling\x18\x06 \x01(\x0b\x32\x17.rwkv_serve.v1.Sampling\x12#\n\x16\x65xpected_state_version\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06\x63ommit\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x0f\n\x07turn_id\x18\t \x01(\t\x12\x18\n\x10return_token_ids\x18\n \x01(\x08\x42\x19\n\x17_expected_state_versionB\t\n\x07_commit\"\x10\n\x0eGetLoadRequest\"\xae\x01\n\x08LoadInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.rwkv_serve.v1.ModelInfo\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x05 \x01(\x05\x12\x0e\n\x06queued\x18\x06 \x01(\x05\x12\x12\n\nmax_queued\x18\x07 \x01(\x05\x12\x0f\n\x07serving\x18\x08 \x01(\x08\"`\n\x13PrepareStateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x0etime_state_pth\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0cstate_record\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06source\"Q\n\x14PrepareStateResponse\x12\x14\n\x0cstate_record\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\"%\n\x15WorkerTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"+\n\x16WorkerTokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05*P\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fINPUT_KIND_CHAT\x10\x01\x12\x12\n\x0eINPUT_KIND_RAW\x10\x02\x32\xca\x02\n\rWorkerService\x12\x44\n\x07RunTurn\x12\x1d.rwkv_serve.v1.RunTurnRequest\x1a\x18.rwkv_serve.v1.ChatEvent0\x01\x12\x41\n\x07GetLoad\x12\x1d.rwkv_serve.v1.GetLoadRequest\x1a\x17.rwkv_serve.v1.LoadInfo\x12W\n\x08Tokenize\x12$.rwkv_serve.v1.WorkerTokenizeRequest\x1a%.rwkv_serve.v1.WorkerTokenizeResponse\x12W\n\x0cPrepareState\x12\".rwkv_serve.v1.PrepareStateRequest\x1a#.rwkv_serve.v1.PrepareStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arwkv_serve/v1/worker.proto\x12\rrwkv_serve.v1\x1a\x1arwkv_serve/v1/common.proto\"\x9a\x03\n\x0eRunTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.rwkv_serve.v1.InputKind\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12)\n\x08sampling\x18\x06 \x01(\x0b\x32\x17.rwkv_serve.v1.Sampling\x12#\n\x16\x65xpected_state_version\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06\x63ommit\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x0f\n\x07turn_id\x18\t \x01(\t\x12\x18\n\x10return_token_ids\x18\n \x01(\x08\x12,\n\x08messages\x18\x0b \x03(\x0b\x32\x1a.rwkv_serve.v1.ChatMessage\x12-\n\x08template\x18\x0c \x01(\x0e\x32\x1b.rwkv_serve.v1.ChatTemplate\x12\t\n\x01n\x18\r \x01(\x05\x42\x19\n\x17_expected_state_versionB\t\n\x07_commit\"\x10\n\x0eGetLoadRequest\"\xae\x01\n\x08LoadInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.rwkv_serve.v1.ModelInfo\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x05 \x01(\x05\x12\x0e\n\x06queued\x18\x06 \x01(\x05\x12\x12\n\nmax_queued\x18\x07 \x01(\x05\x12\x0f\n\x07serving\x18\x08 \x01(\x08\"`\n\x13PrepareStateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x0etime_state_pth\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0cstate_record\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06source\"Q\n\x14PrepareStateResponse\x12\x14\n\x0cstate_record\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\"%\n\x15WorkerTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"+\n\x16WorkerTokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05*P\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fINPUT_KIND_CHAT\x10\x01\x12\x12\n\x0eINPUT_KIND_RAW\x10\x02\x32\xca\x02\n\rWorkerService\x12\x44\n\x07RunTurn\x12\x1d.rwkv_serve.v1.RunTurnRequest\x1a\x18.rwkv_serve.v1.ChatEvent0\x01\x12\x41\n\x07GetLoad\x12\x1d.rwkv_serve.v1.GetLoadRequest\x1a\x17.rwkv_serve.v1.LoadInfo\x12W\n\x08Tokenize\x12$.rwkv_serve.v1.WorkerTokenizeRequest\x1a%.rwkv_serve.v1.WorkerTokenizeResponse\x12W\n\x0cPrepareState\x12\".rwkv_serve.v1.PrepareStateRequest\x1a#.rwkv_serve.v1.PrepareStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rwkv_serve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INPUTKIND']._serialized_start=842
-  _globals['_INPUTKIND']._serialized_end=922
+  _globals['_INPUTKIND']._serialized_start=946
+  _globals['_INPUTKIND']._serialized_end=1026
   _globals['_RUNTURNREQUEST']._serialized_start=74
-  _globals['_RUNTURNREQUEST']._serialized_end=380
-  _globals['_GETLOADREQUEST']._serialized_start=382
-  _globals['_GETLOADREQUEST']._serialized_end=398
-  _globals['_LOADINFO']._serialized_start=401
-  _globals['_LOADINFO']._serialized_end=575
-  _globals['_PREPARESTATEREQUEST']._serialized_start=577
-  _globals['_PREPARESTATEREQUEST']._serialized_end=673
-  _globals['_PREPARESTATERESPONSE']._serialized_start=675
-  _globals['_PREPARESTATERESPONSE']._serialized_end=756
-  _globals['_WORKERTOKENIZEREQUEST']._serialized_start=758
-  _globals['_WORKERTOKENIZEREQUEST']._serialized_end=795
-  _globals['_WORKERTOKENIZERESPONSE']._serialized_start=797
-  _globals['_WORKERTOKENIZERESPONSE']._serialized_end=840
-  _globals['_WORKERSERVICE']._serialized_start=925
-  _globals['_WORKERSERVICE']._serialized_end=1255
+  _globals['_RUNTURNREQUEST']._serialized_end=484
+  _globals['_GETLOADREQUEST']._serialized_start=486
+  _globals['_GETLOADREQUEST']._serialized_end=502
+  _globals['_LOADINFO']._serialized_start=505
+  _globals['_LOADINFO']._serialized_end=679
+  _globals['_PREPARESTATEREQUEST']._serialized_start=681
+  _globals['_PREPARESTATEREQUEST']._serialized_end=777
+  _globals['_PREPARESTATERESPONSE']._serialized_start=779
+  _globals['_PREPARESTATERESPONSE']._serialized_end=860
+  _globals['_WORKERTOKENIZEREQUEST']._serialized_start=862
+  _globals['_WORKERTOKENIZEREQUEST']._serialized_end=899
+  _globals['_WORKERTOKENIZERESPONSE']._serialized_start=901
+  _globals['_WORKERTOKENIZERESPONSE']._serialized_end=944
+  _globals['_WORKERSERVICE']._serialized_start=1029
+  _globals['_WORKERSERVICE']._serialized_end=1359
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ INPUT_KIND_CHAT: InputKind
 INPUT_KIND_RAW: InputKind
 
 class RunTurnRequest(_message.Message):
-    __slots__ = ("session_id", "model", "kind", "text", "token_ids", "sampling", "expected_state_version", "commit", "turn_id", "return_token_ids")
+    __slots__ = ("session_id", "model", "kind", "text", "token_ids", "sampling", "expected_state_version", "commit", "turn_id", "return_token_ids", "messages", "template", "n")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,9 @@ class RunTurnRequest(_message.Message):
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     kind: InputKind
@@ -39,7 +42,10 @@ class RunTurnRequest(_message.Message):
     commit: bool
     turn_id: str
     return_token_ids: bool
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., kind: _Optional[_Union[InputKind, str]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., expected_state_version: _Optional[int] = ..., commit: _Optional[bool] = ..., turn_id: _Optional[str] = ..., return_token_ids: _Optional[bool] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    template: _common_pb2.ChatTemplate
+    n: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., kind: _Optional[_Union[InputKind, str]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., expected_state_version: _Optional[int] = ..., commit: _Optional[bool] = ..., turn_id: _Optional[str] = ..., return_token_ids: _Optional[bool] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., template: _Optional[_Union[_common_pb2.ChatTemplate, str]] = ..., n: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
