@@ -70,6 +70,15 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     # admitted before it).
     prefill_token_budget: int = Field(128, ge=0)
     max_tokens_limit: int = Field(4096, ge=1)
+    # Structured output (Sampling.response_format, worker/constraints.py): the largest schema/regex/grammar text, the
+    # compiler's work limits (llguidance lexer fuel at compile and per mask step, grammar symbols), compiled formats
+    # kept (LRU by content), llguidance's mask threads (0 = its default).
+    constraint_max_bytes: int = Field(64 * 1024, ge=1)
+    constraint_lexer_fuel: int = Field(1_000_000, ge=1)
+    constraint_step_fuel: int = Field(200_000, ge=1)
+    constraint_max_grammar_size: int = Field(500_000, ge=1)
+    constraint_cache_size: int = Field(256, ge=1)
+    constraint_threads: int = Field(0, ge=0)
     max_prompt_tokens: int = Field(16_384, ge=1)  # a turn's input; longer is INVALID_ARGUMENT (the seed's context)
     default_max_tokens: int = Field(256, ge=1)
     cache_bytes: int = Field(1 << 30, ge=0)  # local LRU of recent session states (host memory)
