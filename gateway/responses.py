@@ -1,0 +1,263 @@
+"""The Responses API on sessions: a stored response is (session id, state version) plus its own metadata.
+
+- No previous_response_id: a new session (the conversation), its system prompt the `instructions` (and any
+  system messages at the start of the input), then one turn.
+- previous_response_id naming the latest response of its conversation: the next turn on that session, sent
+  with expected_state_version = the response's version (nothing else can slip in between).
+- previous_response_id naming an earlier one (the session moved on: a branch): the session is forked at that
+  version (ForkSession.state_version; kept while it is among the session's keep_versions latest), and the turn
+  runs on the fork. A version no longer kept: 404 saying that its state was evicted.
+- store: false keeps nothing: a stateless completion, or an ephemeral turn on the previous response's session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from gateway.backend import Backend
+from gateway.errors import GatewayError, bad_request, unsupported
+from gateway.render import Message, chat_template, render_prompt
+from gateway.response_shapes import error_event_factory, events, input_item, message_item, response_object
+from gateway.response_store import ResponseStore, new_response_id
+from gateway.schemas import ResponseRequest, check_unsupported, message_text
+from gateway.streams import event_stream, primed
+from rwkv_serve_client import AsyncRWKVClient, TurnResult
+from rwkv_serve_client import errors as sdk
+
+_UNSUPPORTED = ("tools", "max_tool_calls", "reasoning", "top_logprobs", "background", "conversation", "prompt")
+_WHY = {"tools": "this server has no tool calling", "reasoning": "RWKV-5 models have no reasoning mode",
+        "top_logprobs": "token bytes are not on the gRPC wire yet (needs a proto field)",
+        "background": "responses run in the foreground only",
+        "conversation": "use previous_response_id (each response keeps its conversation's state)",
+        "prompt": "stored prompt templates are not kept here"}
+
+
+def _messages(body: ResponseRequest, max_messages: int) -> list[Message]:
+    items = [Message("user", body.input)] if isinstance(body.input, str) else []
+    if not isinstance(body.input, str):
+        if len(body.input) > max_messages:
+            raise bad_request(f"at most {max_messages} input items are allowed, got {len(body.input)}", "input")
+        for i, item in enumerate(body.input):
+            if item.type not in (None, "message") or item.role is None:
+                raise unsupported(f"input[{i}].type", f"input items of type {item.type!r} (only messages)")
+            role = "system" if item.role == "developer" else item.role
+            items.append(Message(role, message_text(item.content, f"input[{i}].content")))
+    if not items:
+        raise bad_request("input must not be empty", "input")
+    return items
+
+
+def _turn_text(messages: list[Message], param: str = "input") -> str:
+    """The one user message a session turn carries."""
+    if len(messages) != 1 or messages[0].role != "user":
+        raise unsupported(param, "on a stored conversation the input must be one user message (several messages "
+                                 "in one turn need ChatTurn.messages, not in the SDK yet)")
+    return messages[0].content
+
+
+def _check(body: ResponseRequest, backend: Backend) -> None:
+    check_unsupported(body, _UNSUPPORTED, _WHY)
+    if body.tool_choice not in (None, "none", "auto"):
+        raise unsupported("tool_choice", "this server has no tool calling")
+    fmt = ((body.text.format if body.text else None) or {}).get("type", "text")
+    if fmt != "text":
+        raise unsupported("text.format", f"type {fmt!r} (only text)")
+    if body.metadata is not None and len(body.metadata) > 16:
+        raise bad_request("metadata has at most 16 entries", "metadata")
+
+
+async def create(body: ResponseRequest, backend: Backend, store: ResponseStore, api_key: str | None) -> Response:
+    """POST /v1/responses."""
+    _check(body, backend)
+    settings = backend.settings
+    messages = _messages(body, settings.max_messages)
+    sampling = body.sampling(settings, body.max_output_tokens)
+    tenant = await backend.tenant(api_key) if (body.store or body.previous_response_id) else ""
+    prev = await store.get(body.previous_response_id, tenant) if body.previous_response_id else None
+    if prev is not None and prev["model"] != body.model:
+        raise bad_request(f"previous response {prev['id']} ran on model {prev['model']!r}: a conversation's state "
+                          "only works with its own model", "model")
+    record: dict[str, Any] = {
+        "id": new_response_id(), "tenant": tenant, "model": body.model, "created_at": int(time.time()),
+        "instructions": body.instructions, "previous_response_id": body.previous_response_id,
+        "metadata": body.metadata or {}, "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
+        "max_output_tokens": body.max_output_tokens,
+        "input_items": [input_item(m.role, m.content) for m in messages],
+    }
+    client = backend.client(api_key)
+    release = backend.acquire()
+    try:
+        items, session_id = await _start(body, client, prev, messages, sampling, settings)
+        record["session_id"] = session_id
+        stream = await primed(_indexed(items))
+    except BaseException:
+        release()
+        raise
+
+    async def on_result(result: TurnResult, output: list[dict[str, Any]]) -> dict[str, Any]:
+        record["output"] = output
+        record["result"] = {"stop_reason": int(result.stop_reason), "prompt_tokens": result.usage.prompt_tokens,
+                            "generated_tokens": result.usage.generated_tokens,
+                            "cached_tokens": getattr(result.usage, "cached_tokens", 0) or 0}
+        record["state_version"] = result.state_version
+        record["conversation_instructions"] = (prev or {}).get("conversation_instructions", body.instructions)
+        if body.store:
+            await store.put(record)
+        return record
+
+    if not body.stream:
+        try:
+            result = text = None
+            async for _, item in stream:
+                if isinstance(item, TurnResult):
+                    result = item
+            assert result is not None
+            text = result.text
+            output = [message_item(_item_id(), text, "completed")]
+            await on_result(result, output)
+        finally:
+            release()
+        return JSONResponse(response_object(record, status="completed", output=output, result=result))
+    return event_stream(events(record, _texts(stream), on_result), release, error_event_factory())
+
+
+def _item_id() -> str:
+    from gateway.response_shapes import new_item_id
+
+    return new_item_id()
+
+
+async def _indexed(items: AsyncIterator[str | TurnResult]) -> AsyncIterator[tuple[int, str | TurnResult]]:
+    async with contextlib.aclosing(items) as stream:
+        async for item in stream:
+            yield 0, item
+
+
+async def _texts(items: AsyncIterator[tuple[int, str | TurnResult]]) -> AsyncIterator[str | TurnResult]:
+    async with contextlib.aclosing(items) as stream:
+        async for _, item in stream:
+            yield item
+
+
+async def _start(body: ResponseRequest, client: AsyncRWKVClient, prev: dict[str, Any] | None,
+                 messages: list[Message], sampling: dict[str, Any],
+                 settings: Any) -> tuple[AsyncIterator[str | TurnResult], str]:
+    """The turn's SDK stream and the session it runs on ("" for a stateless one)."""
+    if prev is None:
+        system = [m.content for m in messages if m.role == "system"]
+        lead = 0
+        while lead < len(messages) and messages[lead].role == "system":
+            lead += 1
+        if lead < len(system):
+            raise unsupported("input", "system messages after the first user message")
+        system_prompt = "\n".join(s for s in [body.instructions or "", *system] if s)
+        rest = messages[lead:]
+        if not body.store:  # a stateless completion of the rendered conversation
+            template = chat_template(None)
+            prompt = render_prompt([Message("system", system_prompt), *rest] if system_prompt else rest, template)
+            stops = [*sampling.get("stop_strings", []), *template.stop_strings]
+            return client.generate(prompt, model=body.model, **{**sampling, "stop_strings": stops}), ""
+        text = _turn_text(rest)
+        session = await client.create_session(body.model, system_prompt=system_prompt,
+                                              ttl=settings.responses_ttl_s, metadata={"created_by": "rwkv-gateway"})
+        return _cleanup_on_failure(client, session.session_id, client.chat(session.session_id, text, **sampling)), \
+            session.session_id
+    if body.instructions and body.instructions != prev.get("conversation_instructions"):
+        raise unsupported("instructions", "new instructions on a continued conversation (its state holds the first "
+                                          "ones); needs ChatTurn.messages to feed them as a system message")
+    text = _turn_text(messages)
+    sid, version = prev["session_id"], prev["state_version"]
+    if not body.store:
+        template = chat_template(None)
+        stops = [*sampling.get("stop_strings", []), *template.stop_strings]
+        stream = client.generate(template.user_turn(text), session_id=sid, ephemeral=True,
+                                 expected_state_version=version, **{**sampling, "stop_strings": stops})
+        return _explained(stream, prev), ""
+    return _explained(client.chat(sid, text, expected_state_version=version, **sampling), prev), sid
+
+
+async def _cleanup_on_failure(client: AsyncRWKVClient, session_id: str,
+                              items: AsyncIterator[str | TurnResult]) -> AsyncIterator[str | TurnResult]:
+    """A new conversation's first turn; when it fails or is abandoned, its session goes too."""
+    done = False
+    try:
+        async with contextlib.aclosing(items) as stream:
+            async for item in stream:
+                done = done or isinstance(item, TurnResult)
+                yield item
+    finally:
+        if not done:
+            with contextlib.suppress(Exception):
+                await client.delete_session(session_id)
+
+
+async def _explained(items: AsyncIterator[str | TurnResult],
+                     prev: dict[str, Any]) -> AsyncIterator[str | TurnResult]:
+    """A continuation's stream, its errors said in terms of the previous response."""
+    try:
+        async with contextlib.aclosing(items) as stream:
+            async for item in stream:
+                yield item
+    except sdk.SessionNotFoundError:
+        raise GatewayError(404, f"the state of response {prev['id']} was evicted: its conversation expired or was "
+                                "deleted", param="previous_response_id", code="state_evicted") from None
+    except sdk.VersionConflictError:
+        raise GatewayError(409, f"response {prev['id']} is no longer the latest of its conversation, and branching "
+                                "from an earlier response needs ForkSession.state_version (not in the SDK yet)",
+                           param="previous_response_id", code="version_conflict") from None
+    except sdk.SessionBusyError:
+        raise GatewayError(409, f"the conversation of response {prev['id']} is generating another response; retry "
+                                "when it is complete", param="previous_response_id",
+                           code="conversation_busy") from None
+
+
+async def retrieve(response_id: str, backend: Backend, store: ResponseStore, api_key: str | None) -> JSONResponse:
+    record = await store.get(response_id, await backend.tenant(api_key))
+    return JSONResponse(_stored(record))
+
+
+def _stored(record: dict[str, Any]) -> dict[str, Any]:
+    from gateway.response_shapes import usage
+    from rwkv_serve_client import StopReason, Usage
+
+    r = record["result"]
+    result = TurnResult("", "", StopReason(r["stop_reason"]), Usage(r["prompt_tokens"], r["generated_tokens"], 0),
+                        record["state_version"])
+    body = response_object(record, status="completed", output=record["output"], result=result)
+    body["usage"] = usage(result)
+    body["usage"]["input_tokens_details"]["cached_tokens"] = r.get("cached_tokens", 0)
+    return body
+
+
+async def delete(response_id: str, backend: Backend, store: ResponseStore, api_key: str | None) -> JSONResponse:
+    record = await store.get(response_id, await backend.tenant(api_key))
+    left = await store.delete(record)
+    if left == 0:  # the conversation's last stored response: its session (and states) go too
+        with contextlib.suppress(sdk.NotFoundError):
+            await backend.client(api_key).delete_session(record["session_id"])
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+async def input_items(response_id: str, backend: Backend, store: ResponseStore, api_key: str | None, *,
+                      limit: int, order: str, after: str | None) -> JSONResponse:
+    if not 1 <= limit <= 100:
+        raise bad_request("limit must be between 1 and 100", "limit")
+    if order not in ("asc", "desc"):
+        raise bad_request("order must be 'asc' or 'desc'", "order")
+    record = await store.get(response_id, await backend.tenant(api_key))
+    items = list(record["input_items"])
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            raise bad_request(f"no input item {after!r} in response {response_id}", "after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})

@@ -1,0 +1,114 @@
+"""The gateway driven by the official openai SDK over HTTP, against a real front and worker (tiny model): models,
+chat completions and completions, streamed and not, equal to the gRPC path for the same greedy conversation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from rwkv_serve_client import RWKVClient
+from tests.test_gateway_support import MODEL, Gateway, start_gateway, start_service
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def service(redis_url, tiny_model, tokenizer, one_thread):
+    service = start_service(redis_url, tiny_model, tokenizer)
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(service) -> Iterator[Gateway]:
+    gateway = start_gateway(service)
+    yield gateway
+    gateway.close()
+
+
+@pytest.fixture
+def oai(gateway: Gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.url, api_key="unused-in-dev-mode", max_retries=0) as client:
+        yield client
+
+
+CONVERSATION = [{"role": "system", "content": "You are a test."}, {"role": "user", "content": "Hello there!"}]
+
+
+def test_models_lists_the_served_model(oai: openai.OpenAI) -> None:
+    models = oai.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].object == "model"
+    assert oai.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.models.retrieve("no-such-model")
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_chat_completion_equals_the_grpc_session_turn(oai: openai.OpenAI, service) -> None:
+    done = oai.chat.completions.create(model=MODEL, messages=CONVERSATION, temperature=0, max_tokens=12)
+    with RWKVClient(service.target) as rwkv:
+        session = rwkv.create_session(MODEL, system_prompt="You are a test.", temperature=0, max_tokens=12)
+        turn = rwkv.say(session.session_id, "Hello there!")
+    choice = done.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == turn.text
+    assert choice.finish_reason == ("length" if turn.stop_reason.name == "MAX_TOKENS" else "stop")
+    assert done.object == "chat.completion" and done.id.startswith("chatcmpl-")
+    assert done.usage.prompt_tokens > 0  # (the session counts its system prompt in its opening state, not here)
+    assert done.usage.completion_tokens == turn.usage.generated_tokens
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert done.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_streamed_chat_equals_the_whole_reply(oai: openai.OpenAI) -> None:
+    whole = oai.chat.completions.create(model=MODEL, messages=CONVERSATION, temperature=0, max_tokens=10)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=CONVERSATION, temperature=0, max_tokens=10,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_equals_grpc_generate_streamed_and_not(oai: openai.OpenAI, service) -> None:
+    prompt = "The capital of France is"
+    with RWKVClient(service.target) as rwkv:
+        expected = rwkv.complete(prompt, model=MODEL, temperature=0, max_tokens=9)
+    done = oai.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=9)
+    assert done.choices[0].text == expected.text and done.object == "text_completion"
+    assert done.usage.completion_tokens == expected.usage.generated_tokens
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(
+        model=MODEL, prompt=prompt, temperature=0, max_tokens=9, stream=True) if c.choices)
+    assert streamed == expected.text
+    echoed = oai.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=9, echo=True)
+    assert echoed.choices[0].text == prompt + expected.text
+
+
+def test_n_choices_sampled_with_a_seed_are_reproducible(oai: openai.OpenAI) -> None:
+    def run() -> list[str]:
+        done = oai.chat.completions.create(model=MODEL, messages=CONVERSATION, temperature=1.0, max_tokens=8, n=3,
+                                           seed=1234)
+        assert [c.index for c in done.choices] == [0, 1, 2]
+        return [c.message.content for c in done.choices]
+
+    first = run()
+    assert run() == first  # equal seeds, equal samples
+    assert len(set(first)) > 1  # the choices are independent samples, not one reply three times
+
+
+def test_stop_and_rwkv_extra_fields(oai: openai.OpenAI) -> None:
+    free = oai.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=12)
+    text = free.choices[0].text
+    assert len(text) > 4
+    stop = text[2:4]
+    cut = oai.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=12, stop=[stop])
+    assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    extra = oai.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=12,
+                                   extra_body={"top_k": 1, "penalty_decay": 0.996})
+    assert extra.choices[0].text == text  # greedy either way: the extras were accepted and valid
