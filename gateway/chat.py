@@ -60,7 +60,8 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest, backend: Back
 def _turns(backend: Backend, api_key: str | None, prompt: str, model: str, sampling: dict[str, Any],
            n: int) -> AsyncIterator[Item]:
     client = backend.client(api_key)
-    return merge([client.generate(prompt, model=model, **_seeded(sampling, i, n)) for i in range(n)])
+    timeout = backend.settings.request_timeout_s
+    return merge([client.generate(prompt, model=model, timeout=timeout, **_seeded(sampling, i, n)) for i in range(n)])
 
 
 async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_key: str | None) -> Response:
@@ -153,7 +154,9 @@ async def completions(body: CompletionRequest, backend: Backend, api_key: str | 
     n = body.n
     release = backend.acquire()
     client = backend.client(api_key)
-    items = merge([client.generate(p, model=body.model, **_seeded(sampling, i, n)) for p in prompts for i in range(n)])
+    timeout = backend.settings.request_timeout_s
+    items = merge([client.generate(p, model=body.model, timeout=timeout, **_seeded(sampling, i, n))
+                   for p in prompts for i in range(n)])
     if not body.stream:
         try:
             results = await collect(items, len(prompts) * n)

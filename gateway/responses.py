@@ -148,6 +148,7 @@ async def _start(body: ResponseRequest, client: AsyncRWKVClient, prev: dict[str,
                  messages: list[Message], sampling: dict[str, Any],
                  settings: Any) -> tuple[AsyncIterator[str | TurnResult], str]:
     """The turn's SDK stream and the session it runs on ("" for a stateless one)."""
+    sampling = {**sampling, "timeout": settings.request_timeout_s}  # (the SDK's turns have no default deadline)
     if prev is None:
         system = [m.content for m in messages if m.role == "system"]
         lead = 0
