@@ -1,5 +1,5 @@
 # Two images from one Dockerfile (multi-stage targets):
-#   front (no torch):  docker build --target front -t rwkv-serve-front .      # rwkv-front, rwkv-admin
+#   front (no torch):  docker build --target front -t rwkv-serve-front .      # rwkv-front, rwkv-gateway, rwkv-admin
 #   worker (CPU):      docker build --target worker -t rwkv-serve .           # rwkv-worker (and everything else)
 #   worker (GPU):      docker build --target worker -t rwkv-serve:gpu --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
 # (PyPI's Linux torch wheels bundle CUDA; the CPU index keeps the image ~1 GB smaller.) `worker` is the last stage,
@@ -13,15 +13,17 @@ RUN useradd --create-home --uid 10001 rwkv
 COPY client ./client
 RUN pip install ./client
 
-# ---- the front (and the admin CLI): grpcio, protobuf, redis, opentelemetry, pydantic-settings; no torch ----
+# ---- the front, the HTTP gateway and the admin CLI: grpcio, protobuf, redis, opentelemetry, pydantic-settings,
+# fastapi + uvicorn; no torch ----
 FROM base AS front
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY service ./service
-RUN pip install . && python -c "import service.server, service.admin" \
+COPY gateway ./gateway
+RUN pip install . && python -c "import service.server, service.admin, gateway.server" \
     && ! python -c "import torch" 2>/dev/null
 USER rwkv
-EXPOSE 50051
+EXPOSE 50051 8000
 CMD ["rwkv-front", "--host", "0.0.0.0", "--port", "50051"]
 
 # ---- the model worker: the server plus its [worker] extra (torch, tokenizers, rwkv, ninja) ----
@@ -35,9 +37,10 @@ COPY pyproject.toml README.md ./
 COPY common ./common
 COPY worker ./worker
 COPY service ./service
+COPY gateway ./gateway
 COPY tuning ./tuning
 RUN pip install ".[worker]"
 USER rwkv
 RUN python -m worker.cpu_kernels
-EXPOSE 50051 50052
+EXPOSE 50051 50052 8000
 CMD ["rwkv-worker", "--host", "0.0.0.0", "--port", "50052"]

@@ -37,7 +37,8 @@ class Backend:
         credentials = None
         if settings.front_ca or settings.front_client_cert:
             credentials = tls_credentials(settings.front_ca, settings.front_client_cert, settings.front_client_key)
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                                          ("grpc.lb_policy_name", settings.front_lb_policy)]
         if settings.front_tls_server_name:
             options.append(("grpc.ssl_target_name_override", settings.front_tls_server_name))
         if credentials is None:

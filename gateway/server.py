@@ -24,7 +24,7 @@ def create_server(settings: GatewaySettings, store: object = None) -> tuple[uvic
     config = uvicorn.Config(create_app(settings, store), log_config=None, access_log=False, lifespan="on",
                             ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
                             ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=round(settings.grace_s))
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

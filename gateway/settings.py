@@ -29,6 +29,9 @@ class GatewaySettings(RedisSettings):
     front_client_cert: Path | None = None
     front_client_key: Path | None = None
     front_tls_server_name: str = ""  # the name in the front's certificate when it differs from front_target's host
+    # How the channel spreads calls over the addresses front_target resolves to: "round_robin" with a
+    # dns:///<headless service>:50051 target balances calls over every front pod (a ClusterIP is one address).
+    front_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
     # Retries of one turn by the SDK with the same turn id (a worker lost, UNAVAILABLE, overload with a hint);
     # 0 passes every such failure straight to the HTTP client (the openai SDKs retry 429/5xx themselves).
     turn_retries: int = Field(1, ge=0)
@@ -65,6 +68,7 @@ class GatewaySettings(RedisSettings):
     # state in Redis (41 MiB at 12B).
     responses_keep_versions: int = Field(4, ge=0)
 
+    grace_s: float = Field(30.0, ge=0)  # on SIGTERM, requests in flight get this long to finish
     log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")

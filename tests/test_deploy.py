@@ -299,7 +299,7 @@ def test_front_deployment_and_service(monkeypatch: pytest.MonkeyPatch) -> None:
     assert urlsplit(settings.redis_url).password == SECRET
 
     # The Service: ClusterIP 50051 onto the container's grpc port, selecting exactly the front pods.
-    (service,) = objects("Service").values()
+    service = objects("Service")["rwkv-front"]  # (the gateway adds Services of its own: gateway-service.yaml)
     labels = deploy["spec"]["template"]["metadata"]["labels"]
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert service["spec"]["selector"].items() <= labels.items()
