@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import cpu_kernels
-from worker.linear import choose_kernel
+from worker.linear import ONEDNN_FROM_ROWS, Linear, choose_kernel, dual_helps
 from worker.model import RWKV5, logits_scale, wkv_step
 
 CAN_BUILD = not cpu_kernels.missing_prerequisite()
@@ -95,8 +95,8 @@ def test_every_kernel_gives_the_same_model(tiny_checkpoint, dtype):
     """The same checkpoint through native, oneDNN (where it takes the dtype) and F.linear: same logits, same state."""
     tokens = torch.randint(0, 65536, (3, 9), generator=torch.Generator().manual_seed(3))
     results = {}
-    for kernel in ("native", "onednn", "torch"):
-        if kernel == "native" and not CAN_BUILD:
+    for kernel in ("native", "onednn", "dual", "torch"):
+        if kernel in ("native", "dual") and not CAN_BUILD:
             continue
         model = RWKV5.from_checkpoint(tiny_checkpoint, dtype=dtype, kernel=kernel)
         logits, state = model.forward(tokens, model.init_state(3))
@@ -135,3 +135,50 @@ def test_native_decode_block_equals_torch_path(tmp_path, dtype):
         assert (logits_n - logits_t).abs().max().item() <= tol * logits_scale(logits_t), t
     for a, b in zip(state_n.tensors(), state_t.tensors()):
         assert (a - b).abs().max().item() <= tol * max(b.abs().max().item(), 1e-6)
+
+
+def test_auto_kernel_follows_the_rule():
+    """auto = dual exactly where the measured rule says oneDNN's large GEMMs win (bf16: AVX512_BF16 or AMX; fp32:
+    AVX-512), native elsewhere; the rule itself on made-up flag sets."""
+    assert dual_helps(torch.bfloat16, {"avx2", "avx512f", "avx512_bf16"})
+    assert dual_helps(torch.bfloat16, {"avx2", "amx_bf16"})
+    assert not dual_helps(torch.bfloat16, {"avx2", "fma", "avx512f"})  # no bf16 dot products: native wins
+    assert dual_helps(torch.float32, {"avx512f"}) and not dual_helps(torch.float32, {"avx2", "fma"})
+    assert not dual_helps(torch.float16, {"avx512f", "avx512_bf16", "amx_bf16"})  # oneDNN takes no fp16 here
+    if not CAN_BUILD:
+        return
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        expected = "dual" if dual_helps(dtype) else "native"
+        assert choose_kernel(torch.randn(32, 16).to(dtype), "auto") == expected, dtype
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dual_kernel_dispatches_by_rows(dtype):
+    """A dual Linear gives, bit for bit, the native kernel's result below its threshold and oneDNN's from it."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(80, 48, generator=g).to(dtype)
+    dual, nat, dnn = Linear(w.clone(), "dual"), Linear(w.clone(), "native"), Linear(w.clone(), "onednn")
+    threshold = ONEDNN_FROM_ROWS[dtype]
+    assert dual.kernel == "dual" and dual.onednn_from_rows == threshold
+    for rows in (1, threshold - 1, threshold, 3 * threshold):
+        x = torch.randn(rows, 48, generator=g)
+        expected = nat(x) if rows < threshold else dnn(x)
+        assert torch.equal(dual(x), expected), rows
+    x = torch.randn(2, threshold, 48, generator=g)  # rows are counted over every leading dimension
+    assert torch.equal(dual(x), dnn(x))
+
+
+@native
+def test_dual_model_decodes_large_batches_through_onednn(tiny_checkpoint):
+    """A dual bf16 model: small decode batches take the fused native block (same bits as the native model), large
+    ones the per-op path over oneDNN (same bits as the oneDNN model)."""
+    models = {k: RWKV5.from_checkpoint(tiny_checkpoint, dtype=torch.bfloat16, kernel=k)
+              for k in ("dual", "native", "onednn")}
+    g = torch.Generator().manual_seed(9)
+    for batch, twin in ((2, "native"), (ONEDNN_FROM_ROWS[torch.bfloat16], "onednn")):
+        state = models["native"].init_state(batch)
+        tokens = torch.randint(0, 65536, (batch, 1), generator=g)
+        got, _ = models["dual"].forward(tokens, state)
+        want, _ = models[twin].forward(tokens, state)
+        assert torch.equal(got, want), (batch, twin)

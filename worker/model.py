@@ -254,7 +254,10 @@ class RWKV5:
         # With the native CPU kernels a decode step (T = 1) runs each block as one call (cpu_kernels.cpp, block_step):
         # the same arithmetic as _block below, without the per-op dispatch that is ~25% of a bf16 step at D=768.
         self._native_blocks = ([self._native_block_params(i) for i in range(cfg.n_layer)]
-                               if self.kernel == "native" else None)
+                               if self.kernel in ("native", "dual") else None)
+        # With "dual", batches of this many sessions or more decode through the per-op path, whose Linears then call
+        # oneDNN (worker/linear.py): at B=32 its GEMMs outrun the fused native block on such CPUs.
+        self._block_step_below = self.head.onednn_from_rows or 1 << 62
         if not trainable:  # the matrices now live in the Linears and self.emb: let go of the file's mapped views
             self._drop_matrices(p, "")
         self.grad_checkpoint = False  # trainable only: recompute each block in backward to save activation memory
@@ -338,7 +341,8 @@ class RWKV5:
 
     def _block(self, i: int, x, state: State, new: State | None = None):
         """Block i: x += time mixing, x += channel mixing; returns x and the block's new (shift, wkv, shift)."""
-        if self._native_blocks is not None and new is not None and x.shape[1] == 1:
+        if self._native_blocks is not None and new is not None and x.shape[1] == 1 \
+                and x.shape[0] < self._block_step_below:
             x = cpu_kernels.block_step(x, self._native_blocks[i], state.att_shift[i], state.wkv[i], state.ffn_shift[i],
                                        new.att_shift[i], new.wkv[i], new.ffn_shift[i], self.att[i].scale)
             return x, new.att_shift[i], new.wkv[i], new.ffn_shift[i]

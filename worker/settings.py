@@ -23,9 +23,11 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     vocab_path: Path | None = None  # World vocab .txt or HF tokenizer .json; None = the standard World vocab
     device: str = "cpu"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    # CPU matmul: the native AVX2 kernels (built on first use, ~20 s), oneDNN, or plain torch; auto = the first
-    # that works here (see worker.linear.Linear)
-    cpu_kernel: Literal["auto", "native", "onednn", "torch"] = "auto"
+    # CPU matmul: the native AVX2 kernels (built on first use, ~20 s), oneDNN, both ("dual": native for small
+    # batches, oneDNN from 8 rows in bf16 / 32 in fp32; twice the weight memory), or plain torch. auto = dual on
+    # CPUs where oneDNN's large GEMMs are faster (AVX512_BF16/AMX for bf16, AVX-512 for fp32), else the first that
+    # works here (see worker.linear.Linear); pin native or onednn to hold one copy of the weights.
+    cpu_kernel: Literal["auto", "native", "onednn", "dual", "torch"] = "auto"
     random_n_layer: int = 2  # shape of the random-init model
     random_n_embd: int = 128
     random_dir: Path | None = None  # where the random checkpoint is written (None = a temporary directory)
@@ -49,7 +51,14 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     # A turn's session lease, renewed every third of it while the turn runs. The front breaks the lease of a
     # worker it saw die; otherwise (e.g. the front died too) this TTL is how long that session stays busy.
     lease_ms: int = Field(10_000, gt=0)
-    prefix_ttl_ms: int = Field(86_400_000, gt=0)
+    prefix_ttl_ms: int = Field(86_400_000, gt=0)  # a prefix-cache entry unused this long expires
+    # The shared prefix-state cache (worker/prefix_cache.py): states at message boundaries of stateless
+    # conversations and at new sessions' system prompts, in Redis. Its total size per model is bounded (least
+    # recently used entries go first); false = neither looked up nor stored (the same segments are prefilled).
+    prefix_cache: bool = True
+    prefix_cache_max_bytes: int = Field(2 << 30, ge=0)
+    max_messages: int = Field(256, ge=1)  # messages in one turn's input; more is INVALID_ARGUMENT
+    max_choices: int = Field(16, ge=1)  # n of one request (choices sampled from one prefilled prompt)
     # How long a committed turn's result stays in Redis (one record per session, its latest turn), so that a retry
     # with the same turn_id after a worker died between its commit and its turn_end is answered from it instead of
     # running again (common/store/turns.py).
