@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.backend import Backend
 from gateway.errors import bad_request, unsupported
 from gateway.render import chat_template, normalise, render_prompt
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, check_unsupported
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, banned_tokens, check_unsupported
 from gateway.streams import (
     Item,
     cached_tokens,
@@ -31,10 +31,9 @@ from gateway.streams import (
 )
 from rwkv_serve_client import TurnResult
 
-_CHAT_UNSUPPORTED = ("tools", "functions", "function_call", "logit_bias", "audio", "prediction",
+_CHAT_UNSUPPORTED = ("tools", "functions", "function_call", "audio", "prediction",
                      "web_search_options", "store", "reasoning_effort")
 _WHY = {"tools": "this server has no tool calling", "functions": "this server has no tool calling",
-        "logit_bias": "token-level biases are not exposed",
         "store": "stored chat completions are not kept; use the Responses API for stored conversations",
         "reasoning_effort": "RWKV-5 models have no reasoning mode"}
 
@@ -80,6 +79,8 @@ async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_ke
     template = chat_template(body.template)
     messages = normalise(body.messages, backend.settings.max_messages)
     sampling = body.sampling(backend.settings, body.max_new_tokens())
+    if (banned := banned_tokens(body.logit_bias)) is not None:
+        sampling["banned_tokens"] = banned
     sampling["stop_strings"] = [*sampling.get("stop_strings", []), *template.stop_strings]
     prompt = render_prompt(messages, template)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -140,7 +141,6 @@ async def completions(body: CompletionRequest, backend: Backend, api_key: str | 
         raise unsupported("suffix", "RWKV completes left to right only")
     if body.best_of not in (None, body.n):
         raise unsupported("best_of", "only best_of equal to n")
-    check_unsupported(body, ("logit_bias",))
     _check_common(body, backend)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -150,6 +150,8 @@ async def completions(body: CompletionRequest, backend: Backend, api_key: str | 
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed with stream: true", "stream_options")
     sampling = body.sampling(backend.settings, body.max_tokens)
+    if (banned := banned_tokens(body.logit_bias)) is not None:
+        sampling["banned_tokens"] = banned
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n = body.n
     release = backend.acquire()

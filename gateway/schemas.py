@@ -58,6 +58,21 @@ class Sampled(_Body):
         return {k: v for k, v in fields.items() if v is not None}
 
 
+def banned_tokens(logit_bias: dict[str, Any] | None) -> list[int] | None:
+    """OpenAI's logit_bias where it means a ban (-100, "should result in a ban or exclusive selection"): those
+    token ids are never sampled. Other biases are refused (the sampler has no per-token bias)."""
+    if not logit_bias:
+        return None
+    banned = []
+    for key, value in logit_bias.items():
+        if not str(key).isdigit():
+            raise bad_request(f"logit_bias keys are token ids, not {key!r}", "logit_bias")
+        if not isinstance(value, (int, float)) or value > -100:
+            raise unsupported("logit_bias", f"a bias of {value!r} (only -100, which bans the token)")
+        banned.append(int(key))
+    return banned
+
+
 def check_unsupported(body: BaseModel, names: tuple[str, ...], why: dict[str, str] | None = None) -> None:
     """400 for any of `names` set to something other than null, false, empty or "none"."""
     for name in names:
