@@ -41,3 +41,18 @@ def test_cuda_batched_equals_alone(checkpoint):
     for i, tok in enumerate((7, 8)):
         one, _ = model.forward(torch.tensor([[tok]], device="cuda"), states[i])
         _assert_close(both[i].cpu(), one[0].cpu(), 2e-2)
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_state_record_round_trip(checkpoint, storage):
+    """A state on the GPU is written into a pinned record (one DMA, no staging copy) and read back equal."""
+    from worker.state import state_from_bytes, state_to_buffer
+
+    model = RWKV5.from_checkpoint(checkpoint, device="cuda", dtype=torch.bfloat16)
+    _, state = model.forward(torch.tensor([_tokens(40, 3)], device="cuda"), model.init_state(1))
+    record = state_to_buffer(state, model.fingerprint, 40, dtype=storage, wkv_dtype=storage)
+    assert record.obj.base is not None  # a numpy view of a torch (pinned) tensor, not numpy's own allocation
+    back, tokens = state_from_bytes(record, model.fingerprint, "cuda")
+    assert tokens == 40 and back.wkv.is_cuda
+    for a, b in zip(back.tensors(), state.tensors()):
+        assert torch.equal(a, b.to(storage).float())

@@ -123,9 +123,7 @@ def state_to_buffer(
     parts = ((state.att_shift, dtype), (state.wkv, wkv_dtype), (state.ffn_shift, dtype))
     payload = sum(t.numel() * _ESIZE[dt] for t, dt in parts)
     total = _HEADER.size + payload + _CRC.size
-    # numpy rather than bytearray: it asks the kernel for huge pages (a 43 MB record is ~20 pages, not ~10,000
-    # faults of 4 KiB that cost more than the copy), and it skips bytearray's zero fill.
-    buf = np.empty(total, dtype=np.uint8)
+    buf = _record_buffer(total, state.wkv.device)
     _HEADER.pack_into(buf, 0, MAGIC, FORMAT_VERSION, _DTYPE_CODES[dtype], _DTYPE_CODES[wkv_dtype], fingerprint,
                       L, D, H, N, tokens_consumed, payload)
     off = _HEADER.size
@@ -289,6 +287,19 @@ def _fits_fp16(region: np.ndarray) -> bool:
     over the bits, no temporary: +inf/NaN have int16 bits >= 0x7C00, -inf/NaN uint16 bits >= 0xFC00."""
     bits = region.view(np.int16)
     return not bits.size or (int(bits.max()) < 0x7C00 and int(bits.view(np.uint16).max()) < 0xFC00)
+
+
+def _record_buffer(nbytes: int, source: torch.device) -> np.ndarray:
+    """The uninitialized host buffer a record is written into.
+
+    numpy rather than bytearray: it asks the kernel for huge pages (a 43 MB record is ~20 pages, not ~10,000 faults
+    of 4 KiB that cost more than the copy), and it skips bytearray's zero fill. For a state on a GPU, pinned memory
+    from torch's caching host allocator: the device-to-host copy is then one DMA straight into the record, where
+    pageable memory makes the driver stage it through a pinned buffer of its own (a second copy); the array keeps
+    the block alive until Redis has sent it."""
+    if source.type == "cuda":
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+    return np.empty(nbytes, dtype=np.uint8)
 
 
 def _host_numpy(t: torch.Tensor) -> np.ndarray:
