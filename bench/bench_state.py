@@ -93,8 +93,8 @@ def speed(runs: int) -> dict:
 
 def _prompts(tokenizer) -> list[list[int]]:
     """20 chat user turns (pydoc questions, as the tuning demo's data asks them) as token ids."""
+    from common.templates import get_template
     from tuning.data import pydoc_dialogues
-    from worker.templates import get_template
 
     chat = get_template("chat")
     questions = [d[0].text for d in pydoc_dialogues(seed=0)][:TURNS]

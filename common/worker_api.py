@@ -7,12 +7,13 @@ request override over session default over worker default.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from common.errors import InvalidArgument
+from common.templates import Message, template_from_enum
 from rwkv_serve.contract import StopReason, sampling_from_pb
 from rwkv_serve.v1 import common_pb2, worker_pb2
 
@@ -49,11 +50,18 @@ class TurnInput:
     model: str = ""  # the model the caller expects ('' = whatever this worker serves)
     turn_id: str = ""
     return_token_ids: bool = False
+    messages: tuple[Message, ...] = ()  # instead of text: a conversation rendered with the template
+    template: str = ""  # for messages without a session ('' = chat); a session's turn uses the session's
+    n: int = 1  # choices sampled from the one prefilled prompt (more than 1 only when nothing is committed)
 
     @classmethod
     def from_pb(cls, pb: worker_pb2.RunTurnRequest) -> TurnInput:
         if pb.kind not in _KIND_FROM_PB:
             raise InvalidArgument("RunTurnRequest.kind must be INPUT_KIND_CHAT or INPUT_KIND_RAW")
+        if pb.messages and (pb.text or pb.token_ids):
+            raise InvalidArgument("give either text (and token ids) or messages, not both")
+        if pb.n < 0:
+            raise InvalidArgument(f"n must be at least 1 (0 means 1), not {pb.n}")
         return cls(
             session_id=pb.session_id,
             kind=_KIND_FROM_PB[pb.kind],
@@ -65,7 +73,19 @@ class TurnInput:
             model=pb.model,
             turn_id=pb.turn_id,
             return_token_ids=pb.return_token_ids,
+            messages=messages_from_pb(pb.messages),
+            template=template_from_enum(pb.template) if pb.template else "",
+            n=max(pb.n, 1),
         )
+
+
+def messages_from_pb(pbs: Sequence[common_pb2.ChatMessage]) -> tuple[Message, ...]:
+    return tuple(Message(m.role, m.content, m.name) for m in pbs)
+
+
+def messages_to_pb(messages: Sequence[Message]) -> list[common_pb2.ChatMessage]:
+    return [common_pb2.ChatMessage(role=m.role, content=m.content, name=m.name) for m in messages]
+
 
 @dataclass(frozen=True)
 class TurnStarted:
@@ -74,10 +94,11 @@ class TurnStarted:
     prompt_tokens: int
     worker_id: str
     replayed: bool = False  # the turn was already committed: what follows is its stored result (not on the wire)
+    choice: int = 0  # which of the request's n choices (ChatEvent.choice)
 
     def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
         return common_pb2.ChatEvent(
-            turn_id=turn_id,
+            turn_id=turn_id, choice=self.choice,
             turn_start=common_pb2.TurnStart(prompt_tokens=self.prompt_tokens, worker_id=self.worker_id),
         )
 
@@ -98,6 +119,7 @@ class TextDelta:
     text: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    choice: int = 0
 
     def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
         delta = common_pb2.TextDelta(text=self.text)
@@ -108,7 +130,7 @@ class TextDelta:
                 token_id=lp.token_id, logprob=lp.logprob,
                 top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
             ))
-        return common_pb2.ChatEvent(turn_id=turn_id, delta=delta)
+        return common_pb2.ChatEvent(turn_id=turn_id, delta=delta, choice=self.choice)
 
 
 @dataclass(frozen=True)
@@ -123,12 +145,14 @@ class TurnEnded:
     stop_string: str = ""
     stop_token_id: int = -1
     replayed: bool = False  # the committed result of an earlier attempt under the same turn id, sent again
+    cached_tokens: int = 0  # of prompt_tokens, those a cached state covered (not prefilled by this turn)
+    choice: int = 0
 
     def to_pb(self, turn_id: str = "", return_token_ids: bool = False) -> common_pb2.ChatEvent:
-        return common_pb2.ChatEvent(turn_id=turn_id, turn_end=common_pb2.TurnEnd(
+        return common_pb2.ChatEvent(turn_id=turn_id, choice=self.choice, turn_end=common_pb2.TurnEnd(
             stop_reason=int(self.reason),
             usage=common_pb2.Usage(prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
-                                   state_tokens=self.state_tokens),
+                                   state_tokens=self.state_tokens, cached_tokens=self.cached_tokens),
             state_version=self.state_version,
             stop_string=self.stop_string,
             stop_token_id=max(self.stop_token_id, 0),

@@ -5,22 +5,19 @@ dict); the worker merges a turn's overrides over it, so the front passes overrid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common.errors import InvalidArgument
+from common.templates import TEMPLATE_NAMES, Message, check_messages
 from rwkv_serve.contract import sampling_to_pb
 from rwkv_serve.v1 import api_pb2, common_pb2
 
 if TYPE_CHECKING:
     from common.store import PresetInfo, SessionMeta
 
-# The enum of the public API <-> the template names worker/templates.py and the store use.
-TEMPLATE_NAMES: dict[int, str] = {
-    common_pb2.CHAT_TEMPLATE_CHAT: "chat",
-    common_pb2.CHAT_TEMPLATE_ONE_STATE: "one-state",
-    common_pb2.CHAT_TEMPLATE_RAW: "raw",
-}
+# The enum of the public API <-> the template names common/templates.py and the store use (TEMPLATE_NAMES).
 _TEMPLATE_ENUMS = {name: number for number, name in TEMPLATE_NAMES.items()}
 
 METADATA_MAX_ENTRIES = 64
@@ -38,6 +35,18 @@ class InputLimits:
     metadata_max_entries: int = METADATA_MAX_ENTRIES
     metadata_max_key_bytes: int = METADATA_MAX_KEY
     metadata_max_value_bytes: int = METADATA_MAX_VALUE
+    max_messages: int = 256  # messages in one turn's input
+    max_choices: int = 16  # n of one Generate
+    max_keep_versions: int = 16  # CreateSession.keep_versions
+
+    def check_messages(self, messages: Sequence[common_pb2.ChatMessage], *, session: bool) -> None:
+        """A turn's messages: the conversation rules (common/templates.py check_messages), and their text, all
+        together, within max_text_bytes."""
+        check_messages([Message(m.role, m.content, m.name) for m in messages], max_messages=self.max_messages,
+                       session=session)
+        size = sum(len(m.content.encode("utf-8", "surrogatepass")) + len(m.name) for m in messages)
+        if size > self.max_text_bytes:
+            raise InvalidArgument(f"the messages' text is {size} bytes; the limit is {self.max_text_bytes}")
 
     def check_text(self, what: str, text: str) -> str:
         size = len(text.encode("utf-8", "surrogatepass"))
@@ -84,6 +93,7 @@ def session_to_pb(meta: SessionMeta) -> api_pb2.Session:
         preset=meta.preset,
         forked_from=meta.forked_from,
         metadata=meta.metadata,
+        keep_versions=meta.keep_versions,
     )
     pb.created_at.FromMilliseconds(meta.created_ms)
     pb.updated_at.FromMilliseconds(meta.updated_ms)

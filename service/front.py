@@ -51,7 +51,8 @@ class Front:
         self.router = Router(self.directory, self.channels, max_attempts=settings.max_attempts,
                              admission=self.admission)
         limits = InputLimits(settings.max_text_bytes, settings.metadata_max_entries, settings.metadata_max_key_bytes,
-                             settings.metadata_max_value_bytes)
+                             settings.metadata_max_value_bytes, max_messages=settings.max_messages,
+                             max_choices=settings.max_choices, max_keep_versions=settings.max_keep_versions)
         self.sessions = Sessions(store, self.directory, default_ttl_ms=round(settings.default_ttl_s * 1000),
                                  max_ttl_ms=round(settings.max_ttl_s * 1000), quotas=self.quotas, limits=limits)
         self.presets = Presets(store, self.directory, self.router, max_bytes=settings.max_preset_mb * 1024 * 1024,

@@ -89,3 +89,8 @@ class FrontSettings(ObservabilitySettings, RedisSettings):
     metadata_max_entries: int = Field(64, ge=0)
     metadata_max_key_bytes: int = Field(128, ge=1)
     metadata_max_value_bytes: int = Field(1024, ge=0)
+    max_messages: int = Field(256, ge=1)  # messages in one turn (ChatTurn / GenerateRequest messages)
+    max_choices: int = Field(16, ge=1)  # GenerateRequest.n (workers have their own RWKV_WORKER_MAX_CHOICES)
+    # Earlier state versions a session may keep for ForkSession.state_version (CreateSessionRequest.keep_versions):
+    # each costs one state's bytes in Redis (41 MiB at 12B).
+    max_keep_versions: int = Field(16, ge=0)

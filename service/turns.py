@@ -29,6 +29,7 @@ from common.telemetry import Telemetry, failed, send_context, set_session
 from common.worker_api import WorkerLoad
 from rwkv_serve.contract import sampling_from_pb
 from rwkv_serve.v1 import api_pb2, common_pb2, worker_pb2
+from service.convert import template_name
 from service.quotas import Quotas
 from service.router import Router, WorkerDirectory
 from service.sessions import Sessions
@@ -85,25 +86,53 @@ class Turns:
         return plan
 
     async def plan_chat(self, tenant: str, turn: api_pb2.ChatTurn) -> TurnPlan:
-        self.sessions.limits.check_text("text", turn.text)
+        limits = self.sessions.limits
+        limits.check_text("text", turn.text)
+        if turn.messages:
+            if turn.text:
+                raise InvalidArgument("give either text or messages, not both")
+            limits.check_messages(turn.messages, session=True)
         check_turn_id(turn.turn_id)  # the worker stores it with the commit (exactly-once retries)
         meta = await self.sessions.get(tenant, turn.session_id)
         request = worker_pb2.RunTurnRequest(  # sampling: the turn's overrides; the worker applies the defaults
             session_id=meta.session_id, model=meta.model, kind=worker_pb2.INPUT_KIND_CHAT, text=turn.text,
-            sampling=turn.sampling, turn_id=turn.turn_id, return_token_ids=True,
+            sampling=turn.sampling, turn_id=turn.turn_id, return_token_ids=True, messages=turn.messages,
             expected_state_version=turn.expected_state_version if turn.HasField("expected_state_version") else None)
         return self._checked(TurnPlan(request, await self._session_candidates(meta.session_id, meta.model),
                                       meta.version, meta.state_tokens, client_wants_ids=turn.return_token_ids))
 
+    def _check_generate(self, req: api_pb2.GenerateRequest) -> None:
+        """What a GenerateRequest may combine: a prompt or messages (not both, not neither), a template only for
+        messages, n within max_choices and above 1 only for a request that commits nothing."""
+        limits = self.sessions.limits
+        limits.check_text("prompt", req.prompt)
+        if req.messages and req.prompt:
+            raise InvalidArgument("give either prompt or messages, not both")
+        if not req.messages and not req.prompt:
+            raise InvalidArgument("the request has no input: give a prompt or messages")
+        if req.messages:
+            limits.check_messages(req.messages, session=bool(req.session_id))
+        elif req.template:
+            raise InvalidArgument("template is for messages; a prompt is fed as it is")
+        template_name(req.template)  # an unknown number is INVALID_ARGUMENT here, not on the worker
+        if req.n < 0 or req.n > limits.max_choices:
+            raise InvalidArgument(f"n must be 1-{limits.max_choices} (0 means 1), not {req.n}")
+        if req.n > 1 and req.session_id and not req.ephemeral:
+            raise InvalidArgument("n > 1 needs a request that commits nothing: stateless, or ephemeral on a session")
+
     async def plan_generate(self, tenant: str, req: api_pb2.GenerateRequest) -> TurnPlan:
-        self.sessions.limits.check_text("prompt", req.prompt)
+        self._check_generate(req)
         check_turn_id(req.turn_id)
         request = worker_pb2.RunTurnRequest(kind=worker_pb2.INPUT_KIND_RAW, text=req.prompt, turn_id=req.turn_id,
-                                            sampling=req.sampling, return_token_ids=True)
+                                            sampling=req.sampling, return_token_ids=True, messages=req.messages,
+                                            template=req.template, n=req.n)
         if req.session_id:
             meta = await self.sessions.get(tenant, req.session_id)
             if req.model and req.model != meta.model:
                 raise InvalidArgument(f"session {meta.session_id} runs model {meta.model!r}, not {req.model!r}")
+            if req.template and template_name(req.template) != meta.template:
+                raise InvalidArgument(f"session {meta.session_id} uses the {meta.template!r} template, not "
+                                      f"{template_name(req.template)!r}")
             request.session_id, request.model = meta.session_id, meta.model
             request.commit = not req.ephemeral
             if req.HasField("expected_state_version"):

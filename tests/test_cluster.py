@@ -80,8 +80,15 @@ async def test_registry_prefix_cache_and_quotas_on_a_cluster(cstore: StateStore)
     for load in loads:
         await cstore.register_worker(load, 5_000)
     assert await cstore.list_workers("tiny") == loads
-    await cstore.put_prefix("tiny", "ab" * 32, STATE, 5_000)
-    assert await cstore.get_prefix("tiny", "ab" * 32, 5_000) == STATE
+    # The prefix cache: a model's entries and index share one slot, so find (one script over every candidate) and
+    # put (with its LRU eviction) run on the master that owns it.
+    digests = [f"{i:02x}" * 32 for i in range(4)]
+    for digest in digests[:3]:
+        await cstore.put_prefix("tiny", digest, STATE, ttl_ms=5_000, max_bytes=2 * len(STATE))
+    assert await cstore.prefix_usage("tiny") == (2, 2 * len(STATE))  # the oldest one was evicted
+    assert await cstore.find_prefix("tiny", digests, 5_000) == 3
+    assert await cstore.find_prefix("tiny", digests[:1], 5_000) == 0
+    assert await cstore.get_prefix("tiny", digests[2]) == STATE
     assert await cstore.add_tokens("t1", 7, 10, 5_000) == 10 and await cstore.get_tokens("t1", 7) == 10
 
 

@@ -21,6 +21,7 @@ import pytest
 import redis
 import torch
 
+from common.templates import ChatTemplate, get_template
 from common.worker_api import ModelDescription, WorkerLoad
 from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
 from rwkv_serve_client import AsyncRWKVClient, RWKVClient, StopReason, TurnResult
@@ -29,7 +30,6 @@ from service.stack import Stack, free_port
 from worker.checkpoint import make_random_checkpoint
 from worker.model import RWKV5
 from worker.state import State
-from worker.templates import ChatTemplate, get_template
 from worker.tokenizer import load_tokenizer
 
 MODEL = "tiny"

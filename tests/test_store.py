@@ -191,9 +191,11 @@ async def test_presets_and_prefix_cache(store: StateStore) -> None:
     assert await store.list_presets("tiny") == ["pirate"]
     with pytest.raises(PresetNotFound):
         await store.get_preset("tiny", "ninja")
-    assert await store.get_prefix("tiny", "ab" * 32, 1000) is None
-    await store.put_prefix("tiny", "ab" * 32, STATE_B, 1000)
-    assert await store.get_prefix("tiny", "ab" * 32, 1000) == STATE_B
+    digests = ["ab" * 32, "cd" * 32]
+    assert await store.find_prefix("tiny", digests, 1000) == 0
+    assert await store.put_prefix("tiny", "ab" * 32, STATE_B, ttl_ms=1000, max_bytes=1 << 20) == 0
+    assert await store.find_prefix("tiny", digests, 1000) == 1  # the longest cached boundary, in one round trip
+    assert await store.get_prefix("tiny", "ab" * 32) == STATE_B
 
 
 async def test_worker_registry_expires_dead_workers(store: StateStore) -> None:

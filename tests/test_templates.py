@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import InvalidArgument
-from worker.templates import get_template
+from common.templates import get_template
 
 
 def test_chat_template() -> None:

@@ -131,7 +131,7 @@ async def test_system_prompt_prefix_is_shared(worker: Worker, store: StateStore,
     for sid in sids:
         tokens, _, end, _ = await run(worker.stub, chat(sid, "Hi", max_tokens=4))
         assert tokens == expected and end.usage.state_tokens == len(prefix) + len(prompt) + 4 + 1
-    assert len([k async for k in store.redis.scan_iter(match="rwkv:prefix:tiny:*")]) == 1
+    assert len([k async for k in store.redis.scan_iter(match=store.keys.prefix_state(MODEL_ID, "*"))]) == 1
 
 
 async def test_stateless_and_ephemeral_generation(worker: Worker, store: StateStore, tiny_model, tokenizer) -> None:

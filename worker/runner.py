@@ -3,6 +3,13 @@
 The plain object behind the WorkerService servicer (which only converts protobuf). Where a session's state
 comes from and how it becomes a record: worker/session_state.py. A retried turn id that the session already
 committed is answered from its stored result (common/store/turns.py), never run twice.
+
+A turn's input is text (or token ids) or whole messages (common/templates.py render_messages, each piece tokenized
+alone). A stateless turn with messages resumes from the shared prefix-state cache (worker/prefix_cache.py): every
+message but the last is prefilled as a segment of its own, its boundary stored; the last one is the generating
+turn's input. n > 1 choices (only for turns that commit nothing): the prompt but its last token is prefilled once,
+and n engine turns (seeds seed, seed+1, ... when a seed is set) each feed that last token onto a copy of the state
+and sample their own reply; their events carry their choice.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -21,7 +27,6 @@ from typing import Any
 from opentelemetry import trace
 
 from common.errors import (
-    DeadlineExceeded,
     InvalidArgument,
     ModelNotFound,
     StoreUnavailable,
@@ -30,6 +35,7 @@ from common.errors import (
 from common.store import Lease, SessionMeta, StateStore
 from common.store.turns import TURN_RESULT_TTL_MS, TurnRecord
 from common.telemetry import Telemetry, set_session
+from common.templates import ChatTemplate, get_template
 from common.worker_api import (
     InputKind,
     PreparedState,
@@ -42,14 +48,13 @@ from common.worker_api import (
     merge_sampling,
 )
 from rwkv_serve.contract import StopReason
+from worker.choices import next_event
 from worker.engine import Delta, Engine, Finished, Turn, TurnRequest
+from worker.prompts import Prompt, PromptBuilder
 from worker.sampler import SamplingParams
 from worker.session_state import StateSource
-from worker.state import (
-    State,
-)
+from worker.state import State
 from worker.state_cache import StateCache
-from worker.templates import ChatTemplate, get_template
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,28 @@ class RunnerConfig:
     state_storage_dtype: str = "fp32"  # what the records written to Redis keep their tensors in (STORAGE_DTYPES)
     turn_result_ttl_ms: int = TURN_RESULT_TTL_MS  # how long a committed turn stays replayable under its turn id
     fault_after_commit: str = ""  # TEST ONLY: "exit" = os._exit(1) right after a commit, before turn_end
+    prefix_cache: bool = True  # look up and store message-boundary states (off: prefill the same segments anyway)
+    prefix_cache_max_bytes: int = 2 << 30  # total size of a model's prefix-cache entries in Redis (LRU beyond)
+    max_messages: int = 256  # messages in one turn's input
+    max_choices: int = 16  # n of one request
+
+    @classmethod
+    def from_settings(cls, settings: Any, model_id: str, worker_id: str) -> RunnerConfig:
+        """The runner's knobs from the worker's settings (worker/settings.py WorkerSettings)."""
+        return cls(model_id, worker_id, lease_ms=settings.lease_ms, prefix_ttl_ms=settings.prefix_ttl_ms,
+                   default_sampling={"max_tokens": settings.default_max_tokens},
+                   max_prompt_tokens=settings.max_prompt_tokens, state_storage_dtype=settings.state_storage_dtype,
+                   turn_result_ttl_ms=settings.turn_result_ttl_ms, fault_after_commit=settings.fault_after_commit,
+                   prefix_cache=settings.prefix_cache, prefix_cache_max_bytes=settings.prefix_cache_max_bytes,
+                   max_messages=settings.max_messages, max_choices=settings.max_choices)
+
+
+@dataclass(frozen=True)
+class _Done:
+    """One choice's engine turn finished."""
+
+    choice: int
+    finished: Finished
 
 
 class TurnRunner:
@@ -97,6 +124,9 @@ class TurnRunner:
         self.cache = cache
         self.model = engine.model
         self.states = StateSource(store, self.model, cache, config, self.tokenize, self._prefill)
+        self.prefixes = self.states.prefixes  # the shared prefix-state cache (worker/prefix_cache.py)
+        self.prompts = PromptBuilder(self.tokenize, max_messages=config.max_messages,
+                                     max_prompt_tokens=config.max_prompt_tokens)
 
     # ---- public -----------------------------------------------------------------------------------------
 
@@ -111,8 +141,8 @@ class TurnRunner:
         if turn.model and turn.model != self.config.model_id:
             raise ModelNotFound(f"this worker serves {self.config.model_id!r}, not {turn.model!r}")
         if not turn.session_id:
-            if turn.kind is InputKind.CHAT:
-                raise InvalidArgument("a chat turn needs a session")
+            if turn.kind is InputKind.CHAT and not turn.messages:
+                raise InvalidArgument("a chat turn needs a session (or messages)")
             events = self._stateless(turn, deadline)
         elif not turn.commit:
             events = self._ephemeral(turn, deadline)
@@ -146,26 +176,35 @@ class TurnRunner:
     # ---- the three kinds of turn ------------------------------------------------------------------------
 
     async def _stateless(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
-        request = await self._request(turn, get_template("raw"), {}, None, 0)
-        async for event in self._generate(request, deadline):
-            if isinstance(event, Finished):
-                yield self._ended(event, 0)
-            else:
-                yield event
+        self._check_choices(turn)
+        if turn.template and not turn.messages:
+            raise InvalidArgument("template is for messages; a prompt is fed as it is")
+        template = get_template(turn.template or ("chat" if turn.messages else "raw"))
+        prompt = await self.prompts.build(turn, template)
+        built = await self.states.prefixes.build(prompt.head)
+        request = self._request(prompt, template, {}, turn, built.state, built.consumed)
+        async for event in self._generate(request, deadline, n=turn.n, earlier=built.prefilled):
+            yield self._ended(event, 0, cached=built.cached) if isinstance(event, _Done) else event
 
     async def _ephemeral(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
+        self._check_choices(turn)
         meta = await self._meta(turn)
+        template = get_template(meta.template)
+        prompt = await self.prompts.build(turn, template, meta)
         with self.telemetry.span("state.load", self.telemetry.state_load, session_id=meta.session_id):
-            state, consumed = await self.states.load(meta)
-        request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
-        async for event in self._generate(request, deadline):
-            yield self._ended(event, meta.version, meta.state_tokens) if isinstance(event, Finished) else event
+            loaded = await self.states.load(meta, system_prompt=prompt.system)
+        request = self._request(prompt, template, meta.sampling, turn, loaded.state, loaded.consumed)
+        async for event in self._generate(request, deadline, n=turn.n, earlier=loaded.prefilled):
+            yield self._ended(event, meta.version, meta.state_tokens, cached=loaded.cached) \
+                if isinstance(event, _Done) else event
 
     async def _session_turn(self, turn: TurnInput, deadline: float | None) -> AsyncIterator[TurnEvent]:
         # Two store round trips per turn: the lease with the session's meta (and, unless the local cache should
         # hit, its state bytes) in one, the commit with the lease's release in the other. A turn the session
         # already committed under this turn id (its worker died before sending turn_end) gets the stored result
         # from the first round trip instead, before any version check: it is never applied twice.
+        if turn.n > 1:
+            raise InvalidArgument("n > 1 needs a turn that commits nothing (stateless, or ephemeral on a session)")
         sid = turn.session_id
         digest = _input_digest(turn) if turn.turn_id else ""
         begun = await self.store.begin_or_replay(sid, self.config.lease_ms, holder=self.config.worker_id,
@@ -183,12 +222,14 @@ class TurnRunner:
         input_tokens = 0
         try:
             self._check_meta(turn, meta)
+            template = get_template(meta.template)
+            prompt = await self.prompts.build(turn, template, meta)
             with self.telemetry.span("state.load", self.telemetry.state_load, session_id=meta.session_id):
-                state, consumed = await self.states.load(meta, data)
+                loaded = await self.states.load(meta, data, system_prompt=prompt.system)
             del data  # the decoded state is all that is needed now
-            request = await self._request(turn, get_template(meta.template), meta.sampling, state, consumed)
-            async for event in self._generate(request, deadline, renewal):
-                if not isinstance(event, Finished):
+            request = self._request(prompt, template, meta.sampling, turn, loaded.state, loaded.consumed)
+            async for event in self._generate(request, deadline, renewal, earlier=loaded.prefilled):
+                if not isinstance(event, _Done):
                     if isinstance(event, TextDelta):
                         texts.append(event.text)
                         token_ids.extend(event.token_ids)
@@ -196,24 +237,25 @@ class TurnRunner:
                         input_tokens = event.prompt_tokens
                     yield event
                     continue
-                if event.state is None:  # cancelled: the stored state stays as it was
-                    ended = self._ended(event, meta.version, meta.state_tokens)
+                if event.finished.state is None:  # cancelled: the stored state stays as it was
+                    ended = self._ended(event, meta.version, meta.state_tokens, cached=loaded.cached)
                     released = True
                     await self._release(lease, renewal)
                 else:
                     # Commit and release in one call, and only then turn_end: a client that sends its next turn
                     # the moment it sees this one end must find the session free. (If the commit fails, the
                     # finally below releases the lease: a no-op when the commit script already did.)
-                    record = _record(turn, digest, event, "".join(texts), token_ids, input_tokens) \
+                    ended = self._ended(event, 0, cached=loaded.cached)
+                    record = _record(turn, digest, ended, "".join(texts), token_ids, input_tokens) \
                         if turn.turn_id else None
-                    version = await self._commit(lease, meta, event, record)
+                    version = await self._commit(lease, meta, event.finished, record)
                     released = True
                     self._stop_renewal(renewal)
                     if self.config.fault_after_commit == "exit":  # TEST ONLY (WorkerSettings.fault_after_commit)
                         log.error("fault injection: exiting after the commit of %s version %d, before turn_end",
                                   sid, version)
                         os._exit(1)
-                    ended = self._ended(event, version)
+                    ended = replace(ended, state_version=version)
                 yield ended
         finally:
             if not released:
@@ -230,7 +272,7 @@ class TurnRunner:
             TextDelta(record.text, record.token_ids),
             TurnEnded(StopReason(record.stop_reason), record.prompt_tokens, record.generated_tokens,
                       record.state_tokens, record.state_version, record.stop_string, record.stop_token_id,
-                      replayed=True),
+                      replayed=True, cached_tokens=record.cached_tokens),
         ]
 
     @staticmethod
@@ -256,6 +298,9 @@ class TurnRunner:
         return self._check_meta(turn, await self.store.get_session(turn.session_id))
 
     def _check_meta(self, turn: TurnInput, meta: SessionMeta) -> SessionMeta:
+        if turn.template and turn.template != meta.template:
+            raise InvalidArgument(f"session {meta.session_id} uses the {meta.template!r} template, not "
+                                  f"{turn.template!r}")
         if meta.model != self.config.model_id:
             raise InvalidArgument(f"session {meta.session_id} runs on model {meta.model!r}, "
                                   f"this worker serves {self.config.model_id!r}")
@@ -264,70 +309,74 @@ class TurnRunner:
                                   f"not {turn.expected_version}")
         return meta
 
-    async def _prefill(self, tokens: list[int], base: State | None) -> Finished:
+    async def _prefill(self, tokens: list[int], base: State | None, consumed: int = 0) -> Finished:
         """Feeds `tokens` onto `base` through the engine and returns the finished turn (its state)."""
-        finished = None
-        async for event in self._generate(TurnRequest(tokens, state=base, prefill_only=True), None):
-            finished = event
-        assert isinstance(finished, Finished) and finished.state is not None
-        return finished
+        done = None
+        async for event in self._generate(TurnRequest(tokens, state=base, tokens_consumed=consumed,
+                                                      prefill_only=True), None):
+            done = event
+        assert isinstance(done, _Done) and done.finished.state is not None
+        return done.finished
 
-    async def _request(
-        self, turn: TurnInput, template: ChatTemplate, session_sampling: Mapping[str, Any],
-        state: State | None, consumed: int,
-    ) -> TurnRequest:
-        chat = turn.kind is InputKind.CHAT
-        text = template.user_turn(turn.text) if chat else turn.text
-        tokens = [*(await self.tokenize(text) if text else []), *turn.token_ids]
+    def _check_choices(self, turn: TurnInput) -> None:
+        if turn.n > self.config.max_choices:
+            raise InvalidArgument(f"n is {turn.n}; the limit is {self.config.max_choices}")
+
+    def _request(self, prompt: Prompt, template: ChatTemplate, session_sampling: Mapping[str, Any],
+                 turn: TurnInput, state: State | None, consumed: int) -> TurnRequest:
         sampling = merge_sampling(self.config.default_sampling, session_sampling, turn.sampling)
-        params = sampling_params(sampling, template.stop_strings if chat else ())
-        epilogue = await self.tokenize(template.epilogue()) if chat and template.epilogue() else []
-        if not tokens:
-            raise InvalidArgument("the turn has no input (empty text and no token ids)")
-        if len(tokens) > self.config.max_prompt_tokens:
-            raise InvalidArgument(f"the turn's input is {len(tokens)} tokens; the limit is "
-                                  f"{self.config.max_prompt_tokens}")
-        return TurnRequest(tokens, params, state=state, tokens_consumed=consumed, epilogue=epilogue)
+        params = sampling_params(sampling, template.stop_strings if prompt.chat else ())
+        epilogue = self.tokenizer.encode(template.epilogue()) if prompt.chat and template.epilogue() else []
+        return TurnRequest(prompt.tokens, params, state=state, tokens_consumed=consumed, epilogue=epilogue)
+
+    async def _fork(self, request: TurnRequest, n: int) -> list[TurnRequest]:
+        """n requests from one: the prompt but its last token prefilled once, each choice feeding that token onto
+        its own copy of the state (seed + i when a seed is set)."""
+        tokens, state, consumed = list(request.tokens), request.state, request.tokens_consumed
+        if len(tokens) > 1:
+            finished = await self._prefill(tokens[:-1], state, consumed)
+            state, consumed = finished.state, finished.tokens_consumed
+        seed = request.params.seed
+        return [replace(request, tokens=tokens[-1:], state=None if state is None else state.clone(),
+                        tokens_consumed=consumed,
+                        params=request.params if seed is None else replace(request.params, seed=(seed + i) % 2 ** 64))
+                for i in range(n)]
 
     async def _generate(
-        self, request: TurnRequest, deadline: float | None, renewal: asyncio.Task[None] | None = None
-    ) -> AsyncIterator[TurnEvent | Finished]:
-        """Submits to the engine and relays its events; cancels the engine turn if the caller goes away."""
+        self, request: TurnRequest, deadline: float | None, renewal: asyncio.Task[None] | None = None, *,
+        n: int = 1, earlier: int = 0,
+    ) -> AsyncIterator[TurnEvent | _Done]:
+        """Submits to the engine (n choices: n turns) and relays their events; cancels the engine turns if the
+        caller goes away. `earlier`: prompt tokens fed before this request (its state's segments), reported in
+        the turn's prompt_tokens."""
         if deadline is not None:  # the engine drops the turn unrun if the deadline passes while it waits
             request = replace(request, deadline=deadline)
-        turn: Turn = self.engine.submit(request)
+        prompt_tokens = earlier + len(request.tokens)
+        requests = await self._fork(request, n) if n > 1 else [request]
+        turns: list[Turn] = []
+        getters: dict[int, asyncio.Future[Any]] = {}
         try:
+            for r in requests:
+                turns.append(self.engine.submit(r))
             if not request.prefill_only:
-                yield TurnStarted(len(request.tokens), self.config.worker_id)
-            while True:
-                event = await self._next(turn, deadline, renewal)
+                for choice in range(len(turns)):
+                    yield TurnStarted(prompt_tokens, self.config.worker_id, choice=choice)
+            live = list(range(len(turns)))
+            while live:
+                choice, event = await next_event(turns, live, getters, deadline, renewal)
                 if isinstance(event, Finished):
                     # The engine thread's phases, as child spans of the current one.
                     self.telemetry.phase_spans(event.timings, decoded=event.generated_tokens > 0)
-                    yield event
-                    return
-                yield _delta(event)
+                    live.remove(choice)
+                    earlier_here = prompt_tokens - len(requests[choice].tokens)
+                    yield _Done(choice, replace(event, prompt_tokens=event.prompt_tokens + earlier_here))
+                else:
+                    yield _delta(event, choice)
         finally:
-            turn.cancel()  # no-op once finished; otherwise frees the batch slot within one step
-
-    async def _next(self, turn: Turn, deadline: float | None, renewal: asyncio.Task[None] | None) -> Delta | Finished:
-        # Fast path (a backlog of delivered events): no task and no asyncio.wait per token, same checks.
-        if (renewal is None or not renewal.done()) and (deadline is None or time.monotonic() < deadline):
-            ready = turn.poll()
-            if ready is not None:
-                return ready
-        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(turn.next_event())}
-        if renewal is not None:
-            waiters.add(renewal)
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        (getter,) = [w for w in waiters if w is not renewal]
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        if renewal is not None and renewal in done:
-            renewal.result()  # raises LeaseLost
-        raise DeadlineExceeded("the turn's deadline passed")
+            for getter in getters.values():
+                getter.cancel()
+            for turn in turns:
+                turn.cancel()  # no-op once finished; otherwise frees the batch slot within one step
 
     async def _keep_lease(self, lease: Lease) -> None:
         """Renews the lease every third of its TTL; raises LeaseLost (ending the turn) when it was taken.
@@ -358,32 +407,32 @@ class TurnRunner:
         return version
 
     @staticmethod
-    def _ended(finished: Finished, version: int, state_tokens: int | None = None) -> TurnEnded:
+    def _ended(done: _Done, version: int, state_tokens: int | None = None, *, cached: int = 0) -> TurnEnded:
         """The domain event; state_tokens overrides the engine's count when the state was not kept."""
+        f = done.finished
         return TurnEnded(
-            finished.reason, finished.prompt_tokens, finished.generated_tokens,
-            finished.tokens_consumed if state_tokens is None else state_tokens, version,
-            finished.stop_string, finished.stop_token_id,
+            f.reason, f.prompt_tokens, f.generated_tokens, f.tokens_consumed if state_tokens is None else state_tokens,
+            version, f.stop_string, f.stop_token_id, cached_tokens=cached, choice=done.choice,
         )
 
 
 def _input_digest(turn: TurnInput) -> str:
-    """What a turn asks for (kind, text, token ids, sampling overrides), hashed: a turn id reused for another input
-    is a new turn, not a replay of the old one."""
-    what = json.dumps([turn.kind.value, turn.text, list(turn.token_ids), dict(turn.sampling)], sort_keys=True,
-                      default=list)
-    return hashlib.sha256(what.encode()).hexdigest()[:32]
+    """What a turn asks for (kind, text, token ids, sampling overrides, messages), hashed: a turn id reused for
+    another input is a new turn, not a replay of the old one."""
+    what: list[Any] = [turn.kind.value, turn.text, list(turn.token_ids), dict(turn.sampling)]
+    if turn.messages:
+        what.append([[m.role, m.content, m.name] for m in turn.messages])
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:32]
 
 
-def _record(turn: TurnInput, digest: str, finished: Finished, text: str, token_ids: list[int],
+def _record(turn: TurnInput, digest: str, ended: TurnEnded, text: str, token_ids: list[int],
             input_tokens: int) -> TurnRecord:
     """The result a retry of this turn gets back (stored with the commit)."""
-    return TurnRecord(turn.turn_id, digest, text, tuple(token_ids), finished.prompt_tokens,
-                      finished.generated_tokens, finished.tokens_consumed, int(finished.reason),
-                      finished.stop_string, finished.stop_token_id, input_tokens=input_tokens)
+    return TurnRecord(turn.turn_id, digest, text, tuple(token_ids), ended.prompt_tokens, ended.generated_tokens,
+                      ended.state_tokens, int(ended.reason), ended.stop_string, ended.stop_token_id,
+                      input_tokens=input_tokens, cached_tokens=ended.cached_tokens)
 
 
-def _delta(event: Delta) -> TextDelta:
+def _delta(event: Delta, choice: int = 0) -> TextDelta:
     logprobs = tuple(TokenLogprob(s.token_id, s.logprob, tuple(s.top_logprobs)) for s in event.logprobs)
-    return TextDelta(event.text, event.token_ids, logprobs)
-
+    return TextDelta(event.text, event.token_ids, logprobs, choice)

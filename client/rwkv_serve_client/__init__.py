@@ -27,6 +27,8 @@ from rwkv_serve_client.errors import (
 from rwkv_serve_client.sync import ChatStream, RWKVClient
 from rwkv_serve_client.types import (
     ChatTemplate,
+    Choices,
+    Message,
     ModelInfo,
     Preset,
     Session,
@@ -40,7 +42,8 @@ from rwkv_serve_client.types import (
 )
 
 __all__ = [
-    "AsyncChatStream", "AsyncRWKVClient", "AuthenticationError", "ChatStream", "ChatTemplate", "ConflictError",
+    "AsyncChatStream", "AsyncRWKVClient", "AuthenticationError", "ChatStream", "ChatTemplate", "Choices",
+    "ConflictError", "Message",
     "DataLossError", "DeadlineExceededError", "ForeignStateError", "InternalError", "InvalidArgumentError",
     "ModelInfo", "ModelNotFoundError", "NotFoundError", "PermissionDeniedError", "Preset", "PresetExistsError",
     "PresetNotFoundError", "QuotaExceededError",

@@ -31,6 +31,8 @@ from rwkv_serve_client.errors import (
 from rwkv_serve_client.types import (
     ChatEvent,
     ChatTemplate,
+    Choices,
+    Message,
     ModelInfo,
     Preset,
     Session,
@@ -125,10 +127,11 @@ def new_turn_id() -> str:
 
 def create_session(model: str, *, template: ChatTemplate | str | None = None, system_prompt: str = "",
                    preset: str = "", ttl: timedelta | float | None = None, metadata: Mapping[str, str] | None = None,
-                   **sampling: Any) -> Unary[Session]:
+                   keep_versions: int = 0, **sampling: Any) -> Unary[Session]:
     request = api_pb2.CreateSessionRequest(
         model=model, template=int(ChatTemplate.parse(template)), system_prompt=system_prompt, preset=preset,
-        default_sampling=sampling_to_pb(sampling), ttl=_duration(ttl), metadata=dict(metadata or {}))
+        default_sampling=sampling_to_pb(sampling), ttl=_duration(ttl), metadata=dict(metadata or {}),
+        keep_versions=keep_versions)
     return Unary("CreateSession", request, Session.from_pb)
 
 
@@ -147,10 +150,12 @@ def delete_session(session_id: str) -> Unary[None]:
 
 
 def fork_session(session_id: str, *, ttl: timedelta | float | None = None, metadata: Mapping[str, str] | None = None,
-                 expected_state_version: int | None = None, **sampling: Any) -> Unary[Session]:
+                 expected_state_version: int | None = None, state_version: int | None = None,
+                 **sampling: Any) -> Unary[Session]:
     request = api_pb2.ForkSessionRequest(
         session_id=session_id, ttl=_duration(ttl), metadata=dict(metadata or {}),
-        default_sampling=sampling_to_pb(sampling), expected_state_version=expected_state_version)
+        default_sampling=sampling_to_pb(sampling), expected_state_version=expected_state_version,
+        state_version=state_version)
     return Unary("ForkSession", request, Session.from_pb)
 
 
@@ -192,12 +197,23 @@ def delete_preset(model: str, name: str) -> Unary[None]:
 # ---- turns -----------------------------------------------------------------------------------------------------
 
 
-def chat_turn(session_id: str, text: str, *, turn_id: str | None = None, expected_state_version: int | None = None,
-              return_token_ids: bool = False, **sampling: Any) -> api_pb2.ChatRequest:
-    """A ChatRequest that runs one user turn (a fresh turn_id when none is given)."""
+def messages_to_pb(messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None
+                   ) -> list[common_pb2.ChatMessage]:
+    """`messages=` of chat/generate: Message objects, dicts with role/content(/name), or (role, content) pairs."""
+    return [Message.parse(m).to_pb() for m in messages or ()]
+
+
+def chat_turn(session_id: str, text: str = "", *, turn_id: str | None = None,
+              expected_state_version: int | None = None, return_token_ids: bool = False,
+              messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None,
+              **sampling: Any) -> api_pb2.ChatRequest:
+    """A ChatRequest that runs one user turn, its text or whole `messages` (a fresh turn_id when none is given)."""
+    if text and messages:
+        raise ValueError("give either text or messages, not both")
     turn = api_pb2.ChatTurn(
         session_id=session_id, text=text, sampling=sampling_to_pb(sampling), turn_id=turn_id or new_turn_id(),
-        expected_state_version=expected_state_version, return_token_ids=return_token_ids)
+        expected_state_version=expected_state_version, return_token_ids=return_token_ids,
+        messages=messages_to_pb(messages))
     return api_pb2.ChatRequest(turn=turn)
 
 
@@ -206,16 +222,23 @@ def chat_cancel(turn_id: str = "") -> api_pb2.ChatRequest:
     return api_pb2.ChatRequest(cancel=api_pb2.ChatCancel(turn_id=turn_id))
 
 
-def generate(prompt: str, *, model: str = "", session_id: str = "", ephemeral: bool = False,
+def generate(prompt: str = "", *, model: str = "", session_id: str = "", ephemeral: bool = False,
              expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
-             **sampling: Any) -> api_pb2.GenerateRequest:
-    """A GenerateRequest (stateless when session_id is empty)."""
+             messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None,
+             template: ChatTemplate | str | None = None, n: int = 1, **sampling: Any) -> api_pb2.GenerateRequest:
+    """A GenerateRequest (stateless when session_id is empty): a raw prompt, or `messages` rendered with
+    `template` (or the session's); n > 1 choices from one prefilled prompt."""
     if not model and not session_id:
         raise ValueError("generate() needs a model or a session_id")
+    if prompt and messages:
+        raise ValueError("give either prompt or messages, not both")
+    if n < 1:
+        raise ValueError("n must be at least 1")
     return api_pb2.GenerateRequest(
         model=model, prompt=prompt, sampling=sampling_to_pb(sampling), session_id=session_id, ephemeral=ephemeral,
         expected_state_version=expected_state_version, return_token_ids=return_token_ids,
-        turn_id=turn_id or new_turn_id())
+        turn_id=turn_id or new_turn_id(), messages=messages_to_pb(messages),
+        template=int(ChatTemplate.parse(template)), n=n if n > 1 else 0)
 
 
 def chat_item(event: ChatEvent) -> str | TurnResult | None:
@@ -227,40 +250,51 @@ def chat_item(event: ChatEvent) -> str | TurnResult | None:
     return None
 
 
+def choices_of(items: list[Any]) -> Choices:
+    """complete(n > 1)'s answer from what generate yielded (each choice's TurnResult, in choice order)."""
+    results = sorted((i for i in items if isinstance(i, TurnResult)), key=lambda r: r.choice)
+    if not results:
+        raise RuntimeError("the stream ended without a turn result")
+    return Choices(results[0].turn_id, results)
+
+
 class EventDecoder:
     """Turns ChatEvent messages into typed events; a turn's TurnResult carries the whole text of the turn."""
 
     def __init__(self) -> None:
-        self._text: dict[str, list[str]] = {}
-        self._tokens: dict[str, list[int]] = {}
-        self._worker: dict[str, str] = {}
+        self._text: dict[tuple[str, int], list[str]] = {}  # by (turn id, choice)
+        self._tokens: dict[tuple[str, int], list[int]] = {}
+        self._worker: dict[tuple[str, int], str] = {}
 
     def decode(self, pb: common_pb2.ChatEvent) -> ChatEvent:
-        turn_id = pb.turn_id
+        turn_id, choice = pb.turn_id, pb.choice
+        key = (turn_id, choice)
         kind = pb.WhichOneof("event")
         if kind == "turn_start":
-            self._worker[turn_id] = pb.turn_start.worker_id
-            return TurnStarted(turn_id, pb.turn_start.prompt_tokens, pb.turn_start.worker_id)
+            self._worker[key] = pb.turn_start.worker_id
+            return TurnStarted(turn_id, pb.turn_start.prompt_tokens, pb.turn_start.worker_id, choice)
         if kind == "delta":
             d = pb.delta
-            self._text.setdefault(turn_id, []).append(d.text)
-            self._tokens.setdefault(turn_id, []).extend(d.token_ids)
+            self._text.setdefault(key, []).append(d.text)
+            self._tokens.setdefault(key, []).extend(d.token_ids)
             logprobs = [TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
                         for lp in d.logprobs]
-            return TextDelta(turn_id, d.text, list(d.token_ids), logprobs)
+            return TextDelta(turn_id, d.text, list(d.token_ids), logprobs, choice)
         if kind == "turn_end":
             e = pb.turn_end
             return TurnResult(
                 turn_id=turn_id,
-                text="".join(self._text.pop(turn_id, [])),
+                text="".join(self._text.pop(key, [])),
                 stop_reason=StopReason(e.stop_reason),
-                usage=Usage(e.usage.prompt_tokens, e.usage.generated_tokens, e.usage.state_tokens),
+                usage=Usage(e.usage.prompt_tokens, e.usage.generated_tokens, e.usage.state_tokens,
+                            e.usage.cached_tokens),
                 state_version=e.state_version,
                 stop_string=e.stop_string,
                 stop_token_id=e.stop_token_id,
-                worker_id=self._worker.pop(turn_id, ""),
-                token_ids=self._tokens.pop(turn_id, []),
+                worker_id=self._worker.pop(key, ""),
+                token_ids=self._tokens.pop(key, []),
                 replayed=e.replayed,
+                choice=choice,
             )
         raise ValueError(f"event without a body in turn {turn_id!r}")
 
@@ -302,7 +336,9 @@ class TurnRetry:
     whose text differs is closed (cancelling it) and the original error is raised. Without `streaming` (say,
     complete) only the TurnResult matters, and any retryable failure is retried."""
 
-    def __init__(self, max_retries: int, backoff_s: float, timeout: float | None, *, streaming: bool) -> None:
+    def __init__(self, max_retries: int, backoff_s: float, timeout: float | None, *, streaming: bool,
+                 choices: int = 1) -> None:
+        self.choices = choices  # > 1: the caller gets TextDelta events (with .choice) and each choice's TurnResult
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -319,7 +355,14 @@ class TurnRetry:
         return None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
 
     def items(self, event: ChatEvent) -> list[str | TurnResult]:
-        """What the caller gets for one event of the current attempt (chat_item, minus text it already has)."""
+        """What the caller gets for one event of the current attempt (chat_item, minus text it already has).
+
+        With several choices nothing is compared: once anything went to the caller the turn is not retried."""
+        if self.choices > 1:
+            if isinstance(event, TextDelta) and event.text and self.streaming or isinstance(event, TurnResult):
+                self.done = True
+                return [event]
+            return []
         if isinstance(event, TextDelta):
             if not self.streaming or not event.text:
                 return []

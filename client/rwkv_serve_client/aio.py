@@ -14,7 +14,18 @@ import grpc
 from rwkv_serve.v1 import api_pb2_grpc
 from rwkv_serve_client import _core
 from rwkv_serve_client.errors import RWKVError, from_rpc_error
-from rwkv_serve_client.types import ChatEvent, ChatTemplate, ModelInfo, Preset, Session, SessionPage, TurnResult
+from rwkv_serve_client.types import (
+    ChatEvent,
+    ChatTemplate,
+    Choices,
+    Message,
+    ModelInfo,
+    Preset,
+    Session,
+    SessionPage,
+    TextDelta,
+    TurnResult,
+)
 
 T = TypeVar("T")
 
@@ -37,17 +48,18 @@ class AsyncChatStream:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    async def send(self, text: str, *, session_id: str | None = None, turn_id: str | None = None,
+    async def send(self, text: str = "", *, session_id: str | None = None, turn_id: str | None = None,
                    expected_state_version: int | None = None, return_token_ids: bool = False,
+                   messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None,
                    **sampling: Any) -> str:
-        """Sends a user turn; returns its turn id."""
+        """Sends a user turn (its text, or whole `messages`: see RWKVClient.chat); returns its turn id."""
         sid = session_id or self.session_id
         if not sid:
             raise ValueError("send() needs a session_id (none was given to the stream)")
         if not self._sending:
             raise RuntimeError("the stream is closed for sending")
         request = _core.chat_turn(sid, text, turn_id=turn_id, expected_state_version=expected_state_version,
-                                  return_token_ids=return_token_ids, **sampling)
+                                  return_token_ids=return_token_ids, messages=messages, **sampling)
         await self._write(request)
         return request.turn.turn_id
 
@@ -124,10 +136,11 @@ class AsyncRWKVClient:
     async def create_session(self, model: str, *, template: ChatTemplate | str | None = None,
                              system_prompt: str = "", preset: str = "", ttl: timedelta | float | None = None,
                              metadata: Mapping[str, str] | None = None, timeout: float | None = None,
-                             **sampling: Any) -> Session:
-        """Creates a session; sampling keyword arguments become its defaults."""
+                             keep_versions: int = 0, **sampling: Any) -> Session:
+        """Creates a session; sampling keyword arguments become its defaults (as RWKVClient.create_session)."""
         return await self._unary(_core.create_session(model, template=template, system_prompt=system_prompt,
-                                                      preset=preset, ttl=ttl, metadata=metadata, **sampling), timeout)
+                                                      preset=preset, ttl=ttl, metadata=metadata,
+                                                      keep_versions=keep_versions, **sampling), timeout)
 
     async def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
         """A session's metadata (SessionNotFoundError when unknown)."""
@@ -156,11 +169,13 @@ class AsyncRWKVClient:
 
     async def fork_session(self, session_id: str, *, ttl: timedelta | float | None = None,
                            metadata: Mapping[str, str] | None = None, expected_state_version: int | None = None,
-                           timeout: float | None = None, **sampling: Any) -> Session:
-        """A new session starting from a copy of this one's current state."""
+                           timeout: float | None = None, state_version: int | None = None,
+                           **sampling: Any) -> Session:
+        """A new session from a copy of this one's current state or of a kept earlier `state_version` (as
+        RWKVClient.fork_session)."""
         return await self._unary(_core.fork_session(session_id, ttl=ttl, metadata=metadata,
-                                                    expected_state_version=expected_state_version, **sampling),
-                                 timeout)
+                                                    expected_state_version=expected_state_version,
+                                                    state_version=state_version, **sampling), timeout)
 
     # ---- models ----------------------------------------------------------------------------------------------
 
@@ -199,29 +214,38 @@ class AsyncRWKVClient:
         """Opens a bidirectional Chat stream (bound to `session_id` when given)."""
         return AsyncChatStream(self._stub, self._metadata, session_id, timeout)
 
-    async def chat(self, session_id: str, text: str, *, timeout: float | None = None,
-                   expected_state_version: int | None = None, return_token_ids: bool = False,
-                   turn_id: str | None = None, **sampling: Any) -> AsyncIterator[str | TurnResult]:
-        """Runs one turn: yields the text deltas as they come, then the TurnResult (retried as RWKVClient.chat
-        says: the same turn id, only text not yielded yet, the original error when a retry's text differs).
+    async def chat(self, session_id: str, text: str = "", *, timeout: float | None = None,
+             expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
+             messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None,
+             **sampling: Any) -> AsyncIterator[str | TurnResult]:
+        """Runs one turn: yields the text deltas as they come, then the TurnResult. `timeout` covers the whole
+        turn, retries included; `turn_id` names it (default: a new random one). Instead of `text`, `messages`
+        (Message objects, {"role", "content"} dicts or (role, content) pairs: user, assistant, tool; a system
+        message only first, and only before a session's first turn when it has no system prompt) are fed in
+        order with the session's template, ending where the reply begins.
 
-        Stopping the iteration early (aclose) cancels the turn (the session's state is left unchanged)."""
+        Stopping the iteration early cancels the turn (the session's state is left unchanged). A retryable failure
+        is retried with the same turn id (see the constructor): before any text was yielded, silently; after,
+        only when the retry's text starts with the text already yielded (the turn's committed result, or a rerun
+        that repeats it, e.g. greedy), and then only the rest is yielded; a retry with another text is cancelled
+        and the original error raised, as without retries."""
         async for item in self._chat(session_id, text, True, timeout=timeout,
                                      expected_state_version=expected_state_version,
-                                     return_token_ids=return_token_ids, turn_id=turn_id, **sampling):
+                                     return_token_ids=return_token_ids, turn_id=turn_id, messages=messages, **sampling):
             yield item
 
     async def _chat(self, session_id: str, text: str, streaming: bool, *, timeout: float | None = None,
-                    expected_state_version: int | None = None, return_token_ids: bool = False,
-                    turn_id: str | None = None, **sampling: Any) -> AsyncIterator[str | TurnResult]:
+              expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
+              messages: Any = None, **sampling: Any) -> AsyncIterator[str | TurnResult]:
         request = _core.chat_turn(session_id, text, turn_id=turn_id, expected_state_version=expected_state_version,
-                                  return_token_ids=return_token_ids, **sampling)  # checked once, sent each attempt
+                                  return_token_ids=return_token_ids, messages=messages,
+                                  **sampling)  # checked once, sent each attempt
 
         async def attempt(deadline: float | None) -> AsyncIterator[ChatEvent]:
             stream = self.chat_stream(session_id, timeout=deadline)
             try:
                 await stream.send(text, turn_id=request.turn.turn_id, expected_state_version=expected_state_version,
-                                  return_token_ids=return_token_ids, **sampling)
+                                  return_token_ids=return_token_ids, messages=messages, **sampling)
                 async for event in stream.until_turn_end():
                     yield event
                 await stream.done_sending()
@@ -234,9 +258,10 @@ class AsyncRWKVClient:
             yield item
 
     async def _retrying(self, attempt: Callable[[float | None], AsyncIterator[ChatEvent]], timeout: float | None,
-                        streaming: bool) -> AsyncIterator[str | TurnResult]:
+                        streaming: bool, choices: int = 1) -> AsyncIterator[Any]:
         """Runs attempts of one turn until one ends it, as _core.TurnRetry decides."""
-        retry = _core.TurnRetry(self.max_turn_retries, self.retry_backoff_s, timeout, streaming=streaming)
+        retry = _core.TurnRetry(self.max_turn_retries, self.retry_backoff_s, timeout, streaming=streaming,
+                                choices=choices)
         while True:
             async with contextlib.aclosing(attempt(retry.timeout())) as events:
                 try:
@@ -248,24 +273,31 @@ class AsyncRWKVClient:
                     wait = retry.delay(error)  # raises when the turn may not be retried
             await asyncio.sleep(wait)
 
-    async def say(self, session_id: str, text: str, **kwargs: Any) -> TurnResult:
-        """Runs one turn and returns its TurnResult (whole text) without streaming (retried as RWKVClient.say)."""
+    async def say(self, session_id: str, text: str = "", **kwargs: Any) -> TurnResult:
+        """Runs one turn and returns its TurnResult (whole text) without streaming; retried as chat() is, except
+        that the text of a failed attempt does not matter (nothing of it was shown)."""
         return await _last(self._chat(session_id, text, False, **kwargs))
 
-    async def generate(self, prompt: str, *, model: str = "", session_id: str = "", ephemeral: bool = False,
-                       expected_state_version: int | None = None, return_token_ids: bool = False,
-                       timeout: float | None = None, turn_id: str | None = None,
-                       **sampling: Any) -> AsyncIterator[str | TurnResult]:
-        """Completes a raw prompt: yields text deltas, then the TurnResult. Stateless unless `session_id`.
-        Retried as chat() is."""
+    async def generate(self, prompt: str = "", *, model: str = "", session_id: str = "", ephemeral: bool = False,
+                 expected_state_version: int | None = None, return_token_ids: bool = False,
+                 timeout: float | None = None, turn_id: str | None = None,
+                 messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None,
+                 template: ChatTemplate | str | None = None, n: int = 1,
+                 **sampling: Any) -> AsyncIterator[str | TurnResult | TextDelta]:
+        """Completes a raw prompt, or `messages` (a stateless chat completion with `template`, default chat: the
+        shared prefix-state cache makes a resent conversation prefill only its new part, usage.cached_tokens says
+        how much was found): yields text deltas, then the TurnResult. Stateless unless `session_id`. Retried as
+        chat() is. With n > 1 (stateless or ephemeral): n choices sampled from the one prefilled prompt (seeds seed,
+        seed+1, ... when a seed is given); then it yields TextDelta events and each choice's TurnResult, each with
+        its `.choice`, and is not retried once anything was yielded."""
         async for item in self._generate(prompt, True, model=model, session_id=session_id, ephemeral=ephemeral,
                                          expected_state_version=expected_state_version,
                                          return_token_ids=return_token_ids, timeout=timeout, turn_id=turn_id,
-                                         **sampling):
+                                         messages=messages, template=template, n=n, **sampling):
             yield item
 
     async def _generate(self, prompt: str, streaming: bool, *, timeout: float | None = None,
-                        **kwargs: Any) -> AsyncIterator[str | TurnResult]:
+                        **kwargs: Any) -> AsyncIterator[Any]:
         request = _core.generate(prompt, **kwargs)
 
         async def attempt(deadline: float | None) -> AsyncIterator[ChatEvent]:
@@ -279,11 +311,14 @@ class AsyncRWKVClient:
             finally:
                 call.cancel()
 
-        async for item in self._retrying(attempt, timeout, streaming):
+        async for item in self._retrying(attempt, timeout, streaming, max(request.n, 1)):
             yield item
 
-    async def complete(self, prompt: str, **kwargs: Any) -> TurnResult:
-        """Like generate(), returning only the TurnResult (whole text)."""
+    async def complete(self, prompt: str = "", **kwargs: Any) -> TurnResult | Choices:
+        """Like generate(), returning only the TurnResult (whole text); with n > 1 the Choices (every choice's
+        TurnResult)."""
+        if kwargs.get("n", 1) > 1:
+            return _core.choices_of([item async for item in self._generate(prompt, False, **kwargs)])
         return await _last(self._generate(prompt, False, **kwargs))
 
     async def close(self) -> None:

@@ -15,7 +15,18 @@ import grpc
 from rwkv_serve.v1 import api_pb2_grpc
 from rwkv_serve_client import _core
 from rwkv_serve_client.errors import RWKVError, from_rpc_error
-from rwkv_serve_client.types import ChatEvent, ChatTemplate, ModelInfo, Preset, Session, SessionPage, TurnResult
+from rwkv_serve_client.types import (
+    ChatEvent,
+    ChatTemplate,
+    Choices,
+    Message,
+    ModelInfo,
+    Preset,
+    Session,
+    SessionPage,
+    TextDelta,
+    TurnResult,
+)
 
 T = TypeVar("T")
 
@@ -40,16 +51,17 @@ class ChatStream:
         while (request := self._outbox.get()) is not None:
             yield request
 
-    def send(self, text: str, *, session_id: str | None = None, turn_id: str | None = None,
-             expected_state_version: int | None = None, return_token_ids: bool = False, **sampling: Any) -> str:
-        """Queues a user turn; returns its turn id."""
+    def send(self, text: str = "", *, session_id: str | None = None, turn_id: str | None = None,
+             expected_state_version: int | None = None, return_token_ids: bool = False,
+             messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None, **sampling: Any) -> str:
+        """Queues a user turn (its text, or whole `messages`: see RWKVClient.chat); returns its turn id."""
         sid = session_id or self.session_id
         if not sid:
             raise ValueError("send() needs a session_id (none was given to the stream)")
         if not self._sending:
             raise RuntimeError("the stream is closed for sending")
         request = _core.chat_turn(sid, text, turn_id=turn_id, expected_state_version=expected_state_version,
-                                  return_token_ids=return_token_ids, **sampling)
+                                  return_token_ids=return_token_ids, messages=messages, **sampling)
         self._outbox.put(request)
         return request.turn.turn_id
 
@@ -127,10 +139,12 @@ class RWKVClient:
     def create_session(self, model: str, *, template: ChatTemplate | str | None = None, system_prompt: str = "",
                        preset: str = "", ttl: timedelta | float | None = None,
                        metadata: Mapping[str, str] | None = None, timeout: float | None = None,
-                       **sampling: Any) -> Session:
-        """Creates a session; sampling keyword arguments become its defaults."""
+                       keep_versions: int = 0, **sampling: Any) -> Session:
+        """Creates a session; sampling keyword arguments become its defaults. `keep_versions`: earlier state
+        versions kept besides the current one, for fork_session(state_version=...) (each costs a state's bytes)."""
         return self._unary(_core.create_session(model, template=template, system_prompt=system_prompt,
-                                                preset=preset, ttl=ttl, metadata=metadata, **sampling), timeout)
+                                                preset=preset, ttl=ttl, metadata=metadata,
+                                                keep_versions=keep_versions, **sampling), timeout)
 
     def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
         """A session's metadata (SessionNotFoundError when unknown)."""
@@ -157,10 +171,13 @@ class RWKVClient:
 
     def fork_session(self, session_id: str, *, ttl: timedelta | float | None = None,
                      metadata: Mapping[str, str] | None = None, expected_state_version: int | None = None,
-                     timeout: float | None = None, **sampling: Any) -> Session:
-        """A new session starting from a copy of this one's current state."""
+                     timeout: float | None = None, state_version: int | None = None, **sampling: Any) -> Session:
+        """A new session starting from a copy of this one's current state, or of an earlier version it keeps
+        (`state_version`; see create_session(keep_versions=...)): a branch. A version no longer kept is
+        SessionNotFoundError, saying it was evicted."""
         return self._unary(_core.fork_session(session_id, ttl=ttl, metadata=metadata,
-                                              expected_state_version=expected_state_version, **sampling), timeout)
+                                              expected_state_version=expected_state_version,
+                                              state_version=state_version, **sampling), timeout)
 
     # ---- models ----------------------------------------------------------------------------------------------
 
@@ -197,11 +214,15 @@ class RWKVClient:
         """Opens a bidirectional Chat stream (bound to `session_id` when given)."""
         return ChatStream(self._stub, self._metadata, session_id, timeout)
 
-    def chat(self, session_id: str, text: str, *, timeout: float | None = None,
+    def chat(self, session_id: str, text: str = "", *, timeout: float | None = None,
              expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
+             messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None,
              **sampling: Any) -> Iterator[str | TurnResult]:
         """Runs one turn: yields the text deltas as they come, then the TurnResult. `timeout` covers the whole
-        turn, retries included; `turn_id` names it (default: a new random one).
+        turn, retries included; `turn_id` names it (default: a new random one). Instead of `text`, `messages`
+        (Message objects, {"role", "content"} dicts or (role, content) pairs: user, assistant, tool; a system
+        message only first, and only before a session's first turn when it has no system prompt) are fed in
+        order with the session's template, ending where the reply begins.
 
         Stopping the iteration early cancels the turn (the session's state is left unchanged). A retryable failure
         is retried with the same turn id (see the constructor): before any text was yielded, silently; after,
@@ -209,19 +230,20 @@ class RWKVClient:
         that repeats it, e.g. greedy), and then only the rest is yielded; a retry with another text is cancelled
         and the original error raised, as without retries."""
         yield from self._chat(session_id, text, True, timeout=timeout, expected_state_version=expected_state_version,
-                              return_token_ids=return_token_ids, turn_id=turn_id, **sampling)
+                              return_token_ids=return_token_ids, turn_id=turn_id, messages=messages, **sampling)
 
     def _chat(self, session_id: str, text: str, streaming: bool, *, timeout: float | None = None,
               expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
-              **sampling: Any) -> Iterator[str | TurnResult]:
+              messages: Any = None, **sampling: Any) -> Iterator[str | TurnResult]:
         request = _core.chat_turn(session_id, text, turn_id=turn_id, expected_state_version=expected_state_version,
-                                  return_token_ids=return_token_ids, **sampling)  # checked once, sent each attempt
+                                  return_token_ids=return_token_ids, messages=messages,
+                                  **sampling)  # checked once, sent each attempt
 
         def attempt(deadline: float | None) -> Iterator[ChatEvent]:
             stream = self.chat_stream(session_id, timeout=deadline)
             try:
                 stream.send(text, turn_id=request.turn.turn_id, expected_state_version=expected_state_version,
-                            return_token_ids=return_token_ids, **sampling)
+                            return_token_ids=return_token_ids, messages=messages, **sampling)
                 yield from stream.until_turn_end()
                 stream.done_sending()
                 for _ in stream:  # the server ends the stream once the half-close arrives
@@ -232,9 +254,10 @@ class RWKVClient:
         yield from self._retrying(attempt, timeout, streaming)
 
     def _retrying(self, attempt: Callable[[float | None], Iterator[ChatEvent]], timeout: float | None,
-                  streaming: bool) -> Iterator[str | TurnResult]:
+                  streaming: bool, choices: int = 1) -> Iterator[Any]:
         """Runs attempts of one turn until one ends it, as _core.TurnRetry decides."""
-        retry = _core.TurnRetry(self.max_turn_retries, self.retry_backoff_s, timeout, streaming=streaming)
+        retry = _core.TurnRetry(self.max_turn_retries, self.retry_backoff_s, timeout, streaming=streaming,
+                                choices=choices)
         while True:
             with contextlib.closing(attempt(retry.timeout())) as events:
                 try:
@@ -245,23 +268,30 @@ class RWKVClient:
                     wait = retry.delay(error)  # raises when the turn may not be retried
             time.sleep(wait)
 
-    def say(self, session_id: str, text: str, **kwargs: Any) -> TurnResult:
+    def say(self, session_id: str, text: str = "", **kwargs: Any) -> TurnResult:
         """Runs one turn and returns its TurnResult (whole text) without streaming; retried as chat() is, except
         that the text of a failed attempt does not matter (nothing of it was shown)."""
         return _last(self._chat(session_id, text, False, **kwargs))
 
-    def generate(self, prompt: str, *, model: str = "", session_id: str = "", ephemeral: bool = False,
+    def generate(self, prompt: str = "", *, model: str = "", session_id: str = "", ephemeral: bool = False,
                  expected_state_version: int | None = None, return_token_ids: bool = False,
                  timeout: float | None = None, turn_id: str | None = None,
-                 **sampling: Any) -> Iterator[str | TurnResult]:
-        """Completes a raw prompt: yields text deltas, then the TurnResult. Stateless unless `session_id`.
-        Retried as chat() is."""
+                 messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None,
+                 template: ChatTemplate | str | None = None, n: int = 1,
+                 **sampling: Any) -> Iterator[str | TurnResult | TextDelta]:
+        """Completes a raw prompt, or `messages` (a stateless chat completion with `template`, default chat: the
+        shared prefix-state cache makes a resent conversation prefill only its new part, usage.cached_tokens says
+        how much was found): yields text deltas, then the TurnResult. Stateless unless `session_id`. Retried as
+        chat() is. With n > 1 (stateless or ephemeral): n choices sampled from the one prefilled prompt (seeds seed,
+        seed+1, ... when a seed is given); then it yields TextDelta events and each choice's TurnResult, each with
+        its `.choice`, and is not retried once anything was yielded."""
         yield from self._generate(prompt, True, model=model, session_id=session_id, ephemeral=ephemeral,
                                   expected_state_version=expected_state_version, return_token_ids=return_token_ids,
-                                  timeout=timeout, turn_id=turn_id, **sampling)
+                                  timeout=timeout, turn_id=turn_id, messages=messages, template=template, n=n,
+                                  **sampling)
 
     def _generate(self, prompt: str, streaming: bool, *, timeout: float | None = None,
-                  **kwargs: Any) -> Iterator[str | TurnResult]:
+                  **kwargs: Any) -> Iterator[Any]:
         request = _core.generate(prompt, **kwargs)
 
         def attempt(deadline: float | None) -> Iterator[ChatEvent]:
@@ -275,10 +305,13 @@ class RWKVClient:
             finally:
                 call.cancel()
 
-        yield from self._retrying(attempt, timeout, streaming)
+        yield from self._retrying(attempt, timeout, streaming, max(request.n, 1))
 
-    def complete(self, prompt: str, **kwargs: Any) -> TurnResult:
-        """Like generate(), returning only the TurnResult (whole text)."""
+    def complete(self, prompt: str = "", **kwargs: Any) -> TurnResult | Choices:
+        """Like generate(), returning only the TurnResult (whole text); with n > 1 the Choices (every choice's
+        TurnResult)."""
+        if kwargs.get("n", 1) > 1:
+            return _core.choices_of(list(self._generate(prompt, False, **kwargs)))
         return _last(self._generate(prompt, False, **kwargs))
 
     def close(self) -> None:

@@ -55,6 +55,7 @@ class Session:
     preset: str = ""
     forked_from: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    keep_versions: int = 0  # earlier state versions kept for fork_session(state_version=...)
 
     @classmethod
     def from_pb(cls, pb: api_pb2.Session) -> Session:
@@ -73,7 +74,34 @@ class Session:
             preset=pb.preset,
             forked_from=pb.forked_from,
             metadata=dict(pb.metadata),
+            keep_versions=pb.keep_versions,
         )
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation given whole (chat/generate `messages=`): role "system", "user",
+    "assistant" or "tool"; `name` for a tool's result. Dicts {"role": ..., "content": ..., "name": ...} work too."""
+
+    role: str
+    content: str
+    name: str = ""
+
+    @classmethod
+    def parse(cls, value: Message | Any) -> Message:
+        """A Message, a mapping with role/content(/name), or a (role, content) pair."""
+        if isinstance(value, Message):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"role", "content", "name"}
+            if unknown:
+                raise TypeError(f"unknown message fields {sorted(unknown)}")
+            return cls(str(value["role"]), str(value.get("content") or ""), str(value.get("name") or ""))
+        role, content = value
+        return cls(str(role), str(content))
+
+    def to_pb(self) -> common_pb2.ChatMessage:
+        return common_pb2.ChatMessage(role=self.role, content=self.content, name=self.name)
 
 
 @dataclass(frozen=True)
@@ -129,6 +157,7 @@ class Usage:
     prompt_tokens: int
     generated_tokens: int
     state_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, those a cached state covered (prefix cache, cached system prompt)
 
 
 @dataclass(frozen=True)
@@ -147,6 +176,7 @@ class TurnStarted:
     turn_id: str
     prompt_tokens: int
     worker_id: str
+    choice: int = 0  # which of the request's n choices
 
 
 @dataclass(frozen=True)
@@ -157,6 +187,7 @@ class TextDelta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob]
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,10 +204,31 @@ class TurnResult:
     worker_id: str = ""
     token_ids: list[int] = field(default_factory=list)
     replayed: bool = False  # the server answered a retried turn_id from its commit (the turn ran once, earlier)
+    choice: int = 0  # which of the request's n choices
 
     @property
     def cancelled(self) -> bool:
         return self.stop_reason == StopReason.CANCELLED
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What complete(..., n=k) returns for k > 1: each choice's TurnResult, in choice order (one prefilled prompt,
+    k sampled replies)."""
+
+    turn_id: str
+    choices: list[TurnResult]
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.choices]
+
+    @property
+    def usage(self) -> Usage:
+        """The prompt once (it was prefilled once), every choice's generated tokens."""
+        first = self.choices[0].usage
+        return Usage(first.prompt_tokens, sum(c.usage.generated_tokens for c in self.choices), first.state_tokens,
+                     first.cached_tokens)
 
 
 ChatEvent = Union[TurnStarted, TextDelta, TurnResult]

@@ -11,7 +11,8 @@ one place. A session's keys share one hash tag, so Cluster keeps them in one slo
   rwkv:worker:<id>     a worker's registry record (JSON) with a heartbeat TTL; rwkv:workers indexes the ids
   rwkv:preset:<model>:<name>     preset initial states (state-tuned files), no TTL
   rwkv:presetinfo:<model>        hash: preset name -> JSON (description, tokens, created, bytes)
-  rwkv:prefix:<model>:<sha256>   state after a token prefix (content-addressed), TTL refreshed on use
+  rwkv:prefix:{<model>}:entry:<sha256>  state at a message boundary (content-addressed), TTL refreshed on use;
+                       :lru :sizes :bytes index it for the per-model size bound (store/prefixes.py)
   rwkv:apikey:<hash>   the tenant of an API key, keyed by the key's hash; the key itself is never stored
   rwkv:quota:<tenant>:tokens:<window>  tokens the tenant used in one budget window (expires with it)
 
@@ -115,7 +116,12 @@ class Keys:
         return f"{self.prefix}:presetinfo:{check_name('model', model)}"
 
     def prefix_state(self, model: str, digest: str) -> str:
-        return f"{self.prefix}:prefix:{check_name('model', model)}:{digest}"
+        """A prefix-cache entry (store/prefixes.py); every key of a model's cache shares the hash tag {<model>}."""
+        return f"{self.prefix}:prefix:{{{check_name('model', model)}}}:entry:{digest}"
+
+    def prefix_meta(self, model: str, part: str) -> str:
+        """The model's prefix-cache index keys (lru, sizes, bytes) and staging keys, in the entries' slot."""
+        return f"{self.prefix}:prefix:{{{check_name('model', model)}}}:{part}"
 
     @property
     def api_key_scan(self) -> str:

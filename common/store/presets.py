@@ -1,8 +1,7 @@
-"""Presets (named initial states of a model, e.g. state-tuned files) and the content-addressed prefix cache.
+"""Presets: named initial states of a model (e.g. state-tuned files), with their info.
 
-Prefix-cache entries are keyed by a digest of what built them (the preset's bytes and the prompt's tokens,
-worker/runner.py), so an entry can only ever answer for the exact state it holds: replacing or deleting a
-preset needs no cache invalidation, and orphaned entries expire with their TTL.
+The prefix-state cache built on them is keyed by a digest of the preset's bytes (store/prefixes.py), so replacing
+or deleting a preset needs no cache invalidation.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class PresetInfo:
 
 @store_errors
 class Presets(StoreBase):
-    """Preset state records with their info, and the prefix-state cache."""
+    """Preset state records with their info."""
 
     async def put_preset(self, model: str, name: str, data: bytes, *, description: str = "", tokens: int = 0,
                          replace: bool = True) -> PresetInfo:
@@ -101,10 +100,3 @@ class Presets(StoreBase):
         removed = bool(await self.redis.delete(self.keys.preset(model, name)))
         await self.redis.hdel(self.keys.preset_info(model), name)
         return removed
-
-    async def put_prefix(self, model: str, digest: str, data: bytes, ttl_ms: int) -> None:
-        await self.redis.set(self.keys.prefix_state(model, digest), data, px=ttl_ms)
-
-    async def get_prefix(self, model: str, digest: str, ttl_ms: int) -> bytes | None:
-        """The cached state after a token prefix, refreshing its TTL; None on a miss."""
-        return await self.redis.getex(self.keys.prefix_state(model, digest), px=ttl_ms)

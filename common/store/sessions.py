@@ -43,6 +43,7 @@ class SessionMeta:
     turns: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)  # the session's default sampling, as set fields
+    keep_versions: int = 0  # earlier state versions kept besides the current one (ForkSession.state_version)
 
     def to_hash(self) -> dict[str, str]:
         return {
@@ -60,6 +61,7 @@ class SessionMeta:
             "turns": str(self.turns),
             "metadata": json.dumps(self.metadata, sort_keys=True),
             "sampling": json.dumps(self.sampling, sort_keys=True),
+            "keep": str(self.keep_versions),
         }
 
     @classmethod
@@ -83,6 +85,7 @@ class SessionMeta:
                 turns=int(h.get("turns", 0)),
                 metadata=json.loads(h.get("metadata") or "{}"),
                 sampling=json.loads(h.get("sampling") or "{}"),
+                keep_versions=int(h.get("keep", 0)),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise StateCorrupt(f"session {session_id} has unreadable metadata ({exc!r})") from None

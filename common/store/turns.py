@@ -95,13 +95,15 @@ class TurnRecord:
     stop_token_id: int = -1
     state_version: int = 0
     input_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the prefix cache covered
 
     def result_json(self) -> str:
         ids = list(self.token_ids) if len(self.token_ids) <= MAX_RECORD_TOKEN_IDS else []
         return json.dumps({
             "text": self.text, "ids": ids, "prompt": self.prompt_tokens, "generated": self.generated_tokens,
             "state_tokens": self.state_tokens, "version": self.state_version, "stop": self.stop_reason,
-            "stop_string": self.stop_string, "stop_token": self.stop_token_id, "input": self.input_tokens},
+            "stop_string": self.stop_string, "stop_token": self.stop_token_id, "input": self.input_tokens,
+            "cached": self.cached_tokens},
             separators=(",", ":"))
 
     @classmethod
@@ -110,7 +112,7 @@ class TurnRecord:
             r = json.loads(raw)
             return cls(turn_id, input_digest, str(r["text"]), tuple(int(t) for t in r["ids"]), int(r["prompt"]),
                        int(r["generated"]), int(r["state_tokens"]), int(r["stop"]), str(r["stop_string"]),
-                       int(r["stop_token"]), int(r["version"]), int(r["input"]))
+                       int(r["stop_token"]), int(r["version"]), int(r["input"]), int(r.get("cached", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateCorrupt(f"unreadable turn record ({exc!r})") from None
 
