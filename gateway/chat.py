@@ -1,12 +1,15 @@
 """POST /v1/chat/completions and POST /v1/completions: stateless turns through the front's Generate.
 
-A chat completion's messages are rendered with the chat template (gateway.render) and completed; n choices are
-n turns of the same prompt (choice i samples with seed + i when a seed is given). Responses and chunks follow
+A chat completion is a stateless Generate with its messages (rendered by the workers with the chat template, each
+message boundary a shared prefix-state cache entry: a conversation resent with one more message prefills only
+the new part); n choices sample n replies from the one prefilled prompt (choice i with seed + i when a seed is
+given). Responses and chunks follow
 OpenAI's shapes: chat.completion / chat.completion.chunk, text_completion, usage with prompt_tokens_details.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,15 +19,17 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.backend import Backend
 from gateway.errors import bad_request, unsupported
-from gateway.render import chat_template, normalise, render_prompt
+from gateway.render import normalise
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, banned_tokens, check_unsupported
 from gateway.streams import (
     Item,
     cached_tokens,
     chat_error_event,
+    chunk_head,
     collect,
     event_stream,
     finish_reason,
+    json_text,
     merge,
     primed,
     sse,
@@ -45,22 +50,26 @@ def _usage(results: list[TurnResult]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached_tokens(results[0])}}
 
 
-def _seeded(sampling: dict[str, Any], i: int, n: int) -> dict[str, Any]:
-    if n > 1 and "seed" in sampling:
-        return {**sampling, "seed": (sampling["seed"] + i) % 2**64}
-    return sampling
-
-
 def _check_common(body: ChatCompletionRequest | CompletionRequest, backend: Backend) -> None:
     if body.n > backend.settings.max_n:
         raise bad_request(f"n must be at most {backend.settings.max_n}", "n")
 
 
-def _turns(backend: Backend, api_key: str | None, prompt: str, model: str, sampling: dict[str, Any],
-           n: int) -> AsyncIterator[Item]:
-    client = backend.client(api_key)
-    timeout = backend.settings.request_timeout_s
-    return merge([client.generate(prompt, model=model, timeout=timeout, **_seeded(sampling, i, n)) for i in range(n)])
+def choices_of(stream: AsyncIterator[Any], n: int, base: int = 0) -> AsyncIterator[Item]:
+    """One SDK generate() stream as (choice index, text | TurnResult): with n > 1 the SDK yields TextDelta and
+    TurnResult events carrying their choice, with one choice plain text and the TurnResult."""
+
+    async def items() -> AsyncIterator[Item]:
+        async with contextlib.aclosing(stream) as events:
+            async for event in events:
+                if isinstance(event, str):
+                    yield base, event
+                elif isinstance(event, TurnResult):
+                    yield base + (event.choice if n > 1 else 0), event
+                elif getattr(event, "text", ""):
+                    yield base + event.choice, event.text
+
+    return items()
 
 
 async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_key: str | None) -> Response:
@@ -76,19 +85,19 @@ async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_ke
     if body.logprobs or body.top_logprobs:
         raise unsupported("logprobs", "token bytes are not on the gRPC wire yet (needs a proto field)")
     _check_common(body, backend)
-    template = chat_template(body.template)
     messages = normalise(body.messages, backend.settings.max_messages)
     sampling = body.sampling(backend.settings, body.max_new_tokens())
     if (banned := banned_tokens(body.logit_bias)) is not None:
         sampling["banned_tokens"] = banned
-    sampling["stop_strings"] = [*sampling.get("stop_strings", []), *template.stop_strings]
-    prompt = render_prompt(messages, template)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed with stream: true", "stream_options")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     release = backend.acquire()
-    items = _turns(backend, api_key, prompt, body.model, sampling, body.n)
+    stream = backend.client(api_key).generate(
+        model=body.model, messages=[m.wire() for m in messages], template=body.template, n=body.n,
+        timeout=backend.settings.request_timeout_s, **sampling)
+    items = choices_of(stream, body.n)
     if not body.stream:
         try:
             results = await collect(items, body.n)
@@ -118,6 +127,10 @@ async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model
             body["usage"] = None
         return sse(body)
 
+    # The chunk of one text delta, the hot path, written as the JSON chunk() would write (one dumps per token).
+    head = chunk_head({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "system_fingerprint": None})
+    tail = ',"usage":null}\n\n' if include_usage else '}\n\n'
     for i in range(n):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
@@ -127,7 +140,8 @@ async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model
             results[index] = item
             yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(item)}])
         elif item:
-            yield chunk([{"index": index, "delta": {"content": item}, "logprobs": None, "finish_reason": None}])
+            yield (f'{head}{index},"delta":{{"content":{json_text(item)}}},"logprobs":null,'
+                   f'"finish_reason":null}}]{tail}')
     if include_usage and all(results):
         yield chunk([], usage=_usage(results))  # type: ignore[arg-type]
     yield sse("[DONE]")
@@ -157,8 +171,8 @@ async def completions(body: CompletionRequest, backend: Backend, api_key: str | 
     release = backend.acquire()
     client = backend.client(api_key)
     timeout = backend.settings.request_timeout_s
-    items = merge([client.generate(p, model=body.model, timeout=timeout, **_seeded(sampling, i, n))
-                   for p in prompts for i in range(n)])
+    items = merge([choices_of(client.generate(p, model=body.model, n=n, timeout=timeout, **sampling), n, k * n)
+                   for k, p in enumerate(prompts)])
     if not body.stream:
         try:
             results = await collect(items, len(prompts) * n)
@@ -193,6 +207,9 @@ async def _completion_chunks(items: AsyncIterator[Item], rid: str, created: int,
             body["usage"] = None
         return sse(body)
 
+    head = chunk_head({"id": rid, "object": "text_completion", "created": created, "model": model,
+                       "system_fingerprint": None})
+    tail = ',"usage":null}\n\n' if include_usage else '}\n\n'
     if echo:
         for k in range(len(prompts) * n):
             yield chunk([{"index": k, "text": prompts[k // n], "logprobs": None, "finish_reason": None}])
@@ -202,7 +219,7 @@ async def _completion_chunks(items: AsyncIterator[Item], rid: str, created: int,
             results[k] = item
             yield chunk([{"index": k, "text": "", "logprobs": None, "finish_reason": finish_reason(item)}])
         elif item:
-            yield chunk([{"index": k, "text": item, "logprobs": None, "finish_reason": None}])
+            yield f'{head}{k},"text":{json_text(item)},"logprobs":null,"finish_reason":null}}]{tail}'
     if include_usage and all(results):
         done: list[TurnResult] = results  # type: ignore[assignment]
         prompt_tokens = sum(done[p * n].usage.prompt_tokens for p in range(len(prompts)))

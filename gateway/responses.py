@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.backend import Backend
 from gateway.errors import GatewayError, bad_request, unsupported
-from gateway.render import Message, chat_template, render_prompt
+from gateway.render import Message
 from gateway.response_shapes import error_event_factory, events, input_item, message_item, response_object
 from gateway.response_store import ResponseStore, new_response_id
 from gateway.schemas import ResponseRequest, check_unsupported, message_text
@@ -52,12 +52,16 @@ def _messages(body: ResponseRequest, max_messages: int) -> list[Message]:
     return items
 
 
-def _turn_text(messages: list[Message], param: str = "input") -> str:
-    """The one user message a session turn carries."""
-    if len(messages) != 1 or messages[0].role != "user":
-        raise unsupported(param, "on a stored conversation the input must be one user message (several messages "
-                                 "in one turn need ChatTurn.messages, not in the SDK yet)")
-    return messages[0].content
+def _turn_input(messages: list[Message]) -> dict[str, Any]:
+    """A session turn's input: the text of one user message (exactly a gRPC chat turn), else the messages."""
+    if len(messages) == 1 and messages[0].role == "user":
+        return {"text": messages[0].content}
+    if any(m.role == "system" for m in messages):
+        raise unsupported("input", "system messages in a continued conversation (its system prompt is set when it "
+                                   "starts: use instructions on the first response)")
+    if messages[-1].role != "user":
+        raise bad_request("the last input item must be the user's message (the reply follows it)", "input")
+    return {"messages": [m.wire() for m in messages]}
 
 
 def _check(body: ResponseRequest, backend: Backend) -> None:
@@ -92,9 +96,7 @@ async def create(body: ResponseRequest, backend: Backend, store: ResponseStore, 
     client = backend.client(api_key)
     release = backend.acquire()
     try:
-        items, session_id = await _start(body, client, prev, messages, sampling, settings)
-        record["session_id"] = session_id
-        stream = await primed(_indexed(items))
+        stream = await primed(_indexed(await _start(body, client, prev, messages, sampling, settings, record)))
     except BaseException:
         release()
         raise
@@ -145,45 +147,100 @@ async def _texts(items: AsyncIterator[tuple[int, str | TurnResult]]) -> AsyncIte
 
 
 async def _start(body: ResponseRequest, client: AsyncRWKVClient, prev: dict[str, Any] | None,
-                 messages: list[Message], sampling: dict[str, Any],
-                 settings: Any) -> tuple[AsyncIterator[str | TurnResult], str]:
-    """The turn's SDK stream and the session it runs on ("" for a stateless one)."""
+                 messages: list[Message], sampling: dict[str, Any], settings: Any,
+                 record: dict[str, Any]) -> AsyncIterator[str | TurnResult]:
+    """The turn's SDK stream; record["session_id"] is set to the session it runs on ("" when nothing is kept)."""
     sampling = {**sampling, "timeout": settings.request_timeout_s}  # (the SDK's turns have no default deadline)
+    record["session_id"] = ""
     if prev is None:
-        system = [m.content for m in messages if m.role == "system"]
         lead = 0
         while lead < len(messages) and messages[lead].role == "system":
             lead += 1
-        if lead < len(system):
-            raise unsupported("input", "system messages after the first user message")
-        system_prompt = "\n".join(s for s in [body.instructions or "", *system] if s)
+        system_prompt = "\n".join(s for s in [body.instructions or "", *(m.content for m in messages[:lead])] if s)
         rest = messages[lead:]
-        if not body.store:  # a stateless completion of the rendered conversation
-            template = chat_template(None)
-            prompt = render_prompt([Message("system", system_prompt), *rest] if system_prompt else rest, template)
-            stops = [*sampling.get("stop_strings", []), *template.stop_strings]
-            return client.generate(prompt, model=body.model, **{**sampling, "stop_strings": stops}), ""
-        text = _turn_text(rest)
-        session = await client.create_session(body.model, system_prompt=system_prompt,
-                                              ttl=settings.responses_ttl_s, metadata={"created_by": "rwkv-gateway"})
-        return _cleanup_on_failure(client, session.session_id, client.chat(session.session_id, text, **sampling)), \
-            session.session_id
+        if not rest:
+            raise bad_request("input has no user message", "input")
+        if not body.store:  # a stateless completion of the conversation
+            opening = [Message("system", system_prompt).wire()] if system_prompt else []
+            return client.generate(model=body.model, messages=[*opening, *(m.wire() for m in rest)], **sampling)
+        turn = _turn_input(rest)
+        session = await client.create_session(body.model, system_prompt=system_prompt, ttl=settings.responses_ttl_s,
+                                              keep_versions=settings.responses_keep_versions,
+                                              metadata={"created_by": "rwkv-gateway"})
+        record["session_id"] = session.session_id
+        return _owned(client, session.session_id, client.chat(session.session_id, **turn, **sampling))
     if body.instructions and body.instructions != prev.get("conversation_instructions"):
-        raise unsupported("instructions", "new instructions on a continued conversation (its state holds the first "
-                                          "ones); needs ChatTurn.messages to feed them as a system message")
-    text = _turn_text(messages)
+        raise unsupported("instructions", "new instructions on a continued conversation (its state holds the "
+                                          "first ones: a session's system prompt is set before its first turn)")
+    turn = _turn_input(messages)
+    return _continuation(client, prev, turn, sampling, settings, record)
+
+
+async def _continuation(client: AsyncRWKVClient, prev: dict[str, Any], turn: dict[str, Any],
+                        sampling: dict[str, Any], settings: Any,
+                        record: dict[str, Any]) -> AsyncIterator[str | TurnResult]:
+    """The next turn after `prev`: on its session at its version; when the session has moved on (a branch), on a
+    fork of the session at that version. store: false runs it ephemeral (the state is read, never written)."""
     sid, version = prev["session_id"], prev["state_version"]
-    if not body.store:
-        template = chat_template(None)
-        stops = [*sampling.get("stop_strings", []), *template.stop_strings]
-        stream = client.generate(template.user_turn(text), session_id=sid, ephemeral=True,
-                                 expected_state_version=version, **{**sampling, "stop_strings": stops})
-        return _explained(stream, prev), ""
-    return _explained(client.chat(sid, text, expected_state_version=version, **sampling), prev), sid
+
+    def run(session_id: str, at: int) -> AsyncIterator[str | TurnResult]:
+        if not prev_store(record):
+            kwargs = {"messages": turn.get("messages") or [{"role": "user", "content": turn["text"]}]}
+            return client.generate(session_id=session_id, ephemeral=True, expected_state_version=at, **kwargs,
+                                   **sampling)
+        return client.chat(session_id, expected_state_version=at, **turn, **sampling)
+
+    fork = None
+    try:
+        stream = run(sid, version)
+        try:
+            first = await stream.__anext__()
+            record["session_id"] = sid
+        except sdk.VersionConflictError:  # the conversation went on after prev: branch from prev's version
+            await stream.aclose()
+            try:
+                fork = await client.fork_session(sid, state_version=version, ttl=settings.responses_ttl_s)
+            except sdk.NotFoundError:
+                raise _evicted(prev, settings) from None
+            if fork.state_version != version:  # a front that cannot fork at a version copies the current state
+                raise GatewayError(409, f"response {prev['id']} is no longer the latest of its conversation, and "
+                                        "this deployment's front cannot fork a session at an earlier version "
+                                        "(ForkSession.state_version): branching is unavailable",
+                                   param="previous_response_id", code="branching_unavailable")
+            stream = run(fork.session_id, fork.state_version)
+            first = await stream.__anext__()
+            record["session_id"] = fork.session_id
+        async with contextlib.aclosing(stream):
+            yield first
+            async for item in stream:
+                yield item
+                if isinstance(item, TurnResult):
+                    fork = None if prev_store(record) else fork  # a kept branch stays; an ephemeral one goes
+    except sdk.SessionNotFoundError:
+        raise _evicted(prev, settings) from None
+    except sdk.SessionBusyError:
+        raise GatewayError(409, f"the conversation of response {prev['id']} is generating another response; retry "
+                                "when it is complete", param="previous_response_id",
+                           code="conversation_busy") from None
+    finally:
+        if fork is not None:  # a branch whose turn failed, or an ephemeral one: nothing refers to it
+            with contextlib.suppress(Exception):
+                await client.delete_session(fork.session_id)
 
 
-async def _cleanup_on_failure(client: AsyncRWKVClient, session_id: str,
-                              items: AsyncIterator[str | TurnResult]) -> AsyncIterator[str | TurnResult]:
+def prev_store(record: dict[str, Any]) -> bool:
+    return bool(record.get("store", True))
+
+
+def _evicted(prev: dict[str, Any], settings: Any) -> GatewayError:
+    return GatewayError(404, f"the state of response {prev['id']} was evicted: its conversation expired, was "
+                             f"deleted, or went more than {settings.responses_keep_versions} responses past it "
+                             "(RWKV_GATEWAY_RESPONSES_KEEP_VERSIONS)", param="previous_response_id",
+                        code="state_evicted")
+
+
+async def _owned(client: AsyncRWKVClient, session_id: str,
+                 items: AsyncIterator[str | TurnResult]) -> AsyncIterator[str | TurnResult]:
     """A new conversation's first turn; when it fails or is abandoned, its session goes too."""
     done = False
     try:
@@ -195,26 +252,6 @@ async def _cleanup_on_failure(client: AsyncRWKVClient, session_id: str,
         if not done:
             with contextlib.suppress(Exception):
                 await client.delete_session(session_id)
-
-
-async def _explained(items: AsyncIterator[str | TurnResult],
-                     prev: dict[str, Any]) -> AsyncIterator[str | TurnResult]:
-    """A continuation's stream, its errors said in terms of the previous response."""
-    try:
-        async with contextlib.aclosing(items) as stream:
-            async for item in stream:
-                yield item
-    except sdk.SessionNotFoundError:
-        raise GatewayError(404, f"the state of response {prev['id']} was evicted: its conversation expired or was "
-                                "deleted", param="previous_response_id", code="state_evicted") from None
-    except sdk.VersionConflictError:
-        raise GatewayError(409, f"response {prev['id']} is no longer the latest of its conversation, and branching "
-                                "from an earlier response needs ForkSession.state_version (not in the SDK yet)",
-                           param="previous_response_id", code="version_conflict") from None
-    except sdk.SessionBusyError:
-        raise GatewayError(409, f"the conversation of response {prev['id']} is generating another response; retry "
-                                "when it is complete", param="previous_response_id",
-                           code="conversation_busy") from None
 
 
 async def retrieve(response_id: str, backend: Backend, store: ResponseStore, api_key: str | None) -> JSONResponse:

@@ -33,27 +33,27 @@ def cached_tokens(result: TurnResult) -> int:
     return int(getattr(result.usage, "cached_tokens", 0) or 0)
 
 
-async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Item]:
-    """The items of several SDK turn streams as (index, item), as they come; closing this closes all of them."""
+async def merge(streams: list[AsyncIterator[Item]]) -> AsyncIterator[Item]:
+    """The items of several streams (a completion's prompts), as they come; closing this closes all of them."""
     if len(streams) == 1:
         async with contextlib.aclosing(streams[0]) as only:
             async for item in only:
-                yield 0, item
+                yield item
         return
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+    async def pump(stream: AsyncIterator[Item]) -> None:
         try:
             async with contextlib.aclosing(stream) as items:
                 async for item in items:
-                    await queue.put((index, item))
-            await queue.put((index, _DONE))
+                    await queue.put(item)
+            await queue.put((-1, _DONE))
         except BaseException as exc:  # passed to the consumer, which cancels the rest
-            await queue.put((index, exc))
+            await queue.put((-1, exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
     try:
         running = len(tasks)
         while running:
@@ -80,6 +80,17 @@ async def collect(items: AsyncIterator[Item], n: int) -> list[TurnResult]:
     if any(r is None for r in results):
         raise GatewayError(502, "the backend ended a stream without its result", type="server_error")
     return results  # type: ignore[return-value]
+
+
+def chunk_head(fields: dict[str, Any]) -> str:
+    """'data: {<fields>,"choices":[{"index":' : the constant start of a stream's one-choice chunks."""
+    return "data: " + json.dumps({**fields, "choices": []}, ensure_ascii=False, separators=(",", ":"))[:-3] \
+        + '[{"index":'
+
+
+def json_text(text: str) -> str:
+    """A JSON string literal, as sse() writes strings (non-ASCII as is)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def sse(data: Any, event: str | None = None) -> str:

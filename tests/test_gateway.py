@@ -112,3 +112,51 @@ def test_stop_and_rwkv_extra_fields(oai: openai.OpenAI) -> None:
     extra = oai.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=12,
                                    extra_body={"top_k": 1, "penalty_decay": 0.996})
     assert extra.choices[0].text == text  # greedy either way: the extras were accepted and valid
+
+
+def test_a_resent_conversation_equals_the_grpc_paths_and_hits_the_prefix_cache(oai: openai.OpenAI, service) -> None:
+    """A stateless conversation resent in full each round: every reply equals the SDK's generate(messages=...)
+    for the same messages, and each round's prompt is found in the prefix cache up to the previous round's end."""
+    messages = [{"role": "system", "content": "You are the prefix cache's test."}]
+    cached = []
+    with RWKVClient(service.target) as rwkv:
+        for i in range(4):
+            messages.append({"role": "user", "content": f"Question number {i}?"})
+            done = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+            grpc = rwkv.complete(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+            assert done.choices[0].message.content == grpc.text
+            again = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+            assert again.choices[0].message.content == grpc.text  # warm (cached) equals cold
+            cached.append(done.usage.prompt_tokens_details.cached_tokens)
+            messages.append({"role": "assistant", "content": done.choices[0].message.content})
+    # Round 0 finds nothing; each later round finds the boundaries the rounds before it passed (the workers store
+    # a boundary per message prefilled), so the cached part grows with the conversation.
+    assert cached[0] == 0 and cached[1] > 0 and cached[3] > cached[2] > cached[1], cached
+
+
+def test_streamed_n_choices_equal_the_whole_ones(oai: openai.OpenAI) -> None:
+    args = dict(model=MODEL, messages=CONVERSATION, temperature=1.0, max_tokens=6, n=2, seed=7)
+    whole = oai.chat.completions.create(**args)
+    texts = ["", ""]
+    finishes = [None, None]
+    for chunk in oai.chat.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+
+
+def test_a_conversation_through_chat_completions_equals_the_grpc_session(oai: openai.OpenAI, service) -> None:
+    """Item 6: the same messages give the same tokens as a session's turns (the workers render both with the
+    same template, each piece tokenized as the session tokenizes it)."""
+    turns = ["Hello there!", "What is two plus two?", "Thanks."]
+    with RWKVClient(service.target) as rwkv:
+        session = rwkv.create_session(MODEL, system_prompt="You are a test.", temperature=0, max_tokens=8)
+        replies = [rwkv.say(session.session_id, text).text for text in turns]
+    messages = [{"role": "system", "content": "You are a test."}]
+    for text, reply in zip(turns, replies):
+        messages.append({"role": "user", "content": text})
+        done = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8)
+        assert done.choices[0].message.content == reply
+        messages.append({"role": "assistant", "content": reply})

@@ -105,3 +105,4 @@ def test_store_false_keeps_nothing(oai: openai.OpenAI, service) -> None:
     stateless = oai.responses.create(model=MODEL, input="Hello!", instructions=SYSTEM, temperature=0,
                                      max_output_tokens=8, store=False)
     assert stateless.output_text == kept.output_text
+
