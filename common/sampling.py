@@ -3,16 +3,21 @@
 The front runs it on a session's defaults and a turn's overrides before anything is stored or routed (a bad
 default fails at CreateSession, not at turn 1); the worker runs it again on the merged parameters, with its
 vocabulary size and its max_tokens limit (worker.sampler.SamplingParams.validate).
+
+A response_format is checked here for its shape only (one kind, a non-empty text within the size limit, a
+json_schema that parses as JSON): compiling it needs the worker's vocabulary (worker/constraints.py), so a
+schema or grammar the compiler rejects fails at the worker, as INVALID_ARGUMENT with the compiler's message.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from common.errors import InvalidArgument
-from rwkv_serve.contract import MAX_LOGPROBS, SAMPLING_FIELDS
+from rwkv_serve.contract import MAX_LOGPROBS, MAX_RESPONSE_FORMAT_BYTES, RESPONSE_FORMAT_KINDS, SAMPLING_FIELDS
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
@@ -31,8 +36,33 @@ def _in_range(value: float, low: float, high: float, low_in: bool, high_in: bool
     return (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
 
 
+def check_response_format(value: Any, max_bytes: int = MAX_RESPONSE_FORMAT_BYTES) -> tuple[str, str]:
+    """(kind, text) of a response_format value {kind: text}; InvalidArgument when its shape is wrong."""
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise InvalidArgument(f"response_format must set exactly one of {', '.join(RESPONSE_FORMAT_KINDS)}")
+    ((kind, text),) = value.items()
+    if kind not in RESPONSE_FORMAT_KINDS:
+        raise InvalidArgument(f"unknown response_format kind {kind!r} "
+                              f"(expected one of {', '.join(RESPONSE_FORMAT_KINDS)})")
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgument(f"response_format {kind} must be a non-empty string")
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidArgument(f"response_format {kind} is {size} bytes; the limit is {max_bytes}")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"response_format json_schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidArgument("response_format json_schema must be a JSON object (or true/false), "
+                                  f"got {type(schema).__name__}")
+    return kind, text
+
+
 def check_sampling(fields: Mapping[str, Any], *, vocab_size: int | None = None,
-                   max_tokens_limit: int | None = None) -> None:
+                   max_tokens_limit: int | None = None,
+                   max_format_bytes: int = MAX_RESPONSE_FORMAT_BYTES) -> None:
     """Raises InvalidArgument naming the first invalid field of `fields` (the set ones; None = unset)."""
     for name, value in fields.items():
         kind = SAMPLING_FIELDS.get(name)
@@ -58,6 +88,8 @@ def check_sampling(fields: Mapping[str, Any], *, vocab_size: int | None = None,
             for text in value:
                 if not isinstance(text, str) or not text:
                     raise InvalidArgument(f"stop_strings must be non-empty strings, got {text!r}")
+        elif kind == "format":
+            check_response_format(value, max_format_bytes)
         if name in _RANGES and not _in_range(value, *_RANGES[name][:4]):
             raise InvalidArgument(f"{name} must be {_RANGES[name][4]}, got {value!r}")
     max_tokens = fields.get("max_tokens")

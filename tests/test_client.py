@@ -62,7 +62,7 @@ def test_the_sdk_speaks_the_shared_contract() -> None:
     assert client._core.call_metadata("k") == ((contract.API_KEY_HEADER, "Bearer k"),)
     assert client._core.call_metadata(None) == ()
     # Every sampling field the contract lists is a keyword argument the SDK accepts (and sends).
-    values = {"float": 0.5, "int": 3, "tokens": [1, 2], "strings": ["\n"]}
+    values = {"float": 0.5, "int": 3, "tokens": [1, 2], "strings": ["\n"], "format": {"regex": "a+"}}
     sampling = client._core.chat_turn("sid", "hi", **{name: values[kind] for name, kind in
                                                       contract.SAMPLING_FIELDS.items()}).turn.sampling
     assert contract.sampling_from_pb(sampling) == {name: values[kind]

@@ -19,10 +19,11 @@ ones the per-row sampler before it gave (bench/_sampler_reference.py; tests/test
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -64,6 +65,14 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None  # None = a fresh random seed per request
     logprobs: int = 0  # top alternatives to report per token; the chosen token's logprob is always given
+    # {"json_schema": text} | {"regex": text} | {"lark_grammar": text}: the output is constrained to it (see
+    # worker/constraints.py); None = free text. A json_schema given as a dict is kept as its JSON text.
+    response_format: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        rf = self.response_format
+        if isinstance(rf, Mapping) and len(rf) == 1 and not isinstance(rf.get("json_schema", ""), str):
+            object.__setattr__(self, "response_format", {"json_schema": json.dumps(rf["json_schema"])})
 
     def validate(self, vocab_size: int, max_tokens_limit: int | None = None) -> None:
         """Raise InvalidArgument (a ValueError) naming the first invalid field: common.sampling's one validator."""
@@ -237,12 +246,26 @@ def _sample_cut(
     return tokens
 
 
-def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[SampleResult]:
+def _apply_bitmask(x: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> None:
+    """x[rows[i], j] = -inf where bit j of bitmask row bits[i] is 0 (llguidance's layout: bit j % 32 of int32 word
+    j // 32), in place; columns past the bitmask's width are disallowed too."""
+    n, vocab = rows.numel(), x.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=x.device)
+    allowed = ((bits.unsqueeze(2) >> shifts) & 1).view(n, -1)[:, :vocab].bool()  # (R, <=V)
+    if allowed.shape[1] < vocab:
+        allowed = torch.cat([allowed, allowed.new_zeros(n, vocab - allowed.shape[1])], 1)
+    x.index_copy_(0, rows, x.index_select(0, rows).masked_fill_(~allowed, -math.inf))
+
+
+def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState],
+                 mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[SampleResult]:
     """Sample one token per row of `logits` (B, V) with each row's own parameters, and record it in its state.
 
-    The reported logprob is log softmax of the logits after penalties and bans, before temperature, top-p
-    and top-k: the model's own probability for the token, comparable across sampling settings. A state may
-    appear once per call.
+    `mask`: (rows, bitmask rows), the tokens a response_format allows for those rows (worker/constraints.py); the
+    others get -inf first, before penalties, bans and the usual sampling. The reported logprob is log softmax of
+    the logits after the mask, penalties and bans, before temperature, top-p and top-k: the model's own
+    probability for the token under the constraint, comparable across sampling settings. A state may appear once
+    per call.
     """
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(f"logits must be (B, V) with B = {len(states)} states, got {tuple(logits.shape)}")
@@ -260,6 +283,9 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[S
         # row's length add -0.0 to column 0 (no change); bans add -inf. Same float64 arithmetic as per request.
         penalised = any(s.params.presence_penalty != 0 or s.params.frequency_penalty != 0 for s in states)
         banned = any(s._bans for s in states)
+        if mask is not None:
+            x = bank.scratch(x).copy_(x)
+            _apply_bitmask(x, *mask)
         if (penalised and any(s._length for s in states)) or banned:
             cols, adds = [], []
             if penalised:
@@ -276,7 +302,9 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[S
                 valid = (pos < ban_n.unsqueeze(1)) & (ban_ids < vocab)  # ids past the sampled range can't be drawn
                 cols.append(torch.where(valid, ban_ids, 0))
                 adds.append(torch.where(valid, -math.inf, -0.0))
-            x = bank.scratch(x).copy_(x).scatter_add_(1, torch.cat(cols, 1), torch.cat(adds, 1).to(x.dtype))
+            if mask is None:
+                x = bank.scratch(x).copy_(x)
+            x = x.scatter_add_(1, torch.cat(cols, 1), torch.cat(adds, 1).to(x.dtype))
 
         lse = _logsumexp(x, bank.scratch(x, 1))  # (B,) log partition of the penalised logits
         greedy: list[int] = []

@@ -27,6 +27,7 @@ from common.store import StateStore
 from common.telemetry import Telemetry, configure_logging
 from common.worker_api import ModelDescription, WorkerLoad
 from rwkv_serve.v1 import worker_pb2, worker_pb2_grpc
+from worker.constraints import ConstraintLimits
 from worker.engine import Engine
 from worker.model import RWKV5
 from worker.runner import RunnerConfig, TurnRunner
@@ -59,6 +60,14 @@ def load_model(settings: WorkerSettings) -> tuple[RWKV5, str, bool]:
     return model, model_id, random_init
 
 
+def constraint_limits(settings: WorkerSettings) -> ConstraintLimits:
+    """The response_format limits of worker/constraints.py, from the RWKV_WORKER_CONSTRAINT_* settings."""
+    return ConstraintLimits(
+        max_bytes=settings.constraint_max_bytes, lexer_fuel=settings.constraint_lexer_fuel,
+        step_fuel=settings.constraint_step_fuel, max_grammar_size=settings.constraint_max_grammar_size,
+        cache_size=settings.constraint_cache_size, threads=settings.constraint_threads or None)
+
+
 class WorkerCore:
     """The worker's parts (model, engine, store, runner) and its state (serving or draining), without gRPC."""
 
@@ -75,7 +84,7 @@ class WorkerCore:
         self.engine = Engine(
             model, tokenizer, max_batch=settings.max_batch, max_queued=settings.max_queued,
             prefill_chunk=settings.prefill_chunk, prefill_token_budget=settings.prefill_token_budget,
-            max_tokens_limit=settings.max_tokens_limit,
+            max_tokens_limit=settings.max_tokens_limit, constraint_limits=constraint_limits(settings),
         )
         self.cache = StateCache(settings.cache_bytes)
         self.engine.on_decode = self.telemetry.batch_size.record
@@ -100,6 +109,7 @@ class WorkerCore:
         self.address = ""
         self.serving = False
         self._heartbeat: asyncio.Task[None] | None = None
+        self._warm: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings, telemetry: Telemetry | None = None) -> WorkerCore:
@@ -118,11 +128,20 @@ class WorkerCore:
         presets = await self.store.list_presets(self.description.id)
         self.description = replace(self.description, presets=tuple(presets))
         self.engine.start()
+        # The response_format compiler's vocabulary (~0.5 s for World's 65k tokens) is built off the event loop now,
+        # rather than by the first turn that asks for a constraint.
+        self._warm = asyncio.create_task(self._warm_constraints(), name="rwkv-constraints")
         self.serving = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._beat()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="rwkv-heartbeat")
+
+    async def _warm_constraints(self) -> None:
+        try:
+            await asyncio.to_thread(lambda: self.engine.constraints)
+        except Exception:  # a turn with a response_format will raise it again, to its caller
+            log.warning("could not build the response_format compiler", exc_info=True)
 
     async def _beat(self) -> None:
         await self.store.register_worker(self.load(), self.settings.registry_ttl_ms)

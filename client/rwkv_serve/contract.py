@@ -6,6 +6,7 @@ Shared by the SDK and the server's core (both import it; it needs protobuf only)
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,10 @@ RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata on RESOURCE_EXHAUSTED / 
 
 # ---- limits that both sides know ----------------------------------------------------------------------------
 MAX_LOGPROBS = 20  # most alternatives per token a turn may ask for (Sampling.logprobs)
+# Sampling.response_format: its kinds (the oneof's fields) and the largest text the front accepts for one (a
+# worker may set a lower limit of its own: RWKV_WORKER_CONSTRAINT_MAX_BYTES).
+RESPONSE_FORMAT_KINDS = ("json_schema", "regex", "lark_grammar")
+MAX_RESPONSE_FORMAT_BYTES = 64 * 1024
 
 
 class StopReason(enum.IntEnum):
@@ -54,7 +59,25 @@ SAMPLING_FIELDS: dict[str, str] = {
     "max_tokens": "int",
     "seed": "int",
     "logprobs": "int",
+    # {"json_schema": schema} | {"regex": pattern} | {"lark_grammar": grammar}: exactly one key; a json_schema
+    # may be given as a dict (sent as its JSON text) and always comes back as text.
+    "response_format": "format",
 }
+
+
+def response_format_to_pb(value: Mapping[str, Any]) -> common_pb2.ResponseFormat:
+    """A ResponseFormat message from {kind: text} (a json_schema dict/list/bool is serialized as JSON)."""
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise TypeError("response_format must be one of {'json_schema': ...}, {'regex': ...}, "
+                        f"{{'lark_grammar': ...}}, got {value!r}")
+    ((kind, text),) = value.items()
+    if kind not in RESPONSE_FORMAT_KINDS:
+        raise TypeError(f"unknown response_format kind {kind!r} (expected one of {', '.join(RESPONSE_FORMAT_KINDS)})")
+    if kind == "json_schema" and not isinstance(text, str):
+        text = json.dumps(text, ensure_ascii=False)  # key order kept: it is the order the model writes them in
+    if not isinstance(text, str):
+        raise TypeError(f"response_format {kind} must be a string, got {type(text).__name__}")
+    return common_pb2.ResponseFormat(**{kind: text})
 
 
 def sampling_to_pb(fields: Mapping[str, Any] | None) -> common_pb2.Sampling:
@@ -73,6 +96,8 @@ def sampling_to_pb(fields: Mapping[str, Any] | None) -> common_pb2.Sampling:
             getattr(pb, name).ids.extend(int(v) for v in value)
         elif kind == "strings":
             getattr(pb, name).values.extend([value] if isinstance(value, str) else [str(v) for v in value])
+        elif kind == "format":
+            getattr(pb, name).CopyFrom(response_format_to_pb(value))
         else:
             setattr(pb, name, float(value) if kind == "float" else int(value))
     return pb
@@ -89,6 +114,9 @@ def sampling_from_pb(pb: common_pb2.Sampling) -> dict[str, Any]:
             out[name] = list(value.ids)
         elif kind == "strings":
             out[name] = list(value.values)
+        elif kind == "format":  # a message with none of its oneof set reads back as {}: the validator names it
+            which = value.WhichOneof("format")
+            out[name] = {which: getattr(value, which)} if which else {}
         elif kind == "float":  # float32 on the wire: 0.3 arrives as 0.30000001192...; keep what the caller wrote
             out[name] = float(f"{value:.7g}")
         else:

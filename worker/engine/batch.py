@@ -1,6 +1,10 @@
 """The batch runner: runs a scheduled Step on the model (the decode lane in one batched forward, each prefill group
 in one batched forward of its turns' equal-length chunks) and samples the next tokens.
 
+When turns with a response_format sample this step, their token masks are filled (worker/constraints.py) in
+llguidance's threads from the start of the step, while the forwards run, and applied to their logits rows just
+before sampling; a step without such turns does none of it.
+
 The lane's batched state stays batched from step to step while the lane is unchanged (no split and re-cat per
 token), and two state buffers alternate: each step writes its output into the buffer the previous step read.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +21,9 @@ from worker.engine.scheduler import PrefillGroup, Seq, Step, StepResult
 from worker.model import RWKV5
 from worker.sampler import SampleResult, sample_batch
 from worker.state import State
+
+if TYPE_CHECKING:
+    from worker.constraints import MaskFiller, PendingMask
 
 
 @dataclass
@@ -36,16 +44,32 @@ class BatchRunner:
         self.sample_vocab = sample_vocab  # sampled ids stay below this (see Engine)
         self.lane = Lane()
         self.on_decode: Callable[[int], None] | None = None  # metrics hook: each decode step's batch size
+        self.masks: MaskFiller | None = None  # set by the engine with its constraint compiler
+        self._pending: PendingMask | None = None  # this step's masks, being filled
 
     def run(self, step: Step) -> StepResult:
         """The step's forwards and samples; writes each prefilled turn's new state into its Seq."""
         result = StepResult()
-        if step.decode:
-            result.lane_state, result.decode_samples = self._decode(step)
-        else:
-            self.lane = Lane()  # let go of the last batch's tensors
-        result.prefill_samples = [self._prefill(group) for group in step.prefill]
+        # Every matcher has consumed the tokens sampled so far: this step's masks can be filled beside the forwards.
+        self._pending = self.masks.start(step.constraints) if step.constraints and self.masks else None
+        try:
+            if step.decode:
+                result.lane_state, result.decode_samples = self._decode(step)
+            else:
+                self.lane = Lane()  # let go of the last batch's tensors
+            result.prefill_samples = [self._prefill(group) for group in step.prefill]
+        finally:
+            if self._pending is not None:
+                self._pending.wait()  # the fill writes into a buffer the next step reuses
+            self._pending = None
         return result
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Seq]) -> list[SampleResult]:
+        """Samples one token per row for `seqs`, under their response_format masks when this step has any."""
+        mask = None
+        if self._pending is not None:
+            mask = self._pending.rows([s.constraint for s in seqs], logits.device)
+        return sample_batch(logits, [s.sampler for s in seqs], mask)
 
     def reset(self) -> None:
         """Forgets the lane (after a failed step: its turns are gone)."""
@@ -78,7 +102,7 @@ class BatchRunner:
         rows = step.sample_rows
         if not rows:
             return state, []
-        return state, sample_batch(logits[rows, : self.sample_vocab], [seqs[i].sampler for i in rows])
+        return state, self._sample(logits[rows, : self.sample_vocab], [seqs[i] for i in rows])
 
     def _prefill(self, group: PrefillGroup) -> list[SampleResult]:
         """One forward over the group's chunks (B x T, every row the same length: exact); each turn's new state is
@@ -98,4 +122,4 @@ class BatchRunner:
         rows = group.sample_rows
         if not rows:
             return []
-        return sample_batch(logits[rows, : self.sample_vocab], [seqs[i].sampler for i in rows])
+        return self._sample(logits[rows, : self.sample_vocab], [seqs[i] for i in rows])

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from worker.engine.batch import BatchRunner
@@ -22,6 +24,9 @@ from worker.engine.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler, Seq
 from worker.model import RWKV5
 from worker.sampler import SamplerState, SamplingParams, StopChecker
 from worker.state import State
+
+if TYPE_CHECKING:
+    from worker.constraints import ConstraintCompiler, ConstraintLimits, TurnConstraint
 
 log = logging.getLogger("worker.engine")
 
@@ -98,6 +103,8 @@ class Engine:
         prefill_chunk: int = 256,
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         max_tokens_limit: int | None = None,
+        constraints: ConstraintCompiler | None = None,
+        constraint_limits: ConstraintLimits | None = None,
     ) -> None:
         if max_batch < 1 or max_queued < 0 or prefill_chunk < 1 or prefill_token_budget < 0:
             raise ValueError("max_batch and prefill_chunk must be positive, max_queued and prefill_token_budget "
@@ -115,6 +122,12 @@ class Engine:
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk,
                                    tokenizer=tokenizer, prefill_token_budget=prefill_token_budget)
         self.batch_runner = BatchRunner(model, self.sample_vocab)
+        # response_format compiler: given (the worker builds it at start-up), or built on the first turn with one
+        self._constraints = constraints
+        self._constraint_limits = constraint_limits
+        self._constraints_lock = threading.Lock()
+        if constraints is not None:
+            self._attach_masks(constraints)
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine")
         self._wakeup: asyncio.Event | None = None
@@ -131,6 +144,34 @@ class Engine:
         self.batch_runner.on_decode = hook
 
     # ---- submitting -----------------------------------------------------------------------------------------
+
+    @property
+    def constraints(self) -> ConstraintCompiler:
+        """The response_format compiler (llguidance over this engine's vocabulary), built on first use."""
+        with self._constraints_lock:  # the worker warms it in a thread while a first turn may already ask
+            if self._constraints is None:
+                from worker.constraints import ConstraintCompiler  # noqa: PLC0415 - only engines that see one
+
+                compiler = ConstraintCompiler(self.tokenizer, self._constraint_limits)
+                self._attach_masks(compiler)
+                self._constraints = compiler
+            return self._constraints
+
+    def _attach_masks(self, compiler: ConstraintCompiler) -> None:
+        from worker.constraints import MaskFiller  # noqa: PLC0415
+
+        if compiler.vocab_size < self.sample_vocab:
+            raise ValueError(f"the constraint compiler's vocabulary ({compiler.vocab_size}) is smaller than the "
+                             f"sampled one ({self.sample_vocab})")
+        self.batch_runner.masks = MaskFiller(compiler)
+
+    def _constrain(self, params: SamplingParams) -> tuple[SamplingParams, TurnConstraint]:
+        """The turn's compiled response_format, and its parameters for the sampler: the end-of-text token is never
+        banned there (the grammar allows it only where the output may end)."""
+        constraint = self.constraints.compile(params.response_format or {})
+        if constraint.eos_id in params.banned_tokens:
+            params = replace(params, banned_tokens=tuple(t for t in params.banned_tokens if t != constraint.eos_id))
+        return params, constraint
 
     def submit(self, request: TurnRequest) -> Turn:
         """Queues a turn; it joins the batch at the next step with a free slot. Overloaded past max_queued."""
@@ -151,15 +192,22 @@ class Engine:
             raise ValueError("a turn's starting state must have batch size 1")
         if request.deadline is not None and request.deadline <= time.monotonic():
             raise DeadlineExceeded("the turn's deadline passed before it was queued")
+        constraint = None
+        sampler_params = params
+        if params.response_format is not None and not request.prefill_only:
+            sampler_params, constraint = self._constrain(params)
+        # A constrained turn ends where its grammar does: no stop strings or stop tokens, max_tokens still.
+        stops = replace(params, stop_token_ids=(), stop_strings=()) if constraint is not None else params
         seq = Seq(
             params=params,
             feed=tokens,
             epilogue=[int(t) for t in request.epilogue],
             state=request.state,
             consumed=request.tokens_consumed,
-            sampler=SamplerState(params),
-            checker=StopChecker.from_params(params, self.tokenizer),
+            sampler=SamplerState(sampler_params),
+            checker=StopChecker.from_params(stops, self.tokenizer),
             prefill_only=request.prefill_only,
+            constraint=constraint,
             deadline=request.deadline,
             prompt_tokens=len(tokens),
             submitted_ns=time.time_ns(),
@@ -259,3 +307,5 @@ class Engine:
                 pass
             self._task = None
         self._executor.shutdown(wait=True)
+        if self.batch_runner.masks is not None:
+            self.batch_runner.masks.close()

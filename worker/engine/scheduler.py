@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from common.errors import DeadlineExceeded, Overloaded
+from common.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from rwkv_serve.contract import StopReason
 from worker.engine.events import Delta, EngineEvent, EngineLoad, Finished, TurnTimings
 
 if TYPE_CHECKING:
+    from worker.constraints import TurnConstraint
     from worker.sampler import SampleResult, SamplerState, SamplingParams, StopChecker
     from worker.state import State
 
@@ -60,6 +61,7 @@ class Seq:
     sampler: SamplerState
     checker: StopChecker  # detokenizes (UTF-8 safe), holds back possible stop strings, decides stops
     prefill_only: bool = False
+    constraint: TurnConstraint | None = None  # the response_format's matcher; the turn ends when it is complete
     deadline: float | None = None  # time.monotonic(); still WAITING then: dropped unrun
     turn: Any = None  # the caller's handle: events are addressed to it
     cancelled: bool = False  # set by the caller's thread, read at step boundaries
@@ -98,6 +100,9 @@ class Step:
     sample_rows: list[int]  # the lane rows that sample (DECODE; CLOSING turns only feed)
     prefill: list[PrefillGroup] = field(default_factory=list)  # one forward each, in order
     events: list[Event] = field(default_factory=list)  # of the turns dropped before the step, in order
+    # The response_format matchers of the turns that sample this step (lane first, then the prefill groups): their
+    # masks are filled while the forwards run. Empty (and not even looked for) when no running turn has one.
+    constraints: list[TurnConstraint] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -129,6 +134,7 @@ class Scheduler:
         self.tokenizer = tokenizer  # only .decode(): to name the stop string that ended a turn
         self.waiting: deque[Seq] = deque()  # appended by add() on any thread, popped by the engine thread
         self.running: list[Seq] = []  # admitted turns, in admission order; only the engine thread touches it
+        self.constrained = 0  # how many of them have a response_format: 0 = no step looks for masks
         self._lock = threading.Lock()  # guards `waiting` between add() and the engine thread
 
     # ---- the queue ------------------------------------------------------------------------------------------
@@ -163,6 +169,7 @@ class Scheduler:
     def fail_running(self, exc: Exception) -> list[Event]:
         """Drops every admitted turn with an error (after a step raised); waiting turns go on."""
         failed, self.running = self.running, []
+        self.constrained = 0
         error = RuntimeError(f"engine step failed: {exc!r}")
         return [(seq.turn, error) for seq in failed]
 
@@ -176,6 +183,9 @@ class Scheduler:
         rows = [i for i, s in enumerate(lane) if s.phase is Phase.DECODE]
         step = Step(lane, [s.feed.pop(0) for s in lane], rows, events=events)
         step.prefill = self._plan_prefill(lane_busy=bool(lane))
+        if self.constrained:
+            sampling = [lane[i] for i in rows] + [g.seqs[i] for g in step.prefill for i in g.sample_rows]
+            step.constraints = [s.constraint for s in sampling if s.constraint is not None]
         return step
 
     def _plan_prefill(self, lane_busy: bool) -> list[PrefillGroup]:
@@ -221,6 +231,7 @@ class Scheduler:
         cancelled += [s for s in self.running if s.cancelled]
         if cancelled:
             self.running = [s for s in self.running if not s.cancelled]
+            self.constrained = sum(1 for s in self.running if s.constraint is not None)
         for seq in cancelled:
             finished = Finished(StopReason.CANCELLED, seq.prompt_tokens, len(seq.generated), None, seq.consumed,
                                 timings=seq.timings())
@@ -234,6 +245,7 @@ class Scheduler:
                 seq.phase = Phase.PREFILL
                 seq.admitted_ns = time.time_ns()
                 self.running.append(seq)
+                self.constrained += seq.constraint is not None
 
     # ---- after the step: samples -> events ------------------------------------------------------------------
 
@@ -277,22 +289,55 @@ class Scheduler:
         """Turns one sampled token into output and decides whether the turn goes on."""
         token = sample.token_id
         seq.generated.append(token)
+        if seq.constraint is not None:
+            self._on_constrained_sample(seq, sample, out)
+            return
         step = seq.checker.step(token)
         is_stop_token = token in seq.params.stop_token_ids
-        if is_stop_token:  # not part of the conversation: neither emitted nor fed
-            if step.text:
-                out.append((seq.turn, Delta(step.text, ())))
-        else:
-            out.append((seq.turn, Delta(step.text, (token,), (sample,) if seq.params.logprobs > 0 else ())))
+        self._emit(seq, sample, step.text, is_stop_token, out)
         if step.reason is None:
             seq.feed = [token]
             return
-        reason = StopReason[step.reason.upper()]
+        self._close(seq, StopReason[step.reason.upper()], token, is_stop_token)
+
+    def _on_constrained_sample(self, seq: Seq, sample: SampleResult, out: list[Event]) -> None:
+        """A response_format turn: its grammar decides the end (stop strings and stop token ids do not apply, so the
+        template's "\n\n" cannot cut a JSON value); max_tokens still does, and the output may then be incomplete."""
+        token = sample.token_id
+        constraint = seq.constraint
+        assert constraint is not None
+        is_eos = token == constraint.eos_id  # allowed only where the grammar may end: the end, never emitted
+        try:
+            complete = constraint.advance(token)
+        except InvalidArgument as exc:  # a token the grammar rejects fails this turn, not the batch
+            out.append((seq.turn, exc))
+            self._retire(seq)
+            return
+        text = "" if is_eos else seq.checker.step(token).text
+        if complete:  # also on the max_tokens-th token: the output is complete all the same
+            text += seq.checker.finish("constraint_complete").text
+        self._emit(seq, sample, text, is_eos, out)
+        if not complete and seq.checker.reason is None:
+            seq.feed = [token]
+            return
+        reason = StopReason.CONSTRAINT_COMPLETE if complete else StopReason[seq.checker.reason.upper()]
+        self._close(seq, reason, token, is_eos)
+
+    @staticmethod
+    def _emit(seq: Seq, sample: SampleResult, text: str, is_stop_token: bool, out: list[Event]) -> None:
+        if is_stop_token:  # not part of the conversation: neither emitted nor fed
+            if text:
+                out.append((seq.turn, Delta(text, ())))
+        else:
+            out.append((seq.turn, Delta(text, (sample.token_id,), (sample,) if seq.params.logprobs > 0 else ())))
+
+    def _close(self, seq: Seq, reason: StopReason, token: int, is_stop_token: bool) -> None:
+        """The turn stops sampling: it feeds its last emitted token and the template's epilogue, then finishes."""
         seq.phase = Phase.CLOSING
         # The last emitted token is fed (the user saw it); a stop string is itself the turn's end, otherwise
         # the template's epilogue closes the reply so the next turn continues a well-formed conversation.
         seq.feed = [] if is_stop_token else [token]
-        if reason is not StopReason.STOP_STRING:
+        if reason is not StopReason.STOP_STRING and not self._wrote_epilogue(seq, reason):
             seq.feed += seq.epilogue
             seq.prompt_tokens += len(seq.epilogue)
         seq.result = Finished(
@@ -300,6 +345,14 @@ class Scheduler:
             stop_string=self._matched_stop_string(seq) if reason is StopReason.STOP_STRING else "",
             stop_token_id=token if reason is StopReason.STOP_TOKEN else -1,
         )
+
+    def _wrote_epilogue(self, seq: Seq, reason: StopReason) -> bool:
+        """A grammar that ends with the template's turn end (a tool-call grammar's text branch ends at "\n\n")
+        wrote the epilogue itself: it is not fed twice."""
+        if reason is not StopReason.CONSTRAINT_COMPLETE or not seq.epilogue:
+            return False
+        ids = [t for t in seq.generated if seq.constraint is None or t != seq.constraint.eos_id]
+        return self.tokenizer.decode(ids).endswith(self.tokenizer.decode(seq.epilogue))
 
     def _matched_stop_string(self, seq: Seq) -> str:
         text = self.tokenizer.decode([t for t in seq.generated if t not in seq.params.stop_token_ids])
@@ -312,4 +365,8 @@ class Scheduler:
         finished = Finished(r.reason, seq.prompt_tokens, len(seq.generated), seq.state, seq.consumed,
                             r.stop_string, r.stop_token_id, seq.timings())
         out.append((seq.turn, finished))
+        self._retire(seq)
+
+    def _retire(self, seq: Seq) -> None:
         self.running.remove(seq)
+        self.constrained -= seq.constraint is not None
