@@ -52,7 +52,7 @@ class RwkvServicer(api_pb2_grpc.RwkvServiceServicer):
         meta = await self.front.sessions.create(
             await self._tenant(context), model=request.model, template=request.template,
             system_prompt=request.system_prompt, preset=request.preset, sampling=request.default_sampling,
-            ttl_ms=_ttl_ms(request), metadata=dict(request.metadata))
+            ttl_ms=_ttl_ms(request), metadata=dict(request.metadata), keep_versions=request.keep_versions)
         return session_to_pb(meta)
 
     @grpc_errors
@@ -76,7 +76,8 @@ class RwkvServicer(api_pb2_grpc.RwkvServiceServicer):
         meta = await self.front.sessions.fork(
             await self._tenant(context), request.session_id, ttl_ms=_ttl_ms(request), metadata=dict(request.metadata),
             sampling=request.default_sampling if request.HasField("default_sampling") else None,
-            expected_version=request.expected_state_version if request.HasField("expected_state_version") else None)
+            expected_version=request.expected_state_version if request.HasField("expected_state_version") else None,
+            state_version=request.state_version if request.HasField("state_version") else None)
         return session_to_pb(meta)
 
     @grpc_errors

@@ -43,10 +43,13 @@ class Sessions:
 
     async def create(self, tenant: str, *, model: str, template: int = 0, system_prompt: str = "",
                      preset: str = "", sampling: common_pb2.Sampling | None = None, ttl_ms: int | None = None,
-                     metadata: Mapping[str, str] | None = None) -> SessionMeta:
-        """A new session at state version 0; its state is built by the first turn."""
+                     metadata: Mapping[str, str] | None = None, keep_versions: int = 0) -> SessionMeta:
+        """A new session at state version 0; its state is built by the first turn. It keeps `keep_versions`
+        earlier states (at most max_keep_versions) for forks from them."""
         if not model:
             raise InvalidArgument("model is required")
+        if not 0 <= keep_versions <= self.limits.max_keep_versions:
+            raise InvalidArgument(f"keep_versions must be 0-{self.limits.max_keep_versions}, not {keep_versions}")
         workers = await self.directory.workers(model) or await self.directory.workers(model, fresh=True)
         if not workers:
             raise ModelNotFound(f"model {model!r} is not served by any live worker")
@@ -60,7 +63,8 @@ class Sessions:
         meta = await self.store.create_session(
             tenant=tenant, model=model, template=template_name(template),
             ttl_ms=self._ttl(ttl_ms) or self.default_ttl_ms,
-            system_prompt=system_prompt, preset=preset, metadata=metadata, sampling=sampling_from_pb(sampling))
+            system_prompt=system_prompt, preset=preset, metadata=metadata, sampling=sampling_from_pb(sampling),
+            keep_versions=keep_versions)
         await self.quotas.confirm_session(tenant, meta.session_id)
         return meta
 
@@ -88,8 +92,9 @@ class Sessions:
 
     async def fork(self, tenant: str, session_id: str, *, ttl_ms: int | None = None,
                    metadata: Mapping[str, str] | None = None, sampling: common_pb2.Sampling | None = None,
-                   expected_version: int | None = None) -> SessionMeta:
-        """A copy of the session (state copied inside Redis); unset arguments keep the source's values."""
+                   expected_version: int | None = None, state_version: int | None = None) -> SessionMeta:
+        """A copy of the session (state copied inside Redis), at its current state or at an earlier `state_version`
+        it keeps (a branch); unset arguments keep the source's values."""
         source = await self.get(tenant, session_id)
         if sampling is not None:
             workers = await self.directory.workers(source.model)
@@ -98,6 +103,7 @@ class Sessions:
         meta = await self.store.fork_session(
             session_id, ttl_ms=self._ttl(ttl_ms),
             metadata=check_metadata(dict(metadata), self.limits) if metadata else None,
-            sampling=sampling_from_pb(sampling) if sampling is not None else None, expected_version=expected_version)
+            sampling=sampling_from_pb(sampling) if sampling is not None else None, expected_version=expected_version,
+            state_version=state_version)
         await self.quotas.confirm_session(tenant, meta.session_id)
         return meta

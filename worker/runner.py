@@ -399,7 +399,8 @@ class TurnRunner:
             data = await asyncio.to_thread(self.states.encode, host, finished.tokens_consumed)
             version = await self.store.commit_and_release(lease, meta.version, data,
                                                           state_tokens=finished.tokens_consumed, record=record,
-                                                          record_ttl_ms=self.config.turn_result_ttl_ms)
+                                                          record_ttl_ms=self.config.turn_result_ttl_ms,
+                                                          keep_versions=meta.keep_versions)
             span.set_attribute("rwkv.state_bytes", len(data))
             span.set_attribute("rwkv.state_version", version)
         self.telemetry.state_size.record(len(data))

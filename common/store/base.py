@@ -7,6 +7,7 @@ one place. A session's keys share one hash tag, so Cluster keeps them in one slo
   rwkv:{sid}:lease     random token of the worker running a turn (turns.py)
   rwkv:{sid}:staging:<token>  a commit's bytes, renamed onto :state by the compare-and-set script
   rwkv:{sid}:turn      the last committed turn's id, input digest and result (a retry of it is answered from here)
+  rwkv:{sid}:state:v<n>  an earlier state kept for branching (keep_versions); rwkv:{sid}:kept: n -> "tokens turns"
   rwkv:tenant:<tenant>:sessions  sorted-set index for ListSessions (lazily pruned of expired sessions)
   rwkv:worker:<id>     a worker's registry record (JSON) with a heartbeat TTL; rwkv:workers indexes the ids
   rwkv:preset:<model>:<name>     preset initial states (state-tuned files), no TTL
@@ -87,9 +88,16 @@ class Keys:
         family, dot, rest = check_session_id(sid).partition(".")
         return f"{self.prefix}:{{{family}}}{dot}{rest}:{part}"
 
-    def session_all(self, sid: str) -> tuple[str, ...]:
-        """Every key a session owns (what deleting it removes)."""
-        return (*self.session_keys(sid), self.session(sid, "turn"))
+    def session_all(self, sid: str, version: int = 0, keep_versions: int = 0) -> tuple[str, ...]:
+        """Every key a session at `version` owns (what deleting it removes): with keep_versions, its kept earlier
+        states too (and the ones a commit racing the delete may add or have left)."""
+        kept = [self.kept_state(sid, v) for v in range(max(1, version - keep_versions - 1), version + 2)] \
+            if keep_versions > 0 else []
+        return (*self.session_keys(sid), self.session(sid, "turn"), self.session(sid, "kept"), *kept)
+
+    def kept_state(self, sid: str, version: int) -> str:
+        """An earlier state of a session that keeps versions (rwkv:{sid}:state:v<version>; never v0 or below)."""
+        return self.session(sid, f"state:v{max(version, 0)}")
 
     def session_keys(self, sid: str) -> tuple[str, str, str]:
         """meta, state, lease."""

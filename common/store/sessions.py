@@ -91,24 +91,44 @@ class SessionMeta:
             raise StateCorrupt(f"session {session_id} has unreadable metadata ({exc!r})") from None
 
 
-# KEYS: source meta, source state, fork meta, fork state. ARGV: expected version or '', now ms,
-# then field/value pairs that override the copied meta. Returns {version} or {-2} / {-3, version}.
+# KEYS: source meta, source state, fork meta, fork state, source kept hash, source kept state (of state_version).
+# ARGV: expected version or '', now ms, state version or '' (the current one), then field/value pairs that override
+# the copied meta. A kept earlier version is copied from its own key (COPY, inside the slot), with its token and
+# turn counts; version 0 needs no bytes (the first turn builds it). Returns {version} or {-2} (no source) /
+# {-3, version} (not the expected version) / {-4, version, keep} (evicted) / {-5, version} (no such version yet).
 _FORK = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {-2} end
-if ARGV[1] ~= '' and tonumber(version) ~= tonumber(ARGV[1]) then return {-3, tonumber(version)} end
+version = tonumber(version)
+if ARGV[1] ~= '' and version ~= tonumber(ARGV[1]) then return {-3, version} end
+local source, at, counts = KEYS[2], version, nil
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= version then
+  at = tonumber(ARGV[3])
+  local keep = tonumber(redis.call('HGET', KEYS[1], 'keep') or '0')
+  if at > version or at < 0 then return {-5, version} end
+  if version - at > keep then return {-4, version, keep} end
+  if at == 0 then
+    source, counts = nil, {'0', '0'}
+  else
+    local info = redis.call('HGET', KEYS[5], at)
+    if not info or redis.call('EXISTS', KEYS[6]) == 0 then return {-4, version, keep} end
+    source = KEYS[6]
+    counts = {string.match(info, '(%d+) (%d+)')}
+  end
+end
 local fields = redis.call('HGETALL', KEYS[1])
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[3], unpack(fields))
 redis.call('HSET', KEYS[3], 'created', ARGV[2], 'updated', ARGV[2])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+if counts then redis.call('HSET', KEYS[3], 'version', at, 'tokens', counts[1], 'turns', counts[2]) end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 local ttl = redis.call('HGET', KEYS[3], 'ttl')
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('COPY', KEYS[2], KEYS[4])
+if source and redis.call('EXISTS', source) == 1 then
+  redis.call('COPY', source, KEYS[4])
   redis.call('PEXPIRE', KEYS[4], ttl)
 end
 redis.call('PEXPIRE', KEYS[3], ttl)
-return {tonumber(version)}
+return {at}
 """
 
 
@@ -135,10 +155,14 @@ class Sessions(StoreBase):
         preset: str = "",
         metadata: Mapping[str, str] | None = None,
         sampling: Mapping[str, Any] | None = None,
+        keep_versions: int = 0,
     ) -> SessionMeta:
-        """Stores a new session at version 0 (no state yet: the first turn builds it)."""
+        """Stores a new session at version 0 (no state yet: the first turn builds it); `keep_versions` earlier
+        states are kept as turns commit (turns.py), for fork_session(state_version=...)."""
         if ttl_ms <= 0:
             raise InvalidArgument("ttl must be positive")
+        if keep_versions < 0:
+            raise InvalidArgument("keep_versions must not be negative")
         check_name("model", model)
         if preset:
             check_name("preset", preset)
@@ -146,7 +170,7 @@ class Sessions(StoreBase):
         meta = SessionMeta(
             session_id=new_session_id(), tenant=tenant, model=model, template=template, version=0,
             created_ms=now, updated_ms=now, ttl_ms=ttl_ms, system_prompt=system_prompt, preset=preset,
-            metadata=dict(metadata or {}), sampling=dict(sampling or {}),
+            metadata=dict(metadata or {}), sampling=dict(sampling or {}), keep_versions=keep_versions,
         )
         meta_key = self.keys.session(meta.session_id, "meta")
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -217,9 +241,9 @@ class Sessions(StoreBase):
         return len(members) - len(dead)
 
     async def delete_session(self, sid: str) -> None:
-        """Deletes the session's metadata, state and lease; SessionNotFound when unknown."""
+        """Deletes the session's metadata, state, lease and kept earlier states; SessionNotFound when unknown."""
         meta = await self.get_session(sid)
-        deleted = await self.redis.delete(*self.keys.session_all(sid))
+        deleted = await self.redis.delete(*self.keys.session_all(sid, meta.version, meta.keep_versions))
         await self.redis.zrem(self.keys.tenant_index(meta.tenant), _index_member(meta))
         if not deleted:
             raise SessionNotFound(f"session {sid} not found")
@@ -232,8 +256,11 @@ class Sessions(StoreBase):
         metadata: Mapping[str, str] | None = None,
         sampling: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        state_version: int | None = None,
     ) -> SessionMeta:
-        """A new session holding a copy of sid's state, copied inside Redis (O(1) round trips)."""
+        """A new session holding a copy of sid's state, copied inside Redis (O(1) round trips): its current one, or
+        the earlier `state_version` it still keeps (a branch; the fork starts at that version). SessionNotFound for
+        a version it no longer keeps (evicted, saying so) or does not have yet."""
         if ttl_ms is not None and ttl_ms <= 0:
             raise InvalidArgument("ttl must be positive")
         fork_id = new_session_id(fork_of=check_session_id(sid))
@@ -246,12 +273,22 @@ class Sessions(StoreBase):
             overrides += ["sampling", json.dumps(dict(sampling), sort_keys=True)]
         src_meta, src_state, _ = self.keys.session_keys(sid)
         dst_meta, dst_state, _ = self.keys.session_keys(fork_id)
-        args = ["" if expected_version is None else str(expected_version), str(now_ms()), *overrides]
-        result = await self._fork(keys=[src_meta, src_state, dst_meta, dst_state], args=args)
+        args = ["" if expected_version is None else str(expected_version), str(now_ms()),
+                "" if state_version is None else str(state_version), *overrides]
+        keys = [src_meta, src_state, dst_meta, dst_state, self.keys.session(sid, "kept"),
+                self.keys.kept_state(sid, state_version or 0)]
+        result = await self._fork(keys=keys, args=args)
         if result[0] == -2:
             raise SessionNotFound(f"session {sid} not found")
         if result[0] == -3:
             raise VersionConflict(f"session {sid} is at version {result[1]}, not {expected_version}")
+        if result[0] == -4:
+            raise SessionNotFound(f"state version {state_version} of session {sid} was evicted: the session keeps "
+                                  f"its last {result[2]} earlier versions (keep_versions), and is at version "
+                                  f"{result[1]}")
+        if result[0] == -5:
+            raise SessionNotFound(f"session {sid} has no state version {state_version} (it is at version "
+                                  f"{result[1]})")
         meta = await self.get_session(fork_id)
         await self.redis.zadd(self.keys.tenant_index(meta.tenant), {_index_member(meta): 0})
         return meta

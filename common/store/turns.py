@@ -166,8 +166,12 @@ if token and string.sub(token, 1, string.len(ARGV[1])) == ARGV[1] then return re
 return 0
 """
 
-# KEYS: meta, state, lease, staging, turn record. ARGV: token, expected version, now ms, state tokens, turns added,
-# turn id ('' = none), input digest, result JSON, record ms.
+# KEYS: meta, state, lease, staging, turn record, kept-versions hash, then the kept state keys: :state:v<E> (where
+# the current state goes), :state:v<E - keep> (the one that falls out), the others still kept (their TTLs refreshed).
+# ARGV: token, expected version E, now ms, state tokens, turns added, turn id ('' = none), input digest, result
+# JSON, record ms, keep (the session's keep_versions).
+# Branching (keep > 0): the state being replaced is renamed (same hash tag, no copy) to :state:v<E> with its token
+# and turn counts in the kept hash, and the oldest beyond keep is deleted, atomically with the commit.
 # Compare-and-set, then the lease goes (once its token is checked to be ours) whatever the outcome. RENAME is
 # O(1) whatever the state's size. On success the turn's record replaces the previous one (or, for a turn
 # without an id, the previous one goes). Returns {new version} or {-1} (lease lost), {-2} (session gone),
@@ -186,12 +190,23 @@ if not ours then return fail(-1) end
 if tonumber(version) ~= tonumber(ARGV[2]) then return fail(-3, tonumber(version)) end
 if redis.call('EXISTS', KEYS[4]) == 0 then return fail(-4) end
 local new_version = tonumber(version) + 1
+local keep = tonumber(ARGV[10])
+if keep > 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('RENAME', KEYS[2], KEYS[7])
+    local old = redis.call('HMGET', KEYS[1], 'tokens', 'turns')
+    redis.call('HSET', KEYS[6], version, (old[1] or '0') .. ' ' .. (old[2] or '0'))
+  end
+  redis.call('DEL', KEYS[8])
+  redis.call('HDEL', KEYS[6], tonumber(version) - keep)
+end
 redis.call('RENAME', KEYS[4], KEYS[2])
 redis.call('HSET', KEYS[1], 'version', new_version, 'updated', ARGV[3], 'tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'turns', ARGV[5])
 local ttl = redis.call('HGET', KEYS[1], 'ttl')
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
+for i = 6, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[5], 'id', ARGV[6], 'input', ARGV[7], 'result', ARGV[8])
   redis.call('PEXPIRE', KEYS[5], ARGV[9])
@@ -320,7 +335,7 @@ class TurnProtocol(StoreBase):
 
     async def commit_and_release(
         self, lease: Lease, expected_version: int, data: bytes, *, state_tokens: int, turns: int = 1,
-        record: TurnRecord | None = None, record_ttl_ms: int = TURN_RESULT_TTL_MS,
+        record: TurnRecord | None = None, record_ttl_ms: int = TURN_RESULT_TTL_MS, keep_versions: int = 0,
     ) -> int:
         """Stores data as the state at expected_version + 1 if the lease is still held and nobody committed
         since expected_version (compare-and-set), and lets the lease go whatever the outcome, if it was still
@@ -330,7 +345,9 @@ class TurnProtocol(StoreBase):
 
         `record` (a turn with a turn id): stored atomically with the state as the session's latest turn, with
         state_version set to the new version, replayable for `record_ttl_ms`. Without one the previous record
-        goes. With wait_replicas > 0 the pipeline ends with a WAIT: StoreUnavailable (UNAVAILABLE) when too few
+        goes. `keep_versions` (the session's): the replaced state stays readable as a kept version (sessions.py
+        fork_session(state_version=...)), the oldest beyond it goes. With wait_replicas > 0 the pipeline ends with
+        a WAIT: StoreUnavailable (UNAVAILABLE) when too few
         replicas acknowledge in time, although the master holds the commit.
 
         One round trip: the bytes go to a staging key with a plain SET (no copy through Lua), then the script
@@ -348,11 +365,15 @@ class TurnProtocol(StoreBase):
             stored = replace(record, state_version=expected_version + 1)
             turn_args = (record.turn_id, record.input_digest, stored.result_json(), record_ttl_ms)
         wait = self.wait_replicas
+        kept = [self.keys.kept_state(sid, v) for v in
+                (expected_version, expected_version - keep_versions,
+                 *range(expected_version - 1, expected_version - keep_versions, -1))] if keep_versions > 0 else []
+        keys = [meta_key, state_key, lease_key, staging, record_key, self.keys.session(sid, "kept"), *kept]
 
         def build(pipe: Any) -> None:
             pipe.set(staging, data, px=STAGING_TTL_MS)
-            pipe.evalsha(self._commit.sha, 5, meta_key, state_key, lease_key, staging, record_key, lease.token,
-                         expected_version, now_ms(), state_tokens, turns, *turn_args)
+            pipe.evalsha(self._commit.sha, len(keys), *keys, lease.token, expected_version, now_ms(), state_tokens,
+                         turns, *turn_args, keep_versions)
             if wait > 0:
                 pipe.execute_command("WAIT", wait, self.wait_timeout_ms)
 
