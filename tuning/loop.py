@@ -24,10 +24,16 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def masked_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the masked targets (0 when there are none). logits (B, T, V); target, mask (B, T)."""
+    """Mean cross-entropy over the masked targets (0 when there are none), and their count.
+    logits (B, T, V); target, mask (B, T)."""
+    return masked_mean_nll(logits, target, mask), int(mask.sum())
+
+
+def masked_mean_nll(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """masked_loss's loss alone (no count read back: it also runs on meta tensors, for tuning.memory_plan)."""
     nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none")
     m = mask.flatten().to(nll.dtype)
-    return (nll * m).sum() / m.sum().clamp(min=1), int(m.sum())
+    return (nll * m).sum() / m.sum().clamp(min=1)
 
 
 def document_windows(ds: TokenDataset, ctx_len: int, batch_size: int, seed: int = 0) -> Iterator[Batch]:

@@ -105,6 +105,51 @@ class StepResult:
     grad_norm: float  # before clipping
 
 
+@dataclass
+class Built:
+    """A mode's model and what trains in it."""
+
+    model: RWKV5
+    trainable: list[torch.Tensor]  # what the optimizer steps, in a fixed order
+    groups: list[dict[str, Any]]  # AdamW parameter groups
+    time_state: torch.Tensor | None = None  # state mode: (L, H, N, N) [key, value]
+    adapters: lora.Adapters | None = None  # lora / pissa
+
+
+def build(mode: str, source: dict[str, torch.Tensor], device: torch.device, base_dtype: torch.dtype,
+          lora_cfg: lora.LoRAConfig | None, fingerprint: bytes, weight_decay: float) -> Built:
+    """The model of a run and its trainable tensors, from a checkpoint's tensors (or meta tensors: a memory plan)."""
+    if mode == "full":
+        # fp32 master weights, every one trained.
+        params = {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in source.items()}
+        model = RWKV5(params, device=device, trainable=True, fingerprint=fingerprint)
+        named = list(model.params.items())
+        for _, p in named:
+            p.requires_grad_(True)
+        # Decay only matrices (embedding, head, projections): norms, mixes, decay rates and bonuses are
+        # per-channel parameters that weight decay would pull toward meaningless zeros.
+        matrix = {n for n, p in named if n.endswith(".weight") and p.dim() == 2}
+        groups = [{"params": [p for n, p in named if n in matrix], "weight_decay": weight_decay},
+                  {"params": [p for n, p in named if n not in matrix], "weight_decay": 0.0}]
+        return Built(model, [p for _, p in named], groups)
+    model = frozen_model(source, device, base_dtype, fingerprint)
+    c = model.config
+    time_state = adapters = None
+    if mode == "state":
+        # [key, value] layout, as the model's WKV state; saved transposed ([value, key]) like RWKV-PEFT.
+        time_state = torch.zeros(c.n_layer, c.n_head, c.head_size, c.head_size, device=device, requires_grad=True)
+        trainable = [time_state]
+    elif mode in ("lora", "pissa"):
+        if lora_cfg is None:
+            raise ValueError(f"{mode} mode needs a LoRAConfig")
+        adapters = lora.attach(model, lora_cfg, source)
+        trainable = adapters.parameters()
+    else:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    # No weight decay: it would pull the state toward zeros and an adapter toward its initial value.
+    return Built(model, trainable, [{"params": trainable, "weight_decay": 0.0}], time_state, adapters)
+
+
 class Trainer:
     """A training run: the model, what trains, the optimizer and schedule, the data stream and the step count."""
 
@@ -122,37 +167,14 @@ class Trainer:
         self.base_fingerprint = weights_fingerprint(source)
         self.train_ds = TokenDataset.load(cfg.data)
         self.val_ds = TokenDataset.load(cfg.val) if cfg.val else None
-        self.time_state: torch.Tensor | None = None
-        self.adapters: lora.Adapters | None = None
-        if cfg.mode == "full":
-            del source
-            self.model = RWKV5.from_checkpoint(cfg.model, device=self.device, trainable=True)
-            named = list(self.model.params.items())
-            for _, p in named:
-                p.requires_grad_(True)
-            # Decay only matrices (embedding, head, projections): norms, mixes, decay rates and bonuses are
-            # per-channel parameters that weight decay would pull toward meaningless zeros.
-            decay = [p for n, p in named if n.endswith(".weight") and p.dim() == 2]
-            rest = [p for n, p in named if not (n.endswith(".weight") and p.dim() == 2)]
-            groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-            self.trainable = [p for _, p in named]
-        else:
-            self.model = frozen_model(source, self.device, resolve_dtype(cfg.base_dtype, self.device),
-                                      self.base_fingerprint)
-            c = self.model.config
-            if cfg.mode == "state":
-                # [key, value] layout, as the model's WKV state; saved transposed ([value, key]) like RWKV-PEFT.
-                self.time_state = torch.zeros(c.n_layer, c.n_head, c.head_size, c.head_size, device=self.device,
-                                              requires_grad=True)
-                self.trainable = [self.time_state]
-            else:
-                self.adapters = lora.attach(self.model, cfg.lora_config(), source)
-                self.trainable = self.adapters.parameters()
-            # No weight decay: it would pull the state toward zeros and an adapter toward its initial value.
-            groups = [{"params": self.trainable, "weight_decay": 0.0}]
-            del source
+        lora_cfg = cfg.lora_config() if cfg.mode in ("lora", "pissa") else None
+        built = build(cfg.mode, source, self.device, resolve_dtype(cfg.base_dtype, self.device), lora_cfg,
+                      self.base_fingerprint, cfg.weight_decay)
+        del source
+        self.model, self.trainable = built.model, built.trainable
+        self.time_state, self.adapters = built.time_state, built.adapters
         self.model.grad_checkpoint = cfg.grad_checkpoint
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps)
+        self.optimizer = torch.optim.AdamW(built.groups, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
         self.step = 0
