@@ -109,6 +109,24 @@ def track_step(built: Built, micro_batch: int, ctx_len: int, grad_checkpoint: bo
     return tracker
 
 
+def measured_peak(trainer) -> dict[str, int]:
+    """A real training step's memory (tuning.trainer.Trainer, any device): resident tensors (weights, trainees,
+    optimizer states) and the tracked peak of forward + loss + backward on the next batch. The optimizer does not
+    step and the gradients are dropped, so the run is left as it was (but for the batch drawn)."""
+    existing = [*trainer.model.params.values(), *trainer.trainable]
+    if trainer.adapters is not None:
+        existing += [*trainer.adapters.A0.values(), *trainer.adapters.B0.values()]
+    existing += [t for s in trainer.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    x, y, m = (t.to(trainer.device) for t in next(trainer._batches))
+    with MemoryTracker(existing, grads_of=trainer.trainable) as tracker:
+        loss, _ = trainer.loss(x, y, m)
+        loss.backward()
+        del loss
+    trainer.optimizer.zero_grad(set_to_none=True)
+    resident = nbytes(existing)
+    return {"resident": resident, "step_peak": tracker.peak, "peak": resident + tracker.peak}
+
+
 def optimizer_bytes(trainable: list[torch.Tensor]) -> int:
     """AdamW's states: exp_avg and exp_avg_sq like each tensor, and a 4-byte fp32 step count per tensor."""
     return sum(2 * t.numel() * t.element_size() + 4 for t in trainable)
