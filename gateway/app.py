@@ -17,6 +17,7 @@ from gateway.errors import GatewayError, error_response
 from gateway.response_store import ResponseStore
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, ResponseRequest
 from gateway.settings import GatewaySettings
+from gateway.streams import unless_disconnected
 
 _STARTED = int(time.time())
 
@@ -95,18 +96,19 @@ def create_app(settings: GatewaySettings, store: Any = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                authorization: str | None = Header(None)) -> Response:
-        return await chat.chat_completions(body, backend(request), api_key_of(authorization))
+        return await unless_disconnected(request, chat.chat_completions(body, backend(request),
+                                                                        api_key_of(authorization)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request,
                           authorization: str | None = Header(None)) -> Response:
-        return await chat.completions(body, backend(request), api_key_of(authorization))
+        return await unless_disconnected(request, chat.completions(body, backend(request), api_key_of(authorization)))
 
     @app.post("/v1/responses")
     async def create_response(body: ResponseRequest, request: Request,
                               authorization: str | None = Header(None)) -> Response:
-        return await responses.create(body, backend(request), request.app.state.responses,
-                                      api_key_of(authorization))
+        return await unless_disconnected(request, responses.create(body, backend(request), request.app.state.responses,
+                                                                   api_key_of(authorization)))
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request,

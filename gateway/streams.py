@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Union
 
-from fastapi.responses import StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from gateway.errors import GatewayError, error_body, to_gateway_error
 from rwkv_serve_client import StopReason, TurnResult
@@ -110,6 +111,30 @@ async def primed(items: AsyncIterator[Item]) -> AsyncIterator[Item]:
                 yield item
 
     return rest()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """`work` (a handler's answer), cancelled when the HTTP client goes away first: a non-streamed request, or a
+    stream still waiting for its first output, stops its turns then too, not only once a stream is under way.
+    (The body has been read by then, so the next ASGI message is the disconnect.)"""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        watcher.cancel()
+    if watcher.done() and not watcher.cancelled() and task.cancelled():
+        return Response(status_code=499)  # nobody is left to read it
+    return task.result()
 
 
 def event_stream(events: AsyncIterator[str], release: Callable[[], None],

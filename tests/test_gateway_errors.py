@@ -83,8 +83,20 @@ def test_bad_input_is_400_naming_the_parameter(gateway: Gateway) -> None:
             oai.responses.create(model=MODEL, input="x", background=True)
     status, body = _raw(f"{gateway.url}/chat/completions", b"{not json")
     assert status == 400 and body["error"]["message"] == "the request body is not valid JSON"
-    status, body = _raw(f"{gateway.url}/completions", json.dumps({"model": MODEL, "prompt": "x" * 2_000_000}).encode())
-    assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+
+def test_a_body_over_the_limit_is_413(service) -> None:
+    small = start_gateway(service, auth_mode="keys", api_key_hashes=KEYS, max_body_bytes=1024)
+    try:  # (a small limit: the refusal comes before the body is read, so the client's whole body must fit the
+        # socket buffers for it to read the answer)
+        status, body = _raw(f"{small.url}/completions", json.dumps({"model": MODEL, "prompt": "x" * 4000}).encode())
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        status, _ = _raw(f"{small.url}/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}
+                                                                ).encode())
+        assert status == 200
+    finally:
+        small.close()
 
 
 def test_missing_or_unknown_key_is_401(gateway: Gateway) -> None:
@@ -225,3 +237,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(gateway: Gateway, s
             time.sleep(0.01)
         assert worker_busy(service) == 0 and time.monotonic() - closed < 2.0
         assert _chat(oai).choices[0].message.content is not None  # the slot is free for the next request
+
+
+def test_a_client_that_gives_up_on_a_whole_reply_frees_its_slot_too(gateway: Gateway, service) -> None:
+    with client(gateway, timeout=1.0) as oai:  # the openai SDK closes the connection at its timeout
+        with pytest.raises(openai.APITimeoutError):
+            oai.completions.create(**LONG)  # not streamed: 4000 tokens take far longer than 1 s here
+    gone = time.monotonic()
+    while worker_busy(service) and time.monotonic() - gone < 5:
+        time.sleep(0.01)
+    assert worker_busy(service) == 0 and time.monotonic() - gone < 2.0
