@@ -20,7 +20,13 @@ from fastapi.responses import JSONResponse, Response
 from gateway.backend import Backend
 from gateway.errors import bad_request, unsupported
 from gateway.render import normalise
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, banned_tokens, check_unsupported
+from gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    banned_tokens,
+    check_unsupported,
+    output_format,
+)
 from gateway.streams import (
     Item,
     cached_tokens,
@@ -77,9 +83,6 @@ async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_ke
     check_unsupported(body, _CHAT_UNSUPPORTED, _WHY)
     if body.tool_choice not in (None, "none", "auto"):
         raise unsupported("tool_choice", "this server has no tool calling")
-    fmt = (body.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise unsupported("response_format", f"type {fmt!r} (only text)")
     if body.modalities not in (None, ["text"]):
         raise unsupported("modalities", "only text")
     if body.logprobs or body.top_logprobs:
@@ -89,6 +92,8 @@ async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_ke
     sampling = body.sampling(backend.settings, body.max_new_tokens())
     if (banned := banned_tokens(body.logit_bias)) is not None:
         sampling["banned_tokens"] = banned
+    if (constraint := output_format(body.response_format, "response_format")) is not None:
+        sampling["response_format"] = constraint
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed with stream: true", "stream_options")

@@ -24,7 +24,7 @@ from gateway.errors import GatewayError, bad_request, unsupported
 from gateway.render import Message
 from gateway.response_shapes import error_event_factory, events, input_item, message_item, response_object
 from gateway.response_store import ResponseStore, new_response_id
-from gateway.schemas import ResponseRequest, check_unsupported, message_text
+from gateway.schemas import ResponseRequest, check_unsupported, message_text, output_format
 from gateway.streams import event_stream, primed
 from rwkv_serve_client import AsyncRWKVClient, TurnResult
 from rwkv_serve_client import errors as sdk
@@ -68,9 +68,6 @@ def _check(body: ResponseRequest, backend: Backend) -> None:
     check_unsupported(body, _UNSUPPORTED, _WHY)
     if body.tool_choice not in (None, "none", "auto"):
         raise unsupported("tool_choice", "this server has no tool calling")
-    fmt = ((body.text.format if body.text else None) or {}).get("type", "text")
-    if fmt != "text":
-        raise unsupported("text.format", f"type {fmt!r} (only text)")
     if body.metadata is not None and len(body.metadata) > 16:
         raise bad_request("metadata has at most 16 entries", "metadata")
 
@@ -81,6 +78,8 @@ async def create(body: ResponseRequest, backend: Backend, store: ResponseStore, 
     settings = backend.settings
     messages = _messages(body, settings.max_messages)
     sampling = body.sampling(settings, body.max_output_tokens)
+    if (constraint := output_format(body.text.format if body.text else None, "text.format")) is not None:
+        sampling["response_format"] = constraint
     tenant = await backend.tenant(api_key) if (body.store or body.previous_response_id) else ""
     prev = await store.get(body.previous_response_id, tenant) if body.previous_response_id else None
     if prev is not None and prev["model"] != body.model:
@@ -91,6 +90,7 @@ async def create(body: ResponseRequest, backend: Backend, store: ResponseStore, 
         "instructions": body.instructions, "previous_response_id": body.previous_response_id,
         "metadata": body.metadata or {}, "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
         "max_output_tokens": body.max_output_tokens,
+        "text_format": (body.text.format if body.text and body.text.format else None) or {"type": "text"},
         "input_items": [input_item(m.role, m.content) for m in messages],
     }
     client = backend.client(api_key)

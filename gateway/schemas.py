@@ -73,6 +73,24 @@ def banned_tokens(logit_bias: dict[str, Any] | None) -> list[int] | None:
     return banned
 
 
+def output_format(fmt: dict[str, Any] | None, param: str) -> dict[str, Any] | None:
+    """OpenAI's response_format (chat) / text.format (Responses) -> the SDK's response_format sampling field
+    (Sampling.response_format: the output is constrained to it): json_object is any JSON object, json_schema its
+    schema (chat nests it under "json_schema", Responses has it flat). text / unset: no constraint."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema", fmt) if param == "response_format" else fmt  # type: ignore[union-attr]
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request(f"{param} of type json_schema needs a schema object", param)
+        return {"json_schema": schema}
+    raise unsupported(param, f"type {kind!r} (text, json_object or json_schema)")
+
+
 def check_unsupported(body: BaseModel, names: tuple[str, ...], why: dict[str, str] | None = None) -> None:
     """400 for any of `names` set to something other than null, false, empty or "none"."""
     for name in names:

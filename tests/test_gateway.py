@@ -160,3 +160,21 @@ def test_a_conversation_through_chat_completions_equals_the_grpc_session(oai: op
         done = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8)
         assert done.choices[0].message.content == reply
         messages.append({"role": "assistant", "content": reply})
+
+
+def test_response_format_constrains_the_output_to_the_schema(oai: openai.OpenAI) -> None:
+    import json
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    done = oai.chat.completions.create(model=MODEL, messages=CONVERSATION, temperature=1.0, max_tokens=40, seed=3,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "count", "schema": schema}})
+    value = json.loads(done.choices[0].message.content)  # a random model, yet the reply is the schema's JSON
+    assert set(value) == {"n"} and isinstance(value["n"], int) and done.choices[0].finish_reason == "stop"
+    anything = oai.chat.completions.create(model=MODEL, messages=CONVERSATION, temperature=1.0, max_tokens=40,
+                                           seed=4, response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=MODEL, messages=CONVERSATION,
+                                    response_format={"type": "json_schema", "json_schema": {"name": "x"}})

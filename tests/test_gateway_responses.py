@@ -106,3 +106,58 @@ def test_store_false_keeps_nothing(oai: openai.OpenAI, service) -> None:
                                      max_output_tokens=8, store=False)
     assert stateless.output_text == kept.output_text
 
+
+
+def test_continuing_from_an_earlier_response_branches(oai: openai.OpenAI, service) -> None:
+    first = oai.responses.create(model=MODEL, input="Hello!", instructions=SYSTEM, temperature=0,
+                                 max_output_tokens=8)
+    main = oai.responses.create(model=MODEL, input="Tell me more.", previous_response_id=first.id, temperature=0,
+                                max_output_tokens=8)
+    branch = oai.responses.create(model=MODEL, input="Something else.", previous_response_id=first.id,
+                                  temperature=0, max_output_tokens=8)
+    on_branch = oai.responses.create(model=MODEL, input="And then?", previous_response_id=branch.id,
+                                     temperature=0, max_output_tokens=8)
+    after_main = oai.responses.create(model=MODEL, input="And then?", previous_response_id=main.id,
+                                      temperature=0, max_output_tokens=8)
+    assert main.output_text == _grpc_conversation(service, ["Hello!", "Tell me more."], 8)[1]
+    assert [branch.output_text, on_branch.output_text] == \
+        _grpc_conversation(service, ["Hello!", "Something else.", "And then?"], 8)[1:]
+    assert after_main.output_text == _grpc_conversation(service, ["Hello!", "Tell me more.", "And then?"], 8)[2]
+    assert oai.responses.retrieve(branch.id).previous_response_id == first.id
+
+
+def test_a_response_older_than_the_kept_versions_is_404_evicted(service) -> None:
+    gateway = start_gateway(service, responses_keep_versions=1)
+    try:
+        with openai.OpenAI(base_url=gateway.url, api_key="dev", max_retries=0) as oai:
+            chain = [oai.responses.create(model=MODEL, input="Start.", instructions=SYSTEM, temperature=0,
+                                          max_output_tokens=3)]
+            for i in range(3):
+                chain.append(oai.responses.create(model=MODEL, input=f"Turn {i}.", previous_response_id=chain[-1].id,
+                                                  temperature=0, max_output_tokens=3))
+            # versions 1..4 exist; the session keeps its current one (4) and 1 earlier (3)
+            kept = oai.responses.create(model=MODEL, input="Branch.", previous_response_id=chain[2].id,
+                                        temperature=0, max_output_tokens=3)
+            assert kept.output_text
+            with pytest.raises(openai.NotFoundError) as evicted:
+                oai.responses.create(model=MODEL, input="Too old.", previous_response_id=chain[0].id,
+                                     temperature=0, max_output_tokens=3)
+            assert evicted.value.body["code"] == "state_evicted" and "evicted" in evicted.value.message
+            assert oai.responses.retrieve(chain[0].id).output_text == chain[0].output_text  # its metadata stays
+    finally:
+        gateway.close()
+
+
+def test_text_format_and_repeated_instructions(oai: openai.OpenAI) -> None:
+    import json
+
+    first = oai.responses.create(model=MODEL, input="Give me JSON.", instructions=SYSTEM, temperature=1.0,
+                                 max_output_tokens=40, text={"format": {"type": "json_object"}})
+    assert isinstance(json.loads(first.output_text), dict) and first.text.format.type == "json_object"
+    # clients that resend the same instructions on every call: accepted, nothing changes
+    again = oai.responses.create(model=MODEL, input="More.", instructions=SYSTEM, previous_response_id=first.id,
+                                 temperature=0, max_output_tokens=4)
+    assert again.previous_response_id == first.id
+    with pytest.raises(openai.BadRequestError) as other:
+        oai.responses.create(model=MODEL, input="More.", instructions="Other rules.", previous_response_id=first.id)
+    assert other.value.body["param"] == "instructions"
