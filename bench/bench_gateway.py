@@ -4,11 +4,12 @@ the front, on one stack of real processes (Redis, a worker, the front, the gatew
   python -m bench.bench_gateway --shape 12x768 --concurrency 1,8,32 --max-tokens 64 --rounds 3
 
 Both paths run the same stateless completion (the raw prompt, greedy, end of text and the ids past the vocab
-banned so every stream runs to max_tokens), interleaved ABBA per concurrency level; the ratio at a level is the median over rounds of gateway / the gRPC run
-beside it (the shared machine's load moves both alike within a round). gRPC: the SDK's
-AsyncRWKVClient.generate(). HTTP: POST /v1/completions with stream: true read as raw SSE lines by httpx2 (the
-openai SDK's transport; its pydantic parsing per chunk is client cost, not the gateway's), the bans as
-logit_bias -100. Goal: the gateway's aggregate tok/s >= 0.9x gRPC's at each level. Table + bench/results/gateway.json.
+banned so every stream runs to max_tokens), interleaved ABBA per concurrency level; the ratio at a level is the
+median over rounds of gateway / the gRPC run beside it (the shared machine's load moves both alike within a
+round). gRPC: the SDK's AsyncRWKVClient.generate(). HTTP: POST /v1/completions with stream: true read as raw
+SSE lines by httpx2 (the openai SDK's transport; its pydantic parsing per chunk is client cost, not the
+gateway's), the bans as logit_bias -100. Goal: the gateway's aggregate tok/s >= 0.9x gRPC's at each level.
+Table + bench/results/gateway.json.
 """
 
 from __future__ import annotations
