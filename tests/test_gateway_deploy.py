@@ -94,3 +94,14 @@ def test_compose_runs_the_gateway_from_the_front_image(compose: str, monkeypatch
     assert command[command.index("--front") + 1] == "front:" + front["command"][front["command"].index("--port") + 1]
     assert command[command.index("--port") + 1] == "8000" and "8000" in gateway["healthcheck"]["test"][-1]
     assert gateway["depends_on"]["front"] == {"condition": "service_healthy"}
+
+
+def test_the_gateway_loads_no_torch_tokenizer_or_worker_code() -> None:
+    """It runs in the front's image: the package and everything it imports stay torch-free (also lazily)."""
+    from tests.test_layout import HEAVY, _imported_roots, _loaded_after
+
+    loaded = _loaded_after(["gateway.server", "gateway.app"])
+    assert {"gateway", "fastapi", "uvicorn", "rwkv_serve_client"} <= loaded
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    for path, roots in _imported_roots(ROOT / "gateway").items():
+        assert not roots & set(HEAVY), f"{path} imports {sorted(roots & set(HEAVY))}"
