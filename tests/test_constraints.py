@@ -242,3 +242,20 @@ def test_apply_bitmask_matches_a_per_token_reference() -> None:
     for i, r in enumerate(rows.tolist()):
         t = masked[r].token_id
         assert (int(bits[i, t // 32]) >> (t % 32)) & 1
+
+
+def test_a_hf_tokenizer_vocabulary_compiles_too(tmp_path) -> None:
+    from tests.test_tokenizer import _hf_tokenizer_file
+    from worker.constraints import ConstraintCompiler
+    from worker.tokenizer import HFTokenizer
+
+    hf = HFTokenizer(_hf_tokenizer_file(tmp_path))
+    compiler = ConstraintCompiler(hf)
+    assert compiler.vocab_size == hf.vocab_size and compiler.eos_id == hf.eos_id
+    constraint = compiler.compile({"regex": "hello (world|fox)"})
+    ids = hf.encode("hello world")
+    assert constraint.matcher.validate_tokens(ids) == len(ids)
+    assert [constraint.advance(t) for t in ids][-1] is True  # complete after the last token
+    other = compiler.compile({"regex": "hello (world|fox)"})
+    bad = hf.encode("hello there")
+    assert other.matcher.validate_tokens(bad) < len(bad)

@@ -9,11 +9,13 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import jsonschema
 import pytest
 import redis
 
 from common.tools import parse_tool_calls, tool_grammar
+from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from rwkv_serve_client import RWKVClient, StopReason
 from rwkv_serve_client.errors import InvalidArgumentError
 from tests.e2e_fixtures import InprocService
@@ -99,6 +101,20 @@ def test_bad_formats_are_invalid_argument_with_the_compilers_message(rwkv: RWKVC
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         rwkv.say(session.session_id, "hi", response_format=fmt)
     assert rwkv.get_session(session.session_id).state_version == 0
+
+
+def test_a_bad_session_default_fails_at_create_session(rwkv: RWKVClient, service: InprocService) -> None:
+    with pytest.raises(InvalidArgumentError, match="not valid JSON"):
+        rwkv.create_session("tiny", response_format={"json_schema": "{bad"})
+
+    # A ResponseFormat message with none of its kinds set (the SDK cannot send one; a raw client can).
+    with grpc.insecure_channel(service.target) as channel:
+        stub = api_pb2_grpc.RwkvServiceStub(channel)
+        request = api_pb2.CreateSessionRequest(model="tiny", default_sampling=common_pb2.Sampling(
+            response_format=common_pb2.ResponseFormat()))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateSession(request, timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in info.value.details()
 
 
 def test_the_sdk_refuses_a_malformed_response_format_before_sending(rwkv: RWKVClient) -> None:
