@@ -6,6 +6,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+from gateway.errors import GatewayError, to_gateway_error
 from gateway.streams import cached_tokens, sse
 from rwkv_serve_client import StopReason, TurnResult
 
@@ -75,32 +76,31 @@ async def events(record: dict[str, Any], items: AsyncIterator[str | TurnResult],
     yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
                 part=output_text_part(""))
     texts: list[str] = []
-    async for item in items:
-        if isinstance(item, TurnResult):
-            text = "".join(texts)
-            output = [message_item(item_id, text, "completed")]
-            record = await on_result(item, output)
-            final = response_object(record, status="completed", output=output, result=item)
-            yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text,
-                        logprobs=[])
-            yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
-                        part=output_text_part(text))
-            yield event("response.output_item.done", output_index=0, item=output[0])
-            kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-            yield event(kind, response=final)
-            return
-        if item:
-            texts.append(item)
-            yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0, delta=item,
-                        logprobs=[])
+    try:
+        async for item in items:
+            if isinstance(item, TurnResult):
+                text = "".join(texts)
+                output = [message_item(item_id, text, "completed")]
+                record = await on_result(item, output)
+                final = response_object(record, status="completed", output=output, result=item)
+                yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0,
+                            text=text, logprobs=[])
+                yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
+                            part=output_text_part(text))
+                yield event("response.output_item.done", output_index=0, item=output[0])
+                kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+                yield event(kind, response=final)
+                return
+            if item:
+                texts.append(item)
+                yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+                            delta=item, logprobs=[])
+    except Exception as exc:  # after the stream started: one error event, numbered like the rest, then the end
+        error = to_gateway_error(exc)
+        yield event("error", code=error.code, message=error.message, param=error.param)
 
 
-def error_event_factory() -> Any:
-    """The event a failure mid-stream becomes (type "error", as OpenAI sends it)."""
-    from gateway.errors import GatewayError
-
-    def error_event(error: GatewayError) -> str:
-        return sse({"type": "error", "code": error.code, "message": error.message, "param": error.param,
-                    "sequence_number": 0}, event="error")
-
-    return error_event
+def error_event(error: GatewayError) -> str:
+    """A failure outside events() (none is expected there), as an unnumbered error event."""
+    return sse({"type": "error", "code": error.code, "message": error.message, "param": error.param},
+               event="error")

@@ -22,7 +22,14 @@ from fastapi.responses import JSONResponse, Response
 from gateway.backend import Backend
 from gateway.errors import GatewayError, bad_request, unsupported
 from gateway.render import Message
-from gateway.response_shapes import error_event_factory, events, input_item, message_item, response_object
+from gateway.response_shapes import (
+    error_event,
+    events,
+    input_item,
+    message_item,
+    new_item_id,
+    response_object,
+)
 from gateway.response_store import ResponseStore, new_response_id
 from gateway.schemas import ResponseRequest, check_unsupported, message_text, output_format
 from gateway.streams import event_stream, primed
@@ -114,24 +121,13 @@ async def create(body: ResponseRequest, backend: Backend, store: ResponseStore, 
 
     if not body.stream:
         try:
-            result = text = None
-            async for _, item in stream:
-                if isinstance(item, TurnResult):
-                    result = item
-            assert result is not None
-            text = result.text
-            output = [message_item(_item_id(), text, "completed")]
-            await on_result(result, output)
+            results = [item async for _, item in stream if isinstance(item, TurnResult)]
+            output = [message_item(new_item_id(), results[-1].text, "completed")]
+            await on_result(results[-1], output)
         finally:
             release()
-        return JSONResponse(response_object(record, status="completed", output=output, result=result))
-    return event_stream(events(record, _texts(stream), on_result), release, error_event_factory())
-
-
-def _item_id() -> str:
-    from gateway.response_shapes import new_item_id
-
-    return new_item_id()
+        return JSONResponse(response_object(record, status="completed", output=output, result=results[-1]))
+    return event_stream(events(record, _texts(stream), on_result), release, error_event)
 
 
 async def _indexed(items: AsyncIterator[str | TurnResult]) -> AsyncIterator[tuple[int, str | TurnResult]]:
@@ -184,7 +180,7 @@ async def _continuation(client: AsyncRWKVClient, prev: dict[str, Any], turn: dic
     sid, version = prev["session_id"], prev["state_version"]
 
     def run(session_id: str, at: int) -> AsyncIterator[str | TurnResult]:
-        if not prev_store(record):
+        if not _keeps(record):
             kwargs = {"messages": turn.get("messages") or [{"role": "user", "content": turn["text"]}]}
             return client.generate(session_id=session_id, ephemeral=True, expected_state_version=at, **kwargs,
                                    **sampling)
@@ -215,7 +211,7 @@ async def _continuation(client: AsyncRWKVClient, prev: dict[str, Any], turn: dic
             async for item in stream:
                 yield item
                 if isinstance(item, TurnResult):
-                    fork = None if prev_store(record) else fork  # a kept branch stays; an ephemeral one goes
+                    fork = None if _keeps(record) else fork  # a kept branch stays; an ephemeral one goes
     except sdk.SessionNotFoundError:
         raise _evicted(prev, settings) from None
     except sdk.SessionBusyError:
@@ -228,7 +224,8 @@ async def _continuation(client: AsyncRWKVClient, prev: dict[str, Any], turn: dic
                 await client.delete_session(fork.session_id)
 
 
-def prev_store(record: dict[str, Any]) -> bool:
+def _keeps(record: dict[str, Any]) -> bool:
+    """Whether this request keeps its response (store: true)."""
     return bool(record.get("store", True))
 
 

@@ -247,3 +247,20 @@ def test_a_client_that_gives_up_on_a_whole_reply_frees_its_slot_too(gateway: Gat
     while worker_busy(service) and time.monotonic() - gone < 5:
         time.sleep(0.01)
     assert worker_busy(service) == 0 and time.monotonic() - gone < 2.0
+
+
+def test_a_failure_mid_stream_is_one_error_event(service) -> None:
+    hurried = start_gateway(service, request_timeout_s=1.0, auth_mode="keys", api_key_hashes=KEYS)
+    try:
+        with client(hurried) as oai:
+            texts = []
+            with pytest.raises(openai.APIError) as failed:  # raised by the SDK from the stream's error event
+                for chunk in oai.completions.create(stream=True, **LONG):
+                    texts.append(chunk.choices[0].text)
+            assert texts and failed.value.body["code"] == "timeout"  # the stream had started: 200, then the error
+    finally:
+        hurried.close()
+    deadline = time.monotonic() + 5
+    while worker_busy(service) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker_busy(service) == 0
