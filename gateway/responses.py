@@ -75,8 +75,10 @@ def _check(body: ResponseRequest, backend: Backend) -> None:
     check_unsupported(body, _UNSUPPORTED, _WHY)
     if body.tool_choice not in (None, "none", "auto"):
         raise unsupported("tool_choice", "this server has no tool calling")
-    if body.metadata is not None and len(body.metadata) > 16:
-        raise bad_request("metadata has at most 16 entries", "metadata")
+    metadata = body.metadata or {}
+    if len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+        raise bad_request("metadata has at most 16 entries, keys of at most 64 characters and values of at most 512",
+                          "metadata")
 
 
 async def create(body: ResponseRequest, backend: Backend, store: ResponseStore, api_key: str | None) -> Response:

@@ -81,6 +81,9 @@ def test_bad_input_is_400_naming_the_parameter(gateway: Gateway) -> None:
         assert empty.value.body["param"] == "messages"
         with pytest.raises(openai.BadRequestError):
             oai.responses.create(model=MODEL, input="x", background=True)
+        with pytest.raises(openai.BadRequestError) as metadata:
+            oai.responses.create(model=MODEL, input="x", metadata={f"k{i}": "v" for i in range(17)})
+        assert metadata.value.body["param"] == "metadata"
     status, body = _raw(f"{gateway.url}/chat/completions", b"{not json")
     assert status == 400 and body["error"]["message"] == "the request body is not valid JSON"
 
