@@ -114,7 +114,18 @@ def test_missing_or_unknown_key_is_401(gateway: Gateway) -> None:
     assert status == 401 and body["error"]["type"] == "authentication_error"
 
 
-def test_tenants_cannot_see_each_others_responses(gateway: Gateway) -> None:
+def test_tenants_cannot_see_each_others_responses(gateway: Gateway, service) -> None:
+    import redis
+
+    from service.auth import hash_api_key
+
+    stored_key = "rwkv_test_key_stored_in_redis"  # as `rwkv-admin keys create` stores one: found by both
+    redis.Redis.from_url(service.redis_url).set(f"rwkv:apikey:{hash_api_key(stored_key)}", "tenant-c")
+    with client(gateway, stored_key) as c, client(gateway, KEY_A) as a:
+        theirs = c.responses.create(model=MODEL, input="Mine.", temperature=0, max_output_tokens=2)
+        assert c.responses.retrieve(theirs.id).id == theirs.id
+        with pytest.raises(openai.NotFoundError):
+            a.responses.retrieve(theirs.id)
     with client(gateway, KEY_A) as a, client(gateway, KEY_B) as b:
         mine = a.responses.create(model=MODEL, input="Secret.", temperature=0, max_output_tokens=3)
         assert a.responses.retrieve(mine.id).output_text == mine.output_text
