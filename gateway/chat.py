@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
+from gateway import tools
 from gateway.backend import Backend
 from gateway.errors import bad_request, unsupported
 from gateway.render import normalise
@@ -42,9 +43,9 @@ from gateway.streams import (
 )
 from rwkv_serve_client import TurnResult
 
-_CHAT_UNSUPPORTED = ("tools", "functions", "function_call", "audio", "prediction",
+_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction",
                      "web_search_options", "store", "reasoning_effort")
-_WHY = {"tools": "this server has no tool calling", "functions": "this server has no tool calling",
+_WHY = {"functions": "use tools (functions is OpenAI's deprecated form)",
         "store": "stored chat completions are not kept; use the Responses API for stored conversations",
         "reasoning_effort": "RWKV-5 models have no reasoning mode"}
 
@@ -81,19 +82,21 @@ def choices_of(stream: AsyncIterator[Any], n: int, base: int = 0) -> AsyncIterat
 async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_key: str | None) -> Response:
     """One chat completion (or its stream)."""
     check_unsupported(body, _CHAT_UNSUPPORTED, _WHY)
-    if body.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", "this server has no tool calling")
     if body.modalities not in (None, ["text"]):
         raise unsupported("modalities", "only text")
     if body.logprobs or body.top_logprobs:
         raise unsupported("logprobs", "token bytes are not on the gRPC wire yet (needs a proto field)")
     _check_common(body, backend)
-    messages = normalise(body.messages, backend.settings.max_messages)
+    messages = tools.offered(body, normalise(body.messages, backend.settings.max_messages))
     sampling = body.sampling(backend.settings, body.max_new_tokens())
     if (banned := banned_tokens(body.logit_bias)) is not None:
         sampling["banned_tokens"] = banned
     if (constraint := output_format(body.response_format, "response_format")) is not None:
         sampling["response_format"] = constraint
+    if (grammar := tools.constraint(body)) is not None:
+        if constraint is not None:
+            raise bad_request("tools and a response_format cannot both constrain one reply", "response_format")
+        sampling["response_format"] = grammar
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed with stream: true", "stream_options")
@@ -111,20 +114,28 @@ async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_ke
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": body.model,
             "system_fingerprint": None,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason(r)} for i, r in enumerate(results)],
+            "choices": [_choice(i, r, bool(body.tools)) for i, r in enumerate(results)],
             "usage": _usage(results)})
     try:
         stream = await primed(items)
     except BaseException:
         release()
         raise
-    return event_stream(_chat_chunks(stream, rid, created, body.model, body.n, include_usage), release,
-                        chat_error_event)
+    return event_stream(_chat_chunks(stream, rid, created, body.model, body.n, include_usage, bool(body.tools)),
+                        release, chat_error_event)
+
+
+def _choice(index: int, result: TurnResult, with_tools: bool) -> dict[str, Any]:
+    message, called = tools.reply(result.text) if with_tools else \
+        ({"role": "assistant", "content": result.text, "refusal": None}, False)
+    return {"index": index, "message": message, "logprobs": None,
+            "finish_reason": "tool_calls" if called else finish_reason(result)}
 
 
 async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model: str, n: int,
-                       include_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool, with_tools: bool = False) -> AsyncIterator[str]:
+    """The chunks of a streamed chat completion. With tools a choice's reply is sent whole when it ends (as
+    text, or as its tool_calls): a call is only known to be one once its text is complete."""
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choices, **extra}
@@ -143,8 +154,16 @@ async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model
     async for index, item in items:
         if isinstance(item, TurnResult):
             results[index] = item
-            yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(item)}])
-        elif item:
+            reason = finish_reason(item)
+            if with_tools:
+                choice = _choice(index, item, True)
+                delta = {k: v for k, v in choice["message"].items() if k in ("content", "tool_calls")}
+                if delta.get("tool_calls"):
+                    delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(delta["tool_calls"])]
+                yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                reason = choice["finish_reason"]
+            yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        elif item and not with_tools:
             yield (f'{head}{index},"delta":{{"content":{json_text(item)}}},"logprobs":null,'
                    f'"finish_reason":null}}]{tail}')
     if include_usage and all(results):

@@ -14,7 +14,7 @@ from gateway.schemas import ChatMessageIn, message_text
 class Message:
     """One message as the front takes it."""
 
-    role: str  # system, user, assistant (tool once tools exist)
+    role: str  # system, user, assistant, tool
     content: str
 
     def wire(self) -> dict[str, str]:
@@ -23,20 +23,28 @@ class Message:
 
 
 def normalise(messages: list[ChatMessageIn], max_messages: int) -> list[Message]:
-    """The messages with "developer" read as "system"; 400 for what cannot be run (tool calls, non-text parts)."""
+    """The messages with "developer" read as "system", assistant tool calls and tool results in the tool-call
+    text format (gateway/tools.py); 400 for what cannot be run (audio, non-text parts, a tool message that
+    answers no call)."""
+    from gateway.tools import assistant_text, tool_result  # (tools builds on Message)
+
     if len(messages) > max_messages:
         raise bad_request(f"at most {max_messages} messages are allowed, got {len(messages)}", "messages")
     out = []
+    names: dict[str, str] = {}  # tool call id -> the function it called
     for i, m in enumerate(messages):
         extra = m.model_extra or {}
-        for key in ("tool_calls", "function_call", "audio"):
+        for key in ("function_call", "audio"):
             if extra.get(key):
-                raise unsupported(f"messages[{i}].{key}", "this server has no tools or audio")
+                raise unsupported(f"messages[{i}].{key}", "use tools / tool_calls; there is no audio")
         if m.role == "tool":
-            raise unsupported(f"messages[{i}].role", "tool messages need tools, which this server does not have")
-        role = "system" if m.role == "developer" else m.role
-        out.append(Message(role, message_text(m.content, f"messages[{i}].content")))
-    if out[-1].role != "user":
-        raise bad_request(f"the last message must be the user's (the reply follows it), not {out[-1].role!r}",
-                          "messages")
+            out.append(tool_result(m, i, names))
+        elif m.role == "assistant":
+            out.append(Message("assistant", assistant_text(m, i, names)))
+        else:
+            role = "system" if m.role == "developer" else m.role
+            out.append(Message(role, message_text(m.content, f"messages[{i}].content")))
+    if out[-1].role not in ("user", "tool"):
+        raise bad_request(f"the last message must be the user's or a tool result (the reply follows it), not "
+                          f"{out[-1].role!r}", "messages")
     return out

@@ -66,7 +66,8 @@ def test_bad_input_is_400_naming_the_parameter(gateway: Gateway) -> None:
     with client(gateway) as oai:
         cases = [({"temperature": 5}, "temperature", "invalid_value"),
                  ({"extra_body": {"frobnicate": 1}}, "frobnicate", "invalid_value"),
-                 ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+                 ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+                 ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "invalid_value"),
                  ({"logprobs": True}, "logprobs", "unsupported_parameter"),
                  ({"n": 100}, "n", "invalid_value"),
                  ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
