@@ -55,8 +55,8 @@ def _model(device: str):
 class Arm:
     """One engine whose batch is kept full of turns of one kind (with the schema or without)."""
 
-    def __init__(self, engine, tokenizer, constrained: bool, batch: int, seed: int) -> None:
-        self.engine, self.constrained, self.batch = engine, constrained, batch
+    def __init__(self, engine, tokenizer, constrained: bool, batch: int, seed: int, top_p: float = 1.0) -> None:
+        self.engine, self.constrained, self.batch, self.top_p = engine, constrained, batch, top_p
         self.prompt = tokenizer.encode("User: review this product as JSON\n\nAssistant:")
         self.seeds = iter(range(seed * 100_000, (seed + 1) * 100_000))
         self.times: list[float] = []
@@ -71,7 +71,8 @@ class Arm:
 
         fmt = {"json_schema": json.dumps(SCHEMA)} if self.constrained else None
         self.engine.submit(TurnRequest(self.prompt, SamplingParams(
-            temperature=1.0, seed=next(self.seeds), stop_token_ids=(), max_tokens=400, response_format=fmt)))
+            temperature=1.0, top_p=self.top_p, seed=next(self.seeds), stop_token_ids=(), max_tokens=400,
+            response_format=fmt)))
 
     def step(self) -> None:
         """One engine step (schedule, run, postprocess); timed when it is a pure decode step."""
@@ -100,10 +101,10 @@ class Arm:
                 "turns_completed": self.finished, "decode_steps": len(self.times)}
 
 
-def decode_round(engines: dict, tokenizer, batch: int, steps: int, seed: int) -> dict[str, dict]:
+def decode_round(engines: dict, tokenizer, batch: int, steps: int, seed: int, top_p: float = 1.0) -> dict[str, dict]:
     """Both arms step in alternation (one step each, in turn) until each has `steps` timed decode steps: a busy
     machine slows both alike."""
-    arms = {name: Arm(engine, tokenizer, name == "json_schema", batch, seed) for name, engine in engines.items()}
+    arms = {name: Arm(engine, tokenizer, name == "json_schema", batch, seed, top_p) for name, engine in engines.items()}
     while min(len(a.times) for a in arms.values()) < steps:
         for arm in arms.values():
             arm.step()
@@ -142,6 +143,7 @@ def main(
     batch: int = typer.Option(16),
     device: str = typer.Option("cpu"),
     threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default)"),
+    top_p: float = typer.Option(1.0, help="both arms' top_p (temperature 1)"),
     out: Path = typer.Option(RESULTS / "constraints.json"),
 ) -> None:
     """Decode tok/s with and without a JSON schema on every turn, and the compile cost; table + JSON."""
@@ -159,15 +161,16 @@ def main(
     # Two engines on one model; the schema arm's compiler is built before any turn (its cost is timed below).
     engines = {arm: Engine(model, tokenizer, max_batch=batch, max_queued=4 * batch) for arm in ("none", "json_schema")}
     engines["json_schema"].constraints  # noqa: B018
-    decode_round(engines, tokenizer, batch, 8, seed=99)  # warm-up of both paths
+    decode_round(engines, tokenizer, batch, 8, seed=99, top_p=top_p)  # warm-up of both paths
     runs: dict[str, list[dict]] = {"none": [], "json_schema": []}
     for r in range(rounds):
-        for arm, result in decode_round(engines, tokenizer, batch, steps, seed=r).items():
+        for arm, result in decode_round(engines, tokenizer, batch, steps, seed=r, top_p=top_p).items():
             runs[arm].append(result)
     tok_s = {arm: statistics.median(x["tok_s"] for x in v) for arm, v in runs.items()}
     costs = compile_costs(tokenizer, repeat=5)
     report = {
-        "device": device, "batch": batch, "rounds": rounds, "timed_decode_steps": steps,
+        "device": device, "batch": batch, "top_p": top_p, "temperature": 1.0, "rounds": rounds,
+        "timed_decode_steps": steps,
         "torch_threads": torch.get_num_threads(), "model": "random L12 D768 fp32", "schema": SCHEMA,
         "decode_tok_s": tok_s, "ratio_json_schema_vs_none": tok_s["json_schema"] / tok_s["none"],
         "compile": costs, "runs": runs,
@@ -176,7 +179,8 @@ def main(
     out.write_text(json.dumps(report, indent=2))
 
     c = Console()
-    t = Table(title=f"B={batch} decode, random L12 D768 fp32, {device}, medians of {rounds} rounds x {steps} steps")
+    t = Table(title=f"B={batch} decode, random L12 D768 fp32, {device}, T 1 top_p {top_p}, medians of {rounds} "
+                    f"rounds x {steps} steps")
     for col in ("turns", "decode tok/s", "step ms", "turns completed / round", "vs none"):
         t.add_column(col, justify="right")
     for arm, v in runs.items():
