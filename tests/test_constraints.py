@@ -259,3 +259,26 @@ def test_a_hf_tokenizer_vocabulary_compiles_too(tmp_path) -> None:
     other = compiler.compile({"regex": "hello (world|fox)"})
     bad = hf.encode("hello there")
     assert other.matcher.validate_tokens(bad) < len(bad)
+
+
+def test_steps_without_constrained_turns_do_no_mask_work(tiny_model, tokenizer) -> None:
+    plain = Engine(tiny_model, tokenizer, max_batch=4)
+    run_all(plain, [request(tokenizer, None, s, max_tokens=4) for s in range(2)])
+    assert plain._constraints is None and plain.batch_runner.masks is None  # never even built
+
+    from worker.constraints import MaskFiller
+
+    class CountingFiller(MaskFiller):
+        calls: list[int] = []
+
+        def start(self, constraints):
+            self.calls.append(len(constraints))
+            return super().start(constraints)
+
+    engine = Engine(tiny_model, tokenizer, max_batch=4)
+    engine.batch_runner.masks = CountingFiller(engine.constraints)
+    run_all(engine, [request(tokenizer, None, s, max_tokens=4) for s in range(3)])
+    assert CountingFiller.calls == [] and engine.scheduler.constrained == 0
+    run_all(engine, [request(tokenizer, {"regex": "[0-9]{3}"}, 0), request(tokenizer, None, 1, max_tokens=6)])
+    assert CountingFiller.calls and set(CountingFiller.calls) == {1}  # only the constrained row, every step it samples
+    assert engine.scheduler.constrained == 0

@@ -13,6 +13,10 @@ next) -> CLOSING (feed the reply's last token and the template's epilogue, no sa
 The final state has consumed the prompt and every emitted token (plus the epilogue), never a stop token, so
 the next turn continues exactly the conversation the user saw. A cancelled turn hands back no state.
 
+A turn with a response_format (worker/constraints.py) samples under its grammar's token mask, filled while the
+step's forwards run, and ends when the grammar is complete (CONSTRAINT_COMPLETE) or at max_tokens; stop strings and
+stop tokens do not apply to it (docs/structured_output.md).
+
 Knows nothing of gRPC or Redis: callers pass states and token ids in, and get events out.
 """
 
