@@ -105,11 +105,12 @@ class TurnStarted:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability and its most likely alternatives."""
+    """A generated token's log-probability and its most likely alternatives (token id, logprob, bytes)."""
 
     token_id: int
     logprob: float
-    top: tuple[tuple[int, float], ...] = ()
+    top: tuple[tuple[int, float, bytes], ...] = ()
+    token_bytes: bytes = b""  # the token's bytes in the vocabulary (a token may be part of a UTF-8 character)
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,8 @@ class TextDelta:
             delta.token_ids.extend(self.token_ids)
         for lp in self.logprobs:
             delta.logprobs.append(common_pb2.TokenLogprob(
-                token_id=lp.token_id, logprob=lp.logprob,
-                top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+                token_id=lp.token_id, logprob=lp.logprob, token_bytes=lp.token_bytes,
+                top=[common_pb2.TopLogprob(token_id=t, logprob=p, token_bytes=b) for t, p, b in lp.top],
             ))
         return common_pb2.ChatEvent(turn_id=turn_id, delta=delta, choice=self.choice)
 

@@ -371,7 +371,7 @@ class TurnRunner:
                     earlier_here = prompt_tokens - len(requests[choice].tokens)
                     yield _Done(choice, replace(event, prompt_tokens=event.prompt_tokens + earlier_here))
                 else:
-                    yield _delta(event, choice)
+                    yield _delta(event, choice, self.tokenizer)
         finally:
             for getter in getters.values():
                 getter.cancel()
@@ -434,6 +434,17 @@ def _record(turn: TurnInput, digest: str, ended: TurnEnded, text: str, token_ids
                       input_tokens=input_tokens, cached_tokens=ended.cached_tokens)
 
 
-def _delta(event: Delta, choice: int = 0) -> TextDelta:
-    logprobs = tuple(TokenLogprob(s.token_id, s.logprob, tuple(s.top_logprobs)) for s in event.logprobs)
+def _delta(event: Delta, choice: int, tokenizer: Any) -> TextDelta:
+    """The domain delta of an engine delta; each logprob with its token's bytes (and its alternatives')."""
+    if not event.logprobs:
+        return TextDelta(event.text, event.token_ids, (), choice)
+
+    def token_bytes(token_id: int) -> bytes:
+        try:
+            return tokenizer.token_bytes(token_id)
+        except (ValueError, IndexError, KeyError):  # an id of the model's padded vocabulary that no token has
+            return b""
+
+    logprobs = tuple(TokenLogprob(s.token_id, s.logprob, tuple((t, p, token_bytes(t)) for t, p in s.top_logprobs),
+                                  token_bytes(s.token_id)) for s in event.logprobs)
     return TextDelta(event.text, event.token_ids, logprobs, choice)

@@ -265,6 +265,7 @@ class EventDecoder:
         self._text: dict[tuple[str, int], list[str]] = {}  # by (turn id, choice)
         self._tokens: dict[tuple[str, int], list[int]] = {}
         self._worker: dict[tuple[str, int], str] = {}
+        self._logprobs: dict[tuple[str, int], list[TokenLogprob]] = {}
 
     def decode(self, pb: common_pb2.ChatEvent) -> ChatEvent:
         turn_id, choice = pb.turn_id, pb.choice
@@ -277,8 +278,9 @@ class EventDecoder:
             d = pb.delta
             self._text.setdefault(key, []).append(d.text)
             self._tokens.setdefault(key, []).extend(d.token_ids)
-            logprobs = [TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
-                        for lp in d.logprobs]
+            logprobs = [TokenLogprob.from_pb(lp) for lp in d.logprobs]
+            if logprobs:
+                self._logprobs.setdefault(key, []).extend(logprobs)
             return TextDelta(turn_id, d.text, list(d.token_ids), logprobs, choice)
         if kind == "turn_end":
             e = pb.turn_end
@@ -295,6 +297,7 @@ class EventDecoder:
                 token_ids=self._tokens.pop(key, []),
                 replayed=e.replayed,
                 choice=choice,
+                logprobs=self._logprobs.pop(key, []),
             )
         raise ValueError(f"event without a body in turn {turn_id!r}")
 
@@ -349,6 +352,7 @@ class TurnRetry:
         self._pending = ""  # during a retry: yielded text the retry has not repeated yet
         self._error: RWKVError | None = None  # the failure the current attempt retries
         self._gave_up: RWKVError | None = None
+        self._logprobs = False  # the turn's deltas carry logprobs: they go to the caller as TextDelta events
 
     def timeout(self) -> float | None:
         """The deadline of the next attempt's call: what is left of the turn's timeout."""
@@ -357,14 +361,23 @@ class TurnRetry:
     def items(self, event: ChatEvent) -> list[str | TurnResult]:
         """What the caller gets for one event of the current attempt (chat_item, minus text it already has).
 
-        With several choices nothing is compared: once anything went to the caller the turn is not retried."""
+        With several choices, or logprobs asked for, the caller gets TextDelta events and nothing is compared: once
+        anything went to the caller the turn is not retried."""
         if self.choices > 1:
-            if isinstance(event, TextDelta) and event.text and self.streaming or isinstance(event, TurnResult):
+            if isinstance(event, TextDelta) and (event.text or event.logprobs) and self.streaming \
+                    or isinstance(event, TurnResult):
                 self.done = True
                 return [event]
             return []
         if isinstance(event, TextDelta):
-            if not self.streaming or not event.text:
+            if not self.streaming:
+                return []
+            if event.logprobs or self._logprobs:
+                # Logprobs were asked for: the caller gets the TextDelta events (with their logprobs, those whose
+                # text is still held back too), and, as with several choices, no retry once one went out.
+                self._logprobs = self.done = True
+                return [event] if event.text or event.logprobs else []
+            if not event.text:
                 return []
             text = event.text
             if self._pending:

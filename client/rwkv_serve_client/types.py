@@ -162,11 +162,19 @@ class Usage:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability and the most likely alternatives [(token_id, logprob), ...]."""
+    """A generated token's log-probability and the most likely alternatives [(token_id, logprob), ...], with the
+    tokens' bytes in the model's vocabulary (a token may be part of a UTF-8 character; b"" from older servers)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    token_bytes: bytes = b""  # this token's (not named `bytes`: that would shadow the type in the annotations)
+    top_bytes: list[bytes] = field(default_factory=list)  # those of `top`'s tokens, in its order
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.TokenLogprob) -> TokenLogprob:
+        return cls(pb.token_id, pb.logprob, [(t.token_id, t.logprob) for t in pb.top], pb.token_bytes,
+                   [t.token_bytes for t in pb.top])
 
 
 @dataclass(frozen=True)
@@ -205,6 +213,7 @@ class TurnResult:
     token_ids: list[int] = field(default_factory=list)
     replayed: bool = False  # the server answered a retried turn_id from its commit (the turn ran once, earlier)
     choice: int = 0  # which of the request's n choices
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the turn's tokens' (when Sampling.logprobs > 0)
 
     @property
     def cancelled(self) -> bool:
