@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.errors import InvalidArgument
+from common.tools import TOOL_ROLE, render_tool_result
 
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 
@@ -125,7 +126,8 @@ def render_messages(template: ChatTemplate, messages: Sequence[Message]) -> list
                  included, and the tokens are the session's), then the template's turn end (a session's epilogue),
                  each tokenized alone; preceded by the assistant's opening when the message before it did not end
                  with one
-      tool       as user, with the role "Tool" (and "Tool (name)" when it names its tool)
+      tool       as user, with the role "Tool"; a message that names its tool carries the tool-call format's result
+                 body, {"name": ..., "content": ...} (common/tools.py render_tool_result), else its text as is
       system     (a later one) "System: text" + end
     User, tool and system text is cleaned as a session's turns are (clean_turn_text: stripped, blank lines
     collapsed). The caller checks the rules (check_messages)."""
@@ -143,7 +145,9 @@ def render_messages(template: ChatTemplate, messages: Sequence[Message]) -> list
             opened = False
             continue
         text = clean_turn_text(m.content)
-        role = {"user": "User", "tool": f"Tool ({m.name})" if m.name else "Tool", "system": "System"}[m.role]
+        if m.role == "tool" and m.name:  # the tool-call format's result body (common/tools.py), one format everywhere
+            text = clean_turn_text(render_tool_result(m.name, m.content))
+        role = {"user": "User", "tool": TOOL_ROLE, "system": "System"}[m.role]
         opened = follows == "assistant" and m.role != "system"
         segments.append((f"{role}{template.sep}{text}{template.end}" + (opening if opened else ""),))
     return segments

@@ -49,7 +49,7 @@ def test_each_role_renders_as_a_session_feeds_it() -> None:
         ("System: Be brief.\n\n",),
         ("User: Hi\nthere\n\nAssistant:",),  # exactly the session's user turn (the reply follows it)
         (" Hello", "\n\n"),  # the reply as streamed, then the epilogue: tokenized one by one
-        ("Tool (calc): 42\n\n",),  # a user turn follows, so no assistant opening
+        ('Tool: {"name":"calc","content":42}\n\n',),  # the tool-call format's result body; a user turn follows
         ("User: ok\n\nAssistant:",),
     ]
     assert render_messages(chat, [Message("user", "a")]) == [("",), (chat.user_turn("a"),)]
