@@ -114,6 +114,21 @@ def render_tool_result(name: str, content: str) -> str:
     return _compact({"name": name, "content": value})
 
 
+def assistant_text(content: str, calls: Sequence[ToolCall | Mapping[str, Any]]) -> str:
+    """An assistant message's whole text: its words (if any), then its calls as the model writes them."""
+    if not calls:
+        return content
+    rendered = render_tool_calls(calls)
+    return f"{content}\n{rendered}" if content.strip() else rendered
+
+
+def offer_tools(system_prompt: str, tools: Sequence[Tool]) -> str:
+    """A system prompt with the tools offered after it (the whole system prompt when there was none)."""
+    if not tools:
+        return system_prompt
+    return f"{system_prompt}\n{tools_prompt(tools)}" if system_prompt.strip() else tools_prompt(tools)
+
+
 def tools_prompt(tools: Sequence[Tool]) -> str:
     """System prompt text that offers the tools and says how to call them."""
     lines = [f"You can call these tools. To call one, reply with {CALL_OPEN}{{\"name\":...,\"arguments\":{{...}}}}"

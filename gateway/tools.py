@@ -1,6 +1,6 @@
 """Tool calling for chat completions, in the one tool-call text format of RWKV models (common/tools.py).
 
-- The request's tools are offered in the system prompt (tools_prompt), and unless tool_choice is "none" the reply
+- The request's tools are offered in the system prompt (offer_tools), and unless tool_choice is "none" the reply
   is constrained by a grammar built from them (tool_grammar -> Sampling.response_format lark_grammar): a forced
   call ("required", a named function) can only be a well-formed call whose arguments follow the tool's schema.
 - Assistant messages with tool_calls are rendered as the calls' text; tool messages (matched to their call by
@@ -15,13 +15,13 @@ import secrets
 from typing import Any
 
 from common.errors import InvalidArgument
+from common.tools import assistant_text as tool_text
 from common.tools import (
+    offer_tools,
     parse_tool_calls,
     parse_tools,
-    render_tool_calls,
     render_tool_result,
     tool_grammar,
-    tools_prompt,
 )
 from gateway.errors import bad_request
 from gateway.render import Message
@@ -49,12 +49,12 @@ def offered(body: ChatCompletionRequest, messages: list[Message]) -> list[Messag
     if not body.tools:
         return messages
     try:
-        prompt = tools_prompt(parse_tools(body.tools))
+        tools = parse_tools(body.tools)
     except InvalidArgument as exc:
         raise _invalid(exc, "tools") from None
     if messages and messages[0].role == "system":
-        return [Message("system", f"{messages[0].content}\n{prompt}"), *messages[1:]]
-    return [Message("system", prompt), *messages]
+        return [Message("system", offer_tools(messages[0].content, tools)), *messages[1:]]
+    return [Message("system", offer_tools("", tools)), *messages]
 
 
 def assistant_text(m: ChatMessageIn, i: int, names: dict[str, str]) -> str:
@@ -76,8 +76,7 @@ def assistant_text(m: ChatMessageIn, i: int, names: dict[str, str]) -> str:
             raise bad_request("a tool call's arguments must be JSON text", f"messages[{i}].tool_calls[{j}]") from None
         names[str(call.get("id", ""))] = fn["name"]
         parsed.append({"name": fn["name"], "arguments": arguments})
-    rendered = render_tool_calls(parsed)
-    return f"{text}\n{rendered}" if text.strip() else rendered
+    return tool_text(text, parsed)
 
 
 def tool_result(m: ChatMessageIn, i: int, names: dict[str, str]) -> Message:

@@ -196,6 +196,27 @@ async def test_a_turn_during_a_slot_migration_waits_for_it(cstore: StateStore, c
     assert cluster.owner(key).port != source.port
 
 
+async def test_kept_versions_and_forks_from_them_on_a_cluster(cstore: StateStore) -> None:
+    """Branching's commit (the replaced state renamed to a kept version, the oldest dropped) and a fork from a kept
+    version stay inside the session's slot, so they work wherever the cluster put it."""
+    meta = await cstore.create_session(tenant="t", model="tiny", template="chat", ttl_ms=60_000, keep_versions=2)
+    sid = meta.session_id
+    for version in range(4):
+        lease, _, _ = await cstore.begin_turn(sid, 5_000)
+        committed = await cstore.commit_and_release(lease, version, STATE + bytes([version]),
+                                                    state_tokens=10 * (version + 1), keep_versions=2)
+        assert committed == version + 1
+    fork = await cstore.fork_session(sid, state_version=2)
+    assert (fork.version, fork.state_tokens, fork.turns) == (2, 20, 2)
+    assert (await cstore.load_state(fork.session_id))[1] == STATE + bytes([1])  # what version 2 committed
+    with pytest.raises(SessionNotFound, match="was evicted"):
+        await cstore.fork_session(sid, state_version=1)
+    owned = cstore.keys.session_all(sid, 4, 2)
+    assert await cstore.redis.exists(*owned) >= 5  # meta, state, kept hash, v3, v4 (one slot: one EXISTS)
+    await cstore.delete_session(sid)
+    assert await cstore.redis.exists(*owned) == 0
+
+
 async def test_a_cluster_that_is_down_stops_the_start_and_fails_calls_as_unavailable(cluster: RedisCluster) -> None:
     """Last of the cluster tests: takes a master and its replica down, so a third of the slots has no owner."""
     store = StateStore.from_url(cluster.url)
@@ -220,24 +241,3 @@ async def test_a_cluster_that_is_down_stops_the_start_and_fails_calls_as_unavail
     with pytest.raises(StoreConfigError, match="Redis Cluster .* (is down|is not usable)"):
         await fresh.verify()
     await fresh.close()
-
-
-async def test_kept_versions_and_forks_from_them_on_a_cluster(cstore: StateStore) -> None:
-    """Branching's commit (the replaced state renamed to a kept version, the oldest dropped) and a fork from a kept
-    version stay inside the session's slot, so they work wherever the cluster put it."""
-    meta = await cstore.create_session(tenant="t", model="tiny", template="chat", ttl_ms=60_000, keep_versions=2)
-    sid = meta.session_id
-    for version in range(4):
-        lease, _, _ = await cstore.begin_turn(sid, 5_000)
-        committed = await cstore.commit_and_release(lease, version, STATE + bytes([version]),
-                                                    state_tokens=10 * (version + 1), keep_versions=2)
-        assert committed == version + 1
-    fork = await cstore.fork_session(sid, state_version=2)
-    assert (fork.version, fork.state_tokens, fork.turns) == (2, 20, 2)
-    assert (await cstore.load_state(fork.session_id))[1] == STATE + bytes([1])  # what version 2 committed
-    with pytest.raises(SessionNotFound, match="was evicted"):
-        await cstore.fork_session(sid, state_version=1)
-    owned = cstore.keys.session_all(sid, 4, 2)
-    assert await cstore.redis.exists(*owned) >= 5  # meta, state, kept hash, v3, v4 (one slot: one EXISTS)
-    await cstore.delete_session(sid)
-    assert await cstore.redis.exists(*owned) == 0

@@ -388,3 +388,51 @@ def test_prepare_command(tok: GreedyTokenizer, tmp_path: Path, monkeypatch: pyte
 
     bad = CliRunner().invoke(prepare.app, ["--source", "jsonl", "--out", str(out)])
     assert bad.exit_code == 1 and "--input is required" in bad.output
+
+
+# -- tool calls ---------------------------------------------------------------------------------------------
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+
+
+def test_tool_dialogue_renders_as_the_service_feeds_it(tmp_path: Path) -> None:
+    """An OpenAI-style record with tools, an assistant tool call and the tool's result renders, for training, to
+    exactly the text the service feeds for the same conversation (common/templates.py over the gateway's messages),
+    and the trained reply is the call as the tool grammar writes it and the parser reads it back."""
+    from common.templates import TEMPLATES, Message, messages_text
+    from common.tools import offer_tools, parse_tool_calls, parse_tools, render_tool_calls, render_tool_result
+
+    record = {"tools": TOOLS, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 21}'},
+        {"role": "assistant", "content": "21 C in Paris."},
+    ]}
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (dialogue,) = load_jsonl(path)
+    assert [t.role for t in dialogue] == ["system", "user", "assistant", "tool", "assistant"]
+    segments = format_dialogue(dialogue, "chat")
+    call = render_tool_calls([{"name": "weather", "arguments": {"city": "Paris"}}])
+    assert segments[1] == (call + "\n\n", True)  # right after "Assistant:", no space: as the grammar writes it
+    assert parse_tool_calls(segments[1].text).calls[0].arguments == {"city": "Paris"}
+    # The same conversation as the gateway hands it to the workers (before the last reply)
+    served = [Message("system", offer_tools("Be brief.", parse_tools(TOOLS))), Message("user", "Weather in Paris?"),
+              Message("assistant", call), Message("tool", '{"temp_c": 21}', name="weather")]
+    prompt = "".join(s.text for s in segments[:-1])
+    assert prompt == messages_text(TEMPLATES["chat"], served)
+    assert render_tool_result("weather", '{"temp_c": 21}') in prompt
+    assert segments[-1] == (" 21 C in Paris.\n\n", True)
+
+
+def test_tool_message_without_its_call_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "x"},
+                                             {"role": "tool", "tool_call_id": "nope", "content": "1"}]}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: .*tool message needs"):
+        list(load_jsonl(path))

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from common.tools import assistant_text, offer_tools, parse_tools, render_tool_result
+
 # --------------------------------------------------------------------------------------------------
 # Dialogue model
 # --------------------------------------------------------------------------------------------------
 
-Role = Literal["user", "assistant", "system"]
-ROLES: tuple[str, ...] = ("user", "assistant", "system")
+Role = Literal["user", "assistant", "system", "tool"]
+ROLES: tuple[str, ...] = ("user", "assistant", "system", "tool")  # tool: a tool's result (common/tools.py format)
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,44 @@ def _dialogue_from_json(obj: Any) -> Dialogue:
     if not isinstance(items, list) or not items:
         raise ValueError("'turns'/'messages' must be a non-empty list")
     turns: Dialogue = []
+    names: dict[str, str] = {}  # tool call id -> the function it called (for the tool messages answering it)
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or "role" not in item or text_key not in item:
+        if not isinstance(item, dict) or "role" not in item or (text_key not in item and not item.get("tool_calls")):
             raise ValueError(f"item {i} needs 'role' and '{text_key}'")
-        text = item[text_key] if text_key == "text" else _message_text(item[text_key])
+        raw = item.get(text_key) or ""
+        text = raw if text_key == "text" else _message_text(raw)
+        if item.get("tool_calls"):
+            text = assistant_text(text, [_call(c, i, names) for c in item["tool_calls"]])
+        elif item["role"] == "tool":
+            name = item.get("name") or names.get(str(item.get("tool_call_id", "")))
+            if not name:
+                raise ValueError(f"item {i}: a tool message needs 'name' or the 'tool_call_id' of an earlier call")
+            text = render_tool_result(name, text)
         turns.append(Turn(item["role"], text))
+    tools = obj.get("tools")
+    if tools:  # offered in the system prompt, as the gateway offers a request's tools
+        offered = parse_tools(tools)
+        if turns and turns[0].role == "system":
+            turns[0] = Turn("system", offer_tools(turns[0].text, offered))
+        else:
+            turns.insert(0, Turn("system", offer_tools("", offered)))
     return turns
+
+
+def _call(call: Any, i: int, names: dict[str, str]) -> dict[str, Any]:
+    """An OpenAI tool call ({"id", "function": {"name", "arguments"}}, or {"name", "arguments"}) as name +
+    arguments; records its name by id."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ValueError(f"item {i}: a tool call is {{\"function\": {{\"name\", \"arguments\"}}}}")
+    arguments = fn.get("arguments", {})
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments or "{}")
+    if not isinstance(arguments, dict):
+        raise ValueError(f"item {i}: a tool call's arguments must be a JSON object")
+    if call.get("id"):
+        names[str(call["id"])] = fn["name"]
+    return {"name": fn["name"], "arguments": arguments}
 
 
 def load_jsonl(path: str | Path) -> Iterator[Dialogue]:

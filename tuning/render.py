@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from array import array
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
+from common.templates import TEMPLATES, clean_turn_text
+from common.tools import CALL_OPEN, TOOL_ROLE
 from tuning.dataset import TokenDataset
 from tuning.dialogues import Dialogue
 
@@ -27,34 +27,16 @@ class Segment(NamedTuple):
     trainable: bool
 
 
-@dataclass(frozen=True)
-class _TemplateSpec:
-    start: str  # before the first turn
-    sep: str  # between the role name and the text
-    end: str  # closes every turn
-
-
-_TEMPLATES: dict[str, _TemplateSpec] = {
-    # RWKV chat format as in ChatRWKV and RWKV-Runner: "\n\n" ends a turn (and is the stop string).
-    "chat": _TemplateSpec(start="", sep=": ", end="\n\n"),
-    # The one-state-chat model's format: <s> opens the dialogue, </s> closes every turn.
-    "one-state": _TemplateSpec(start="<s>", sep=":", end="\n\n</s>"),
-}
-_ROLE_NAMES: dict[str, str] = {"user": "User", "assistant": "Assistant", "system": "System"}
-_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
-
-
-def clean_turn_text(text: str) -> str:
-    """Strip a turn and collapse blank lines, because a blank line ('\\n\\n') ends a turn in RWKV chat."""
-    # Only the newlines are collapsed: the indentation of the following line (code) survives.
-    return _BLANK_LINES.sub("\n", text.replace("\r\n", "\n").strip())
+_ROLE_NAMES: dict[str, str] = {"user": "User", "assistant": "Assistant", "system": "System", "tool": TOOL_ROLE}
 
 
 def format_dialogue(d: Dialogue, template: Template) -> list[Segment]:
-    """Render a dialogue as text segments; the assistant's words and closing separator are trainable."""
-    spec = _TEMPLATES.get(template)
-    if spec is None:
-        raise ValueError(f"unknown template {template!r} (expected one of {', '.join(_TEMPLATES)})")
+    """Render a dialogue as text segments; the assistant's words and closing separator are trainable. The
+    templates are the service's (common/templates.py), tool calls and results in its one tool-call format
+    (common/tools.py): a tuned model writes calls exactly as the gateway's grammar and parser expect them."""
+    spec = TEMPLATES.get(template)
+    if spec is None or not spec.formatted:
+        raise ValueError(f"unknown template {template!r} (expected chat or one-state)")
     pieces = [Segment(spec.start, False)]
     name_sep = spec.sep.rstrip()
     for turn in d:
@@ -62,8 +44,11 @@ def format_dialogue(d: Dialogue, template: Template) -> list[Segment]:
         if turn.role == "assistant":
             # The prompt at inference ends with "Assistant:" and the model writes the rest, including the
             # space before its first word (World tokens carry a leading space), so that space is a target.
+            # A reply that is tool calls starts right at the colon, as the tool grammar (common/tools.py) has the
+            # served model write it.
+            lead = "" if text.startswith(CALL_OPEN) else spec.sep[len(name_sep):]
             pieces.append(Segment(name + name_sep, False))
-            pieces.append(Segment(spec.sep[len(name_sep):] + text + spec.end, True))
+            pieces.append(Segment(lead + text + spec.end, True))
         else:
             pieces.append(Segment(name + spec.sep + text + spec.end, False))
     # Merge neighbours with the same flag: an untrainable run is exactly the prompt the server would feed.

@@ -246,6 +246,9 @@ class StoreBase:
         except redis.exceptions.ConnectionError as exc:
             if "SSL" in str(exc) or "certificate" in str(exc).lower():
                 raise StoreConfigError(f"TLS to {where} failed: {exc}") from None
+            if self.mode == "cluster":  # the URL's node answered, but a node it lists does not (redis-py 8 asks one)
+                raise StoreConfigError(f"the Redis Cluster at {where} is not usable ({exc}): wait until every "
+                                       "node answers and it reports cluster_state:ok") from None
             raise
 
     def _password_given(self) -> bool:
