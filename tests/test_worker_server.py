@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -37,9 +38,15 @@ class Worker:
 
 @pytest.fixture
 async def worker(redis_url, store, tiny_model, tokenizer) -> AsyncIterator[Worker]:
+    async with started_worker(redis_url, tiny_model, tokenizer) as w:
+        yield w
+
+
+@contextlib.asynccontextmanager
+async def started_worker(redis_url, tiny_model, tokenizer, **overrides) -> AsyncIterator[Worker]:
     settings = WorkerSettings(
         redis_url=redis_url, port=0, model_id=MODEL_ID, max_batch=4, max_queued=2, heartbeat_s=0.2,
-        lease_ms=3_000, drain_s=2, grace_s=0.5,
+        lease_ms=3_000, drain_s=2, grace_s=0.5, **overrides,
     )
     core = WorkerCore(settings, tiny_model, tokenizer, MODEL_ID)
     server, port = create_server(settings, core)
@@ -185,6 +192,27 @@ async def test_domain_errors_map_to_status_codes(worker: Worker, store: StateSto
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await run(worker.stub, chat(sid, "hi"))
     assert status_of(info) == (grpc.StatusCode.DATA_LOSS, {ERROR_KEY: "StateCorrupt"})
+
+
+async def test_the_worker_enforces_its_configured_limits(redis_url, store, tiny_model, tokenizer) -> None:
+    """RWKV_WORKER_MAX_CHOICES / MAX_MESSAGES reach the runner: above them a turn is INVALID_ARGUMENT."""
+    async with started_worker(redis_url, tiny_model, tokenizer, max_choices=2, max_messages=2) as w:
+        user = [common_pb2.ChatMessage(role="user", content="hi")]
+        ok = worker_pb2.RunTurnRequest(model=MODEL_ID, kind=worker_pb2.INPUT_KIND_CHAT, messages=user, n=2,
+                                       sampling=greedy(2))
+        _, _, end, events = await run(w.stub, ok)
+        assert sorted({e.choice for e in events}) == [0, 1]
+        for too_many in ({"n": 3}, {"messages": user * 3}):
+            request = worker_pb2.RunTurnRequest()
+            request.CopyFrom(ok)
+            if "n" in too_many:
+                request.n = too_many["n"]
+            else:
+                del request.messages[:]
+                request.messages.extend(too_many["messages"])
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await run(w.stub, request)
+            assert status_of(info)[0] == grpc.StatusCode.INVALID_ARGUMENT, too_many
 
 
 async def test_overload_is_resource_exhausted_with_retry_after(worker: Worker) -> None:

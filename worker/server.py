@@ -91,12 +91,7 @@ class WorkerCore:
         self.telemetry.observe_engine(lambda: self.engine.load, self.cache)
         self.runner = TurnRunner(
             self.engine, self.store, tokenizer,
-            RunnerConfig(model_id, self.worker_id, lease_ms=settings.lease_ms, prefix_ttl_ms=settings.prefix_ttl_ms,
-                         default_sampling={"max_tokens": settings.default_max_tokens},
-                         max_prompt_tokens=settings.max_prompt_tokens,
-                         state_storage_dtype=settings.state_storage_dtype,
-                         turn_result_ttl_ms=settings.turn_result_ttl_ms,
-                         fault_after_commit=settings.fault_after_commit),
+            RunnerConfig.from_settings(settings, model_id, self.worker_id),
             self.cache, self.telemetry,
         )
         cfg = model.config
