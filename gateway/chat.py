@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway import tools
 from gateway.backend import Backend
 from gateway.errors import bad_request, unsupported
+from gateway.logprobs import Aligner, LegacyLogprobs, aligned, chat_logprobs, wire_logprobs
 from gateway.render import normalise
 from gateway.schemas import (
     ChatCompletionRequest,
@@ -41,7 +42,7 @@ from gateway.streams import (
     primed,
     sse,
 )
-from rwkv_serve_client import TurnResult
+from rwkv_serve_client import TextDelta, TurnResult
 
 _CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction",
                      "web_search_options", "store", "reasoning_effort")
@@ -63,8 +64,9 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest, backend: Back
 
 
 def choices_of(stream: AsyncIterator[Any], n: int, base: int = 0) -> AsyncIterator[Item]:
-    """One SDK generate() stream as (choice index, text | TurnResult): with n > 1 the SDK yields TextDelta and
-    TurnResult events carrying their choice, with one choice plain text and the TurnResult."""
+    """One SDK generate() stream as (choice index, text | TextDelta | TurnResult): with n > 1 (or logprobs asked
+    for) the SDK yields TextDelta and TurnResult events carrying their choice, with one choice plain text and the
+    TurnResult. A TextDelta with logprobs stays one (its text may be empty), others become their text."""
 
     async def items() -> AsyncIterator[Item]:
         async with contextlib.aclosing(stream) as events:
@@ -73,6 +75,8 @@ def choices_of(stream: AsyncIterator[Any], n: int, base: int = 0) -> AsyncIterat
                     yield base, event
                 elif isinstance(event, TurnResult):
                     yield base + (event.choice if n > 1 else 0), event
+                elif isinstance(event, TextDelta) and event.logprobs:
+                    yield base + event.choice, event
                 elif getattr(event, "text", ""):
                     yield base + event.choice, event.text
 
@@ -84,11 +88,12 @@ async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_ke
     check_unsupported(body, _CHAT_UNSUPPORTED, _WHY)
     if body.modalities not in (None, ["text"]):
         raise unsupported("modalities", "only text")
-    if body.logprobs or body.top_logprobs:
-        raise unsupported("logprobs", "token bytes are not on the gRPC wire yet (needs a proto field)")
     _check_common(body, backend)
     messages = tools.offered(body, normalise(body.messages, backend.settings.max_messages))
     sampling = body.sampling(backend.settings, body.max_new_tokens())
+    top = None  # alternatives per token in the reply's logprobs; None: no logprobs
+    if (wire := wire_logprobs(bool(body.logprobs), body.top_logprobs)) is not None:
+        sampling["logprobs"], top = wire, body.top_logprobs or 0
     if (banned := banned_tokens(body.logit_bias)) is not None:
         sampling["banned_tokens"] = banned
     if (constraint := output_format(body.response_format, "response_format")) is not None:
@@ -114,28 +119,30 @@ async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_ke
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": body.model,
             "system_fingerprint": None,
-            "choices": [_choice(i, r, bool(body.tools)) for i, r in enumerate(results)],
+            "choices": [_choice(i, r, bool(body.tools), top) for i, r in enumerate(results)],
             "usage": _usage(results)})
     try:
         stream = await primed(items)
     except BaseException:
         release()
         raise
-    return event_stream(_chat_chunks(stream, rid, created, body.model, body.n, include_usage, bool(body.tools)),
+    return event_stream(_chat_chunks(stream, rid, created, body.model, body.n, include_usage, bool(body.tools), top),
                         release, chat_error_event)
 
 
-def _choice(index: int, result: TurnResult, with_tools: bool) -> dict[str, Any]:
+def _choice(index: int, result: TurnResult, with_tools: bool, top: int | None = None) -> dict[str, Any]:
     message, called = tools.reply(result.text) if with_tools else \
         ({"role": "assistant", "content": result.text, "refusal": None}, False)
-    return {"index": index, "message": message, "logprobs": None,
+    logprobs = None if top is None else chat_logprobs(aligned(result.text, result.logprobs), top)
+    return {"index": index, "message": message, "logprobs": logprobs,
             "finish_reason": "tool_calls" if called else finish_reason(result)}
 
 
 async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model: str, n: int,
-                       include_usage: bool, with_tools: bool = False) -> AsyncIterator[str]:
+                       include_usage: bool, with_tools: bool = False, top: int | None = None) -> AsyncIterator[str]:
     """The chunks of a streamed chat completion. With tools a choice's reply is sent whole when it ends (as
-    text, or as its tool_calls): a call is only known to be one once its text is complete."""
+    text, or as its tool_calls): a call is only known to be one once its text is complete. With logprobs (`top`
+    alternatives) each chunk carries the entries of the tokens its text completes (gateway/logprobs.py)."""
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choices, **extra}
@@ -151,18 +158,28 @@ async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
     results: list[TurnResult | None] = [None] * n
+    aligners = [Aligner() for _ in range(n)] if top is not None and not with_tools else []
     async for index, item in items:
         if isinstance(item, TurnResult):
             results[index] = item
             reason = finish_reason(item)
             if with_tools:
-                choice = _choice(index, item, True)
+                choice = _choice(index, item, True, top)
                 delta = {k: v for k, v in choice["message"].items() if k in ("content", "tool_calls")}
                 if delta.get("tool_calls"):
                     delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(delta["tool_calls"])]
-                yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                yield chunk([{"index": index, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}])
                 reason = choice["finish_reason"]
+            elif aligners and (rest := aligners[index].finish()):
+                yield chunk([{"index": index, "delta": {"content": ""}, "logprobs": chat_logprobs(rest, top),
+                              "finish_reason": None}])  # type: ignore[arg-type]
             yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        elif aligners:
+            text, entries = (item.text, item.logprobs) if isinstance(item, TextDelta) else (item, [])
+            if (released := aligners[index].push(text, entries)) or text:
+                yield chunk([{"index": index, "delta": {"content": text},
+                              "logprobs": chat_logprobs(released, top),  # type: ignore[arg-type]
+                              "finish_reason": None}])
         elif item and not with_tools:
             yield (f'{head}{index},"delta":{{"content":{json_text(item)}}},"logprobs":null,'
                    f'"finish_reason":null}}]{tail}')
@@ -173,8 +190,8 @@ async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model
 
 async def completions(body: CompletionRequest, backend: Backend, api_key: str | None) -> Response:
     """A legacy completion of one prompt or a list of prompts (n choices each), or its stream."""
-    if body.logprobs:
-        raise unsupported("logprobs", "token bytes are not on the gRPC wire yet (needs a proto field)")
+    if body.logprobs is not None and body.echo:
+        raise unsupported("echo", "together with logprobs (the prompt's tokens get no logprobs)")
     if body.suffix:
         raise unsupported("suffix", "RWKV completes left to right only")
     if body.best_of not in (None, body.n):
@@ -190,6 +207,9 @@ async def completions(body: CompletionRequest, backend: Backend, api_key: str | 
     sampling = body.sampling(backend.settings, body.max_tokens)
     if (banned := banned_tokens(body.logit_bias)) is not None:
         sampling["banned_tokens"] = banned
+    top = body.logprobs  # alternatives per token in the legacy logprobs; None: no logprobs
+    if (wire := wire_logprobs(top is not None, top, "logprobs")) is not None:
+        sampling["logprobs"] = wire
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n = body.n
     release = backend.acquire()
@@ -207,7 +227,8 @@ async def completions(body: CompletionRequest, backend: Backend, api_key: str | 
         return JSONResponse({
             "id": rid, "object": "text_completion", "created": created, "model": body.model,
             "system_fingerprint": None,
-            "choices": [{"index": k, "text": (prompts[k // n] if body.echo else "") + r.text, "logprobs": None,
+            "choices": [{"index": k, "text": (prompts[k // n] if body.echo else "") + r.text,
+                         "logprobs": None if top is None else LegacyLogprobs(top).shape(aligned(r.text, r.logprobs)),
                          "finish_reason": finish_reason(r)} for k, r in enumerate(results)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion,
@@ -218,12 +239,12 @@ async def completions(body: CompletionRequest, backend: Backend, api_key: str | 
         release()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return event_stream(_completion_chunks(stream, rid, created, body.model, prompts, n, body.echo, include_usage),
-                        release, chat_error_event)
+    return event_stream(_completion_chunks(stream, rid, created, body.model, prompts, n, body.echo, include_usage,
+                                           top), release, chat_error_event)
 
 
 async def _completion_chunks(items: AsyncIterator[Item], rid: str, created: int, model: str, prompts: list[str],
-                             n: int, echo: bool, include_usage: bool) -> AsyncIterator[str]:
+                             n: int, echo: bool, include_usage: bool, top: int | None = None) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choices, **extra}
@@ -238,10 +259,19 @@ async def _completion_chunks(items: AsyncIterator[Item], rid: str, created: int,
         for k in range(len(prompts) * n):
             yield chunk([{"index": k, "text": prompts[k // n], "logprobs": None, "finish_reason": None}])
     results: list[TurnResult | None] = [None] * (len(prompts) * n)
+    aligners = [Aligner() for _ in results] if top is not None else []
+    legacy = [LegacyLogprobs(top) for _ in aligners]  # type: ignore[arg-type]
     async for k, item in items:
         if isinstance(item, TurnResult):
             results[k] = item
+            if aligners and (rest := aligners[k].finish()):
+                yield chunk([{"index": k, "text": "", "logprobs": legacy[k].shape(rest), "finish_reason": None}])
             yield chunk([{"index": k, "text": "", "logprobs": None, "finish_reason": finish_reason(item)}])
+        elif aligners:
+            text, entries = (item.text, item.logprobs) if isinstance(item, TextDelta) else (item, [])
+            if (released := aligners[k].push(text, entries)) or text:
+                yield chunk([{"index": k, "text": text, "logprobs": legacy[k].shape(released),
+                              "finish_reason": None}])
         elif item:
             yield f'{head}{k},"text":{json_text(item)},"logprobs":null,"finish_reason":null}}]{tail}'
     if include_usage and all(results):

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.errors import GatewayError, to_gateway_error
+from gateway.logprobs import Aligner, aligned, chat_entry
 from gateway.streams import cached_tokens, sse
-from rwkv_serve_client import StopReason, TurnResult
+from rwkv_serve_client import StopReason, TextDelta, TurnResult
 
 
 def new_item_id(kind: str = "msg") -> str:
@@ -22,13 +23,19 @@ def usage(result: TurnResult) -> dict[str, Any]:
             "total_tokens": prompt + generated}
 
 
-def output_text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+def message_item(item_id: str, text: str, status: str,
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "status": status, "role": "assistant",
-            "content": [output_text_part(text)] if status != "in_progress" else []}
+            "content": [output_text_part(text, logprobs)] if status != "in_progress" else []}
+
+
+def text_logprobs(result: TurnResult, top: int | None) -> list[dict[str, Any]] | None:
+    """The output text's logprobs (message.output_text.logprobs with `top` alternatives); None: not asked."""
+    return None if top is None else [chat_entry(e, top) for e in aligned(result.text, result.logprobs)]
 
 
 def input_item(role: str, text: str) -> dict[str, Any]:
@@ -57,11 +64,14 @@ def response_object(record: dict[str, Any], *, status: str, output: list[dict[st
     }
 
 
-async def events(record: dict[str, Any], items: AsyncIterator[str | TurnResult],
-                 on_result: Any) -> AsyncIterator[str]:
+async def events(record: dict[str, Any], items: AsyncIterator[str | TextDelta | TurnResult],
+                 on_result: Any, top: int | None = None) -> AsyncIterator[str]:
     """The typed events of a streamed response, numbered by sequence_number. `on_result(result, output)`
-    runs when the turn has ended, before response.completed (it stores the record) and returns the record."""
+    runs when the turn has ended, before response.completed (it stores the record) and returns the record. With
+    logprobs (`top` alternatives) each delta carries the entries of the tokens its text completes."""
     seq = 0
+    aligner = Aligner() if top is not None else None
+    entries: list[dict[str, Any]] = []
 
     def event(kind: str, **fields: Any) -> str:
         nonlocal seq
@@ -79,22 +89,30 @@ async def events(record: dict[str, Any], items: AsyncIterator[str | TurnResult],
     try:
         async for item in items:
             if isinstance(item, TurnResult):
+                if aligner is not None and (rest := [chat_entry(e, top) for e in aligner.finish()]):  # type: ignore
+                    entries += rest
+                    yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+                                delta="", logprobs=rest)
                 text = "".join(texts)
-                output = [message_item(item_id, text, "completed")]
+                output = [message_item(item_id, text, "completed", entries)]
                 record = await on_result(item, output)
                 final = response_object(record, status="completed", output=output, result=item)
                 yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0,
-                            text=text, logprobs=[])
+                            text=text, logprobs=entries)
                 yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
-                            part=output_text_part(text))
+                            part=output_text_part(text, entries))
                 yield event("response.output_item.done", output_index=0, item=output[0])
                 kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
                 yield event(kind, response=final)
                 return
-            if item:
-                texts.append(item)
+            text, released = (item.text, item.logprobs) if isinstance(item, TextDelta) else (item, [])
+            if aligner is not None:
+                released = [chat_entry(e, top) for e in aligner.push(text, released)]  # type: ignore[arg-type]
+                entries += released
+            if text or released:
+                texts.append(text)
                 yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                            delta=item, logprobs=[])
+                            delta=text, logprobs=released)
     except Exception as exc:  # after the stream started: one error event, numbered like the rest, then the end
         error = to_gateway_error(exc)
         yield event("error", code=error.code, message=error.message, param=error.param)

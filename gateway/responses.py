@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.backend import Backend
 from gateway.errors import GatewayError, bad_request, unsupported
+from gateway.logprobs import wire_logprobs
 from gateway.render import Message
 from gateway.response_shapes import (
     error_event,
@@ -29,6 +30,7 @@ from gateway.response_shapes import (
     message_item,
     new_item_id,
     response_object,
+    text_logprobs,
 )
 from gateway.response_store import ResponseStore, new_response_id
 from gateway.schemas import ResponseRequest, check_unsupported, message_text, output_format
@@ -36,9 +38,9 @@ from gateway.streams import event_stream, primed
 from rwkv_serve_client import AsyncRWKVClient, TurnResult
 from rwkv_serve_client import errors as sdk
 
-_UNSUPPORTED = ("tools", "max_tool_calls", "reasoning", "top_logprobs", "background", "conversation", "prompt")
+_UNSUPPORTED = ("tools", "max_tool_calls", "reasoning", "background", "conversation", "prompt")
+_LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for the output text's logprobs
 _WHY = {"tools": "this server has no tool calling", "reasoning": "RWKV-5 models have no reasoning mode",
-        "top_logprobs": "token bytes are not on the gRPC wire yet (needs a proto field)",
         "background": "responses run in the foreground only",
         "conversation": "use previous_response_id (each response keeps its conversation's state)",
         "prompt": "stored prompt templates are not kept here"}
@@ -87,6 +89,10 @@ async def create(body: ResponseRequest, backend: Backend, store: ResponseStore, 
     settings = backend.settings
     messages = _messages(body, settings.max_messages)
     sampling = body.sampling(settings, body.max_output_tokens)
+    top = None  # alternatives per token in the output text's logprobs; None: no logprobs
+    if (wire := wire_logprobs(_LOGPROBS in (body.include or []) or bool(body.top_logprobs),
+                              body.top_logprobs)) is not None:
+        sampling["logprobs"], top = wire, body.top_logprobs or 0
     if (constraint := output_format(body.text.format if body.text else None, "text.format")) is not None:
         sampling["response_format"] = constraint
     tenant = await backend.tenant(api_key) if (body.store or body.previous_response_id) else ""
@@ -124,12 +130,12 @@ async def create(body: ResponseRequest, backend: Backend, store: ResponseStore, 
     if not body.stream:
         try:
             results = [item async for _, item in stream if isinstance(item, TurnResult)]
-            output = [message_item(new_item_id(), results[-1].text, "completed")]
+            output = [message_item(new_item_id(), results[-1].text, "completed", text_logprobs(results[-1], top))]
             await on_result(results[-1], output)
         finally:
             release()
         return JSONResponse(response_object(record, status="completed", output=output, result=results[-1]))
-    return event_stream(events(record, _texts(stream), on_result), release, error_event)
+    return event_stream(events(record, _texts(stream), on_result, top), release, error_event)
 
 
 async def _indexed(items: AsyncIterator[str | TurnResult]) -> AsyncIterator[tuple[int, str | TurnResult]]:

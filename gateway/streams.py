@@ -18,9 +18,9 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from gateway.errors import GatewayError, error_body, to_gateway_error
-from rwkv_serve_client import StopReason, TurnResult
+from rwkv_serve_client import StopReason, TextDelta, TurnResult
 
-Item = tuple[int, Union[str, TurnResult]]
+Item = tuple[int, Union[str, TextDelta, TurnResult]]
 _DONE = object()
 
 

@@ -68,7 +68,7 @@ def test_bad_input_is_400_naming_the_parameter(gateway: Gateway) -> None:
                  ({"extra_body": {"frobnicate": 1}}, "frobnicate", "invalid_value"),
                  ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
                  ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "invalid_value"),
-                 ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+                 ({"top_logprobs": 3}, "top_logprobs", "invalid_value"),  # (without logprobs: true)
                  ({"n": 100}, "n", "invalid_value"),
                  ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
                  ({"max_tokens": 10**6}, "max_tokens", "invalid_value")]
