@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -10,6 +11,23 @@ import pytest
 from service.server import FrontServer, create_server
 from service.settings import FrontSettings
 from tests.fakes import RunningFake, start_fake
+
+
+@contextlib.asynccontextmanager
+async def turn_runner(store: Any, model: Any, tokenizer: Any, *, max_batch: int = 4, model_id: str = "tiny",
+                      worker_id: str = "w-test", **config: Any) -> AsyncIterator[Any]:
+    """A worker's turn runner (its own engine and local cache) on `store`, without gRPC; the engine closes on
+    exit. `config`: RunnerConfig fields."""
+    from worker.engine import Engine
+    from worker.runner import RunnerConfig, TurnRunner
+    from worker.state_cache import StateCache
+
+    engine = Engine(model, tokenizer, max_batch=max_batch)
+    engine.start()
+    try:
+        yield TurnRunner(engine, store, tokenizer, RunnerConfig(model_id, worker_id, **config), StateCache(1 << 26))
+    finally:
+        await engine.close()
 
 
 @pytest.fixture

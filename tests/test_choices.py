@@ -15,10 +15,8 @@ from common.worker_api import InputKind, TextDelta, TurnEnded, TurnInput, TurnSt
 from rwkv_serve_client import Choices, InvalidArgumentError, RWKVClient
 from rwkv_serve_client import TextDelta as SdkDelta
 from rwkv_serve_client import TurnResult as SdkResult
-from tests.e2e_fixtures import InprocService
-from worker.engine import Engine
-from worker.runner import RunnerConfig, TurnRunner
-from worker.state_cache import StateCache
+from tests.e2e_fixtures import InprocService, turn_runner
+from worker.runner import TurnRunner
 
 MODEL_ID = "tiny"
 SAMPLED = {"temperature": 1.0, "stop_token_ids": [], "max_tokens": 6}
@@ -27,13 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 async def runner(store: StateStore, tiny_model, tokenizer) -> AsyncIterator[TurnRunner]:
-    engine = Engine(tiny_model, tokenizer, max_batch=8)
-    engine.start()
-    try:
-        yield TurnRunner(engine, store, tokenizer, RunnerConfig(MODEL_ID, "w-test", max_choices=4),
-                         StateCache(1 << 26))
-    finally:
-        await engine.close()
+    async with turn_runner(store, tiny_model, tokenizer, max_batch=8, model_id=MODEL_ID, max_choices=4) as r:
+        yield r
 
 
 async def choices(runner: TurnRunner, turn: TurnInput) -> tuple[list[str], list[TurnEnded], list[TurnStarted]]:

@@ -13,10 +13,8 @@ from common.store import StateStore
 from common.templates import Message, get_template, messages_text, render_messages
 from common.worker_api import InputKind, TextDelta, TurnEnded, TurnInput, TurnStarted
 from rwkv_serve_client import InvalidArgumentError, RWKVClient
-from tests.e2e_fixtures import InprocService
-from worker.engine import Engine
-from worker.runner import RunnerConfig, TurnRunner
-from worker.state_cache import StateCache
+from tests.e2e_fixtures import InprocService, turn_runner
+from worker.runner import TurnRunner
 
 MODEL_ID = "tiny"
 GREEDY = {"temperature": 0.0, "stop_token_ids": [], "max_tokens": 5}
@@ -25,13 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 async def runner(store: StateStore, tiny_model, tokenizer) -> AsyncIterator[TurnRunner]:
-    engine = Engine(tiny_model, tokenizer, max_batch=4)
-    engine.start()
-    try:
-        yield TurnRunner(engine, store, tokenizer, RunnerConfig(MODEL_ID, "w-test", max_messages=8),
-                         StateCache(1 << 26))
-    finally:
-        await engine.close()
+    async with turn_runner(store, tiny_model, tokenizer, model_id=MODEL_ID, max_messages=8) as r:
+        yield r
 
 
 async def run(runner: TurnRunner, turn: TurnInput) -> tuple[str, list[int], TurnEnded, TurnStarted]:

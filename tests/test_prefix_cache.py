@@ -4,17 +4,18 @@ cache off); bad entries are ignored and rebuilt; the total size per model stays 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from common.store import StateStore
 from common.templates import Message, get_template
 from common.worker_api import InputKind, TextDelta, TurnEnded, TurnInput
-from worker.engine import Engine
-from worker.runner import RunnerConfig, TurnRunner
+from tests.e2e_fixtures import turn_runner
+from worker.runner import TurnRunner
 from worker.state import state_from_bytes, state_to_bytes
-from worker.state_cache import StateCache
 
 MODEL_ID = "tiny"
 GREEDY = {"temperature": 0.0, "stop_token_ids": [], "max_tokens": 6}
@@ -23,20 +24,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-async def make_runner(store: StateStore, tiny_model, tokenizer) -> AsyncIterator[Callable[..., TurnRunner]]:
+async def make_runner(store: StateStore, tiny_model, tokenizer) -> AsyncIterator[Callable[..., Awaitable[TurnRunner]]]:
     """Runners as separate workers would be (each its own engine and local cache) on the same Redis."""
-    engines: list[Engine] = []
+    async with contextlib.AsyncExitStack() as stack:
+        made: list[TurnRunner] = []
 
-    def make(**config) -> TurnRunner:
-        engine = Engine(tiny_model, tokenizer, max_batch=4)
-        engine.start()
-        engines.append(engine)
-        return TurnRunner(engine, store, tokenizer, RunnerConfig(MODEL_ID, f"w{len(engines)}", **config),
-                          StateCache(1 << 26))
+        async def make(**config) -> TurnRunner:
+            made.append(await stack.enter_async_context(
+                turn_runner(store, tiny_model, tokenizer, model_id=MODEL_ID, worker_id=f"w{len(made) + 1}", **config)))
+            return made[-1]
 
-    yield make
-    for engine in engines:
-        await engine.close()
+        yield make
 
 
 async def reply(runner: TurnRunner, messages: list[Message]) -> tuple[str, TurnEnded]:
@@ -59,19 +57,19 @@ async def conversation(runner: TurnRunner, rounds: int = len(USERS)) -> list[tup
 @pytest.mark.parametrize("storage", ["fp32", "bf16"])
 async def test_warm_rounds_reuse_the_previous_rounds_and_reply_as_cold_ones(make_runner, store: StateStore,
                                                                          storage: str, tokenizer) -> None:
-    warm = await conversation(make_runner(state_storage_dtype=storage))
+    warm = await conversation(await make_runner(state_storage_dtype=storage))
     cached = [ended.cached_tokens for _, ended in warm]
     prompts = [ended.prompt_tokens for _, ended in warm]
     assert cached[0] == 0 and all(b > a for a, b in zip(cached[1:], cached[2:]))  # grows with the conversation
     assert all(p - c < prompts[0] + 2 * GREEDY["max_tokens"] + 20 for p, c in zip(prompts, cached))  # new part only
     entries, size = await store.prefix_usage(MODEL_ID)
     assert entries >= 2 * len(USERS) - 1 and size > 0
-    cold = await conversation(make_runner(state_storage_dtype=storage, prefix_cache=False))
+    cold = await conversation(await make_runner(state_storage_dtype=storage, prefix_cache=False))
     assert [t for t, _ in cold] == [t for t, _ in warm]  # the cache changes no output
     assert all(ended.cached_tokens == 0 for _, ended in cold)
     # Another worker, same Redis, the same last request: everything but its last message comes from the cache (the
     # last round stored every boundary it passed).
-    other = make_runner(state_storage_dtype=storage)
+    other = await make_runner(state_storage_dtype=storage)
     messages = [Message("system", "Be brief.")]
     for user, (text, _) in zip(USERS, warm):
         messages += [Message("user", user), Message("assistant", text)]
@@ -84,7 +82,7 @@ async def test_warm_rounds_reuse_the_previous_rounds_and_reply_as_cold_ones(make
 
 async def test_a_session_first_turn_and_a_stateless_chat_share_the_system_prompt_entry(
         make_runner, store: StateStore) -> None:
-    runner = make_runner()
+    runner = await make_runner()
     _, first = await reply(runner, [Message("system", "Be brief."), Message("user", "Hi")])
     sid = (await store.create_session(tenant="t", model=MODEL_ID, template="chat", ttl_ms=60_000,
                                       system_prompt="Be brief.")).session_id
@@ -95,7 +93,7 @@ async def test_a_session_first_turn_and_a_stateless_chat_share_the_system_prompt
 
 async def test_unreadable_and_foreign_entries_are_ignored_and_rebuilt(make_runner, store: StateStore,
                                                                      tiny_model) -> None:
-    runner = make_runner()
+    runner = await make_runner()
     messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", " Yo"),
                 Message("user", "Again")]
     text, _ = await reply(runner, messages)
@@ -106,20 +104,22 @@ async def test_unreadable_and_foreign_entries_are_ignored_and_rebuilt(make_runne
         state, consumed = state_from_bytes(good[key], tiny_model.fingerprint)
         foreign = state_to_bytes(state, bytes(len(tiny_model.fingerprint)), consumed)
         await store.redis.set(key, b"garbage" if i % 2 else foreign)
-    again, ended = await reply(make_runner(), messages)
+    again, ended = await reply(await make_runner(), messages)
     assert again == text and ended.cached_tokens == 0  # nothing usable was found: a cold run
     assert {k: await store.redis.get(k) for k in keys} == good  # rebuilt, bit for bit
 
 
 async def test_the_total_size_per_model_is_bounded_least_recently_used_first(store: StateStore) -> None:
+    model = "bounded"  # a model of its own: the other tests leave entries of theirs in the shared Redis
     record = b"x" * 1000
     digests = [f"{i:064x}" for i in range(6)]
     for digest in digests[:3]:
-        assert await store.put_prefix(MODEL_ID, digest, record, ttl_ms=60_000, max_bytes=3000) == 0
-    assert await store.find_prefix(MODEL_ID, digests[:1], 60_000) == 1  # used: now the most recent
-    assert await store.put_prefix(MODEL_ID, digests[3], record, ttl_ms=60_000, max_bytes=3000) == 1
-    assert await store.prefix_usage(MODEL_ID) == (3, 3000)
-    assert [await store.find_prefix(MODEL_ID, [d], 60_000) for d in digests[:4]] == [1, 0, 1, 1]  # 1 went
-    assert await store.put_prefix(MODEL_ID, digests[4], b"y" * 4000, ttl_ms=60_000, max_bytes=3000) == -1
-    assert await store.put_prefix(MODEL_ID, digests[0], record, ttl_ms=60_000, max_bytes=3000) == 0  # rewritten
-    assert await store.prefix_usage(MODEL_ID) == (3, 3000)
+        assert await store.put_prefix(model, digest, record, ttl_ms=60_000, max_bytes=3000) == 0
+        await asyncio.sleep(0.003)  # last use is kept in ms: uses within one ms are equally recent
+    assert await store.find_prefix(model, digests[:1], 60_000) == 1  # used: now the most recent
+    assert await store.put_prefix(model, digests[3], record, ttl_ms=60_000, max_bytes=3000) == 1
+    assert await store.prefix_usage(model) == (3, 3000)
+    assert [await store.find_prefix(model, [d], 60_000) for d in digests[:4]] == [1, 0, 1, 1]  # 1 went
+    assert await store.put_prefix(model, digests[4], b"y" * 4000, ttl_ms=60_000, max_bytes=3000) == -1
+    assert await store.put_prefix(model, digests[0], record, ttl_ms=60_000, max_bytes=3000) == 0  # rewritten
+    assert await store.prefix_usage(model) == (3, 3000)

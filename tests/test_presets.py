@@ -13,12 +13,11 @@ from typer.testing import CliRunner
 from common.errors import StateCorrupt
 from common.store import StateStore
 from common.worker_api import InputKind, TextDelta, TurnInput
+from tests.e2e_fixtures import turn_runner
 from tuning.presets import PresetExists, app, list_presets, register_preset
 from worker.checkpoint import make_random_checkpoint
-from worker.engine import Engine
-from worker.runner import RunnerConfig, TurnRunner
+from worker.runner import TurnRunner
 from worker.state import State, StateFormatError, load_time_state, state_from_bytes
-from worker.state_cache import StateCache
 
 MODEL_ID = "tiny-rwkv5"  # the conftest checkpoint's file stem: the id a worker serves it under by default
 
@@ -45,12 +44,8 @@ def initial(path: Path, model) -> State:
 @pytest.fixture
 async def runner(store: StateStore, tiny_model, tokenizer) -> AsyncIterator[TurnRunner]:
     """The worker's turn runner (engine + store), without gRPC."""
-    engine = Engine(tiny_model, tokenizer, max_batch=4)
-    engine.start()
-    try:
-        yield TurnRunner(engine, store, tokenizer, RunnerConfig(MODEL_ID, "w-test"), StateCache(1 << 26))
-    finally:
-        await engine.close()
+    async with turn_runner(store, tiny_model, tokenizer, model_id=MODEL_ID) as r:
+        yield r
 
 
 async def chat(runner: TurnRunner, store: StateStore, text: str, **session) -> tuple[list[int], list[float]]:
