@@ -2,7 +2,6 @@
 loads in the reference package with the logits of base + adapter, PiSSA starts from the model, resume is exact."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from tests.reference import reference_model, reference_run
+from tests.tuning_fixtures import tuning_files
 from tuning import lora
-from tuning.data import pydoc_dialogues, tokenize_dialogues
 from tuning.frozen import frozen_model
 from tuning.merge import app as merge_app
 from tuning.train import TrainConfig, Trainer
@@ -27,14 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """A 2-layer, 128-wide base model (2 heads) and a small pydoc dialogue set split into train/val."""
-    d = tmp_path_factory.mktemp("lora")
-    base = make_random_checkpoint(d / "base.pth", n_layer=2, n_embd=128, seed=4)
-    ds = tokenize_dialogues(itertools.islice(pydoc_dialogues(max_chars=200), 40), tokenizer, "chat")
-    train, val = ds.split(0.2, seed=0)
-    train.save(d / "train.pt")
-    val.save(d / "val.pt")
-    return {"dir": d, "base": base, "train": d / "train.pt", "val": d / "val.pt"}
+    return tuning_files(tmp_path_factory.mktemp("lora"), tokenizer, seed=4)
 
 
 def config(files, out: Path, **kw) -> TrainConfig:

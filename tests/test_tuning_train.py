@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from tests.reference import reference_model, reference_run
+from tests.tuning_fixtures import tuning_files
 from tuning.data import TokenDataset, pydoc_dialogues, tokenize_dialogues
 from tuning.evaluate import app as evaluate_app
 from tuning.evaluate import batch_state, exchanges, greedy_replies, perplexity
@@ -32,15 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """A 2-layer, 128-wide base model and a small pydoc dialogue set split into train/val."""
-    d = tmp_path_factory.mktemp("tune")
-    # Two heads: the reference package squeezes a 1-head time_state [1, N, N] to [N, N] and then fails on it.
-    base = make_random_checkpoint(d / "base.pth", n_layer=2, n_embd=128, seed=3)
-    ds = tokenize_dialogues(itertools.islice(pydoc_dialogues(max_chars=200), 40), tokenizer, "chat")
-    train, val = ds.split(0.2, seed=0)
-    train.save(d / "train.pt")
-    val.save(d / "val.pt")
-    return {"dir": d, "base": base, "train": d / "train.pt", "val": d / "val.pt"}
+    return tuning_files(tmp_path_factory.mktemp("tune"), tokenizer, seed=3)
 
 
 def config(files, out: Path, **kw) -> TrainConfig:
