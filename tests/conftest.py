@@ -121,3 +121,8 @@ def tokenizer():
     from worker.tokenizer import WorldTokenizer
 
     return WorldTokenizer()
+
+
+# One front + worker and one gateway per module for the gateway tests that share them (test_gateway*.py; a module
+# that needs its own defines fixtures of these names, which take precedence).
+from tests.test_gateway_support import gateway, oai, service  # noqa: E402,F401

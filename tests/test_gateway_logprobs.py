@@ -6,37 +6,16 @@ too; driven by the official openai SDK against a real worker, front and gateway 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import openai
 import pytest
 
 from rwkv_serve_client import RWKVClient, TextDelta
-from tests.test_gateway_support import MODEL, Gateway, start_gateway, start_service
+from tests.test_gateway_support import MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONVERSATION = [{"role": "user", "content": "Tell me a story about a cat."}]
-
-
-@pytest.fixture(scope="module")
-def service(redis_url, tiny_model, tokenizer, one_thread):
-    service = start_service(redis_url, tiny_model, tokenizer)
-    yield service
-    service.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(service) -> Iterator[Gateway]:
-    gateway = start_gateway(service)
-    yield gateway
-    gateway.close()
-
-
-@pytest.fixture
-def oai(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.url, api_key="unused-in-dev-mode", max_retries=0) as client:
-        yield client
 
 
 def _joined(entries) -> bytes:

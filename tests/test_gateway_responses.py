@@ -3,36 +3,14 @@ retrieve, input items, delete -> 404, streamed typed events, store: false keeps 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
 
 from rwkv_serve_client import RWKVClient
-from tests.test_gateway_support import MODEL, Gateway, start_gateway, start_service
+from tests.test_gateway_support import MODEL, start_gateway
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SYSTEM = "You are a test."
-
-
-@pytest.fixture(scope="module")
-def service(redis_url, tiny_model, tokenizer, one_thread):
-    service = start_service(redis_url, tiny_model, tokenizer)
-    yield service
-    service.close()
-
-
-@pytest.fixture(scope="module")
-def gateway(service) -> Iterator[Gateway]:
-    gateway = start_gateway(service)
-    yield gateway
-    gateway.close()
-
-
-@pytest.fixture
-def oai(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.url, api_key="dev", max_retries=0) as client:
-        yield client
 
 
 def _grpc_conversation(service, turns: list[str], max_tokens: int) -> list[str]:

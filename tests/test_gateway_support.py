@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import openai
+import pytest
 import redis
 
 from gateway.server import create_server
@@ -71,3 +74,24 @@ def worker_busy(service: InprocService) -> int:
     """Turns the worker is running or has queued (its engine's own counters)."""
     load = service.core.engine.load
     return load.active + load.queued
+
+
+# Fixtures of the modules that share one service and one gateway (they import these three by name).
+@pytest.fixture(scope="module")
+def service(redis_url, tiny_model, tokenizer, one_thread) -> Iterator[InprocService]:
+    service = start_service(redis_url, tiny_model, tokenizer)
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(service: InprocService) -> Iterator[Gateway]:
+    gateway = start_gateway(service)
+    yield gateway
+    gateway.close()
+
+
+@pytest.fixture
+def oai(gateway: Gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.url, api_key="unused-in-dev-mode", max_retries=0) as client:
+        yield client
