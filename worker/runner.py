@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from opentelemetry import trace
@@ -33,14 +31,13 @@ from common.errors import (
     VersionConflict,
 )
 from common.store import Lease, SessionMeta, StateStore
-from common.store.turns import TURN_RESULT_TTL_MS, TurnRecord
+from common.store.turns import TurnRecord
 from common.telemetry import Telemetry, set_session
 from common.templates import ChatTemplate, get_template
 from common.worker_api import (
     InputKind,
     PreparedState,
     TextDelta,
-    TokenLogprob,
     TurnEnded,
     TurnEvent,
     TurnInput,
@@ -49,58 +46,17 @@ from common.worker_api import (
 )
 from rwkv_serve.contract import StopReason
 from worker.choices import next_event
-from worker.engine import Delta, Engine, Finished, Turn, TurnRequest
+from worker.engine import Engine, Finished, Turn, TurnRequest
 from worker.prompts import Prompt, PromptBuilder
-from worker.sampler import SamplingParams
 from worker.session_state import StateSource
 from worker.state import State
 from worker.state_cache import StateCache
+from worker.turn_config import RunnerConfig, sampling_params
+from worker.turn_records import input_digest, text_delta, turn_record
 
 log = logging.getLogger(__name__)
 
-_PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
-_TUPLE_FIELDS = ("banned_tokens", "stop_token_ids", "stop_strings")
 _LONG_TEXT = 4096  # characters; longer texts are tokenized off the event loop
-
-
-def sampling_params(sampling: Mapping[str, Any], extra_stop_strings: tuple[str, ...] = ()) -> SamplingParams:
-    """SamplingParams from a dict of set fields; the template's stop strings are always added."""
-    unknown = set(sampling) - _PARAM_FIELDS
-    if unknown:
-        raise InvalidArgument(f"unknown sampling fields {sorted(unknown)}")
-    values = {k: (tuple(v) if k in _TUPLE_FIELDS else v) for k, v in sampling.items()}
-    if extra_stop_strings:
-        values["stop_strings"] = tuple(dict.fromkeys((*values.get("stop_strings", ()), *extra_stop_strings)))
-    return SamplingParams(**values)
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    """The runner's knobs (from the worker settings)."""
-
-    model_id: str
-    worker_id: str
-    lease_ms: int = 30_000  # renewed every third of it while a turn runs
-    prefix_ttl_ms: int = 86_400_000
-    default_sampling: Mapping[str, Any] | None = None  # worker defaults under session defaults
-    max_prompt_tokens: int = 16_384  # a turn's input (formatted text + token ids); longer is INVALID_ARGUMENT
-    state_storage_dtype: str = "fp32"  # what the records written to Redis keep their tensors in (STORAGE_DTYPES)
-    turn_result_ttl_ms: int = TURN_RESULT_TTL_MS  # how long a committed turn stays replayable under its turn id
-    fault_after_commit: str = ""  # TEST ONLY: "exit" = os._exit(1) right after a commit, before turn_end
-    prefix_cache: bool = True  # look up and store message-boundary states (off: prefill the same segments anyway)
-    prefix_cache_max_bytes: int = 2 << 30  # total size of a model's prefix-cache entries in Redis (LRU beyond)
-    max_messages: int = 256  # messages in one turn's input
-    max_choices: int = 16  # n of one request
-
-    @classmethod
-    def from_settings(cls, settings: Any, model_id: str, worker_id: str) -> RunnerConfig:
-        """The runner's knobs from the worker's settings (worker/settings.py WorkerSettings)."""
-        return cls(model_id, worker_id, lease_ms=settings.lease_ms, prefix_ttl_ms=settings.prefix_ttl_ms,
-                   default_sampling={"max_tokens": settings.default_max_tokens},
-                   max_prompt_tokens=settings.max_prompt_tokens, state_storage_dtype=settings.state_storage_dtype,
-                   turn_result_ttl_ms=settings.turn_result_ttl_ms, fault_after_commit=settings.fault_after_commit,
-                   prefix_cache=settings.prefix_cache, prefix_cache_max_bytes=settings.prefix_cache_max_bytes,
-                   max_messages=settings.max_messages, max_choices=settings.max_choices)
 
 
 @dataclass(frozen=True)
@@ -206,7 +162,7 @@ class TurnRunner:
         if turn.n > 1:
             raise InvalidArgument("n > 1 needs a turn that commits nothing (stateless, or ephemeral on a session)")
         sid = turn.session_id
-        digest = _input_digest(turn) if turn.turn_id else ""
+        digest = input_digest(turn) if turn.turn_id else ""
         begun = await self.store.begin_or_replay(sid, self.config.lease_ms, holder=self.config.worker_id,
                                                  with_state=not self.states.cached(sid), turn_id=turn.turn_id,
                                                  input_digest=digest)
@@ -246,7 +202,7 @@ class TurnRunner:
                     # the moment it sees this one end must find the session free. (If the commit fails, the
                     # finally below releases the lease: a no-op when the commit script already did.)
                     ended = self._ended(event, 0, cached=loaded.cached)
-                    record = _record(turn, digest, ended, "".join(texts), token_ids, input_tokens) \
+                    record = turn_record(turn, digest, ended, "".join(texts), token_ids, input_tokens) \
                         if turn.turn_id else None
                     version = await self._commit(lease, meta, event.finished, record)
                     released = True
@@ -371,7 +327,7 @@ class TurnRunner:
                     earlier_here = prompt_tokens - len(requests[choice].tokens)
                     yield _Done(choice, replace(event, prompt_tokens=event.prompt_tokens + earlier_here))
                 else:
-                    yield _delta(event, choice, self.tokenizer)
+                    yield text_delta(event, choice, self.tokenizer)
         finally:
             for getter in getters.values():
                 getter.cancel()
@@ -415,36 +371,3 @@ class TurnRunner:
             f.reason, f.prompt_tokens, f.generated_tokens, f.tokens_consumed if state_tokens is None else state_tokens,
             version, f.stop_string, f.stop_token_id, cached_tokens=cached, choice=done.choice,
         )
-
-
-def _input_digest(turn: TurnInput) -> str:
-    """What a turn asks for (kind, text, token ids, sampling overrides, messages), hashed: a turn id reused for
-    another input is a new turn, not a replay of the old one."""
-    what: list[Any] = [turn.kind.value, turn.text, list(turn.token_ids), dict(turn.sampling)]
-    if turn.messages:
-        what.append([[m.role, m.content, m.name] for m in turn.messages])
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:32]
-
-
-def _record(turn: TurnInput, digest: str, ended: TurnEnded, text: str, token_ids: list[int],
-            input_tokens: int) -> TurnRecord:
-    """The result a retry of this turn gets back (stored with the commit)."""
-    return TurnRecord(turn.turn_id, digest, text, tuple(token_ids), ended.prompt_tokens, ended.generated_tokens,
-                      ended.state_tokens, int(ended.reason), ended.stop_string, ended.stop_token_id,
-                      input_tokens=input_tokens, cached_tokens=ended.cached_tokens)
-
-
-def _delta(event: Delta, choice: int, tokenizer: Any) -> TextDelta:
-    """The domain delta of an engine delta; each logprob with its token's bytes (and its alternatives')."""
-    if not event.logprobs:
-        return TextDelta(event.text, event.token_ids, (), choice)
-
-    def token_bytes(token_id: int) -> bytes:
-        try:
-            return tokenizer.token_bytes(token_id)
-        except (ValueError, IndexError, KeyError):  # an id of the model's padded vocabulary that no token has
-            return b""
-
-    logprobs = tuple(TokenLogprob(s.token_id, s.logprob, tuple((t, p, token_bytes(t)) for t, p in s.top_logprobs),
-                                  token_bytes(s.token_id)) for s in event.logprobs)
-    return TextDelta(event.text, event.token_ids, logprobs, choice)

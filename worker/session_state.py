@@ -37,7 +37,7 @@ from worker.state import (
 from worker.state_cache import StateCache
 
 if TYPE_CHECKING:
-    from worker.runner import RunnerConfig
+    from worker.turn_config import RunnerConfig
 
 log = logging.getLogger(__name__)
 
