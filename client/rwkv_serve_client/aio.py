@@ -217,8 +217,9 @@ class AsyncRWKVClient:
     async def chat(self, session_id: str, text: str = "", *, timeout: float | None = None,
              expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
              messages: Sequence[Message | Mapping[str, str] | tuple[str, str]] | None = None,
-             **sampling: Any) -> AsyncIterator[str | TurnResult]:
-        """Runs one turn: yields the text deltas as they come, then the TurnResult. `timeout` covers the whole
+             **sampling: Any) -> AsyncIterator[str | TextDelta | TurnResult]:
+        """Runs one turn: yields the text deltas as they come (TextDelta events, with their logprobs, when the turn
+        asks for logprobs; else str), then the TurnResult. `timeout` covers the whole
         turn, retries included; `turn_id` names it (default: a new random one). Instead of `text`, `messages`
         (Message objects, {"role", "content"} dicts or (role, content) pairs: user, assistant, tool; a system
         message only first, and only before a session's first turn when it has no system prompt) are fed in
@@ -236,7 +237,7 @@ class AsyncRWKVClient:
 
     async def _chat(self, session_id: str, text: str, streaming: bool, *, timeout: float | None = None,
               expected_state_version: int | None = None, return_token_ids: bool = False, turn_id: str | None = None,
-              messages: Any = None, **sampling: Any) -> AsyncIterator[str | TurnResult]:
+              messages: Any = None, **sampling: Any) -> AsyncIterator[str | TextDelta | TurnResult]:
         request = _core.chat_turn(session_id, text, turn_id=turn_id, expected_state_version=expected_state_version,
                                   return_token_ids=return_token_ids, messages=messages,
                                   **sampling)  # checked once, sent each attempt
