@@ -304,8 +304,12 @@ MIXED = (1, 7, 8, 9, 33, 200)  # around the WKV chunk of 8 and the engine's pref
 def test_batched_prefill_equals_prefilling_each_session_alone(tiny_model, tokenizer) -> None:
     prompts = [prompt(n, 100 + n) for n in MIXED]
     results = {}
-    for budget in (0, 64, 10_000):  # 0: one session's chunk per step, alone; the others group equal lengths
-        engine = Engine(tiny_model, tokenizer, max_batch=8, prefill_chunk=32, prefill_token_budget=budget)
+    # 0: one session's chunk per step, alone; the others group equal lengths ("paced": as the pacer's measured
+    # costs decide, so no grouping is asserted, only the results).
+    for budget in (0, 64, 10_000, "paced"):
+        slack = {"prefill_cost_slack": None} if budget != "paced" else {}
+        engine = Engine(tiny_model, tokenizer, max_batch=8, prefill_chunk=32,
+                        prefill_token_budget=10_000 if budget == "paced" else budget, **slack)
         run = Collector(engine)
         turns = [engine.submit(TurnRequest(p, GREEDY)) for p in prompts]
         grouped = []
@@ -315,12 +319,13 @@ def test_batched_prefill_equals_prefilling_each_session_alone(tiny_model, tokeni
             for turn, event in engine.scheduler.postprocess(plan, engine.batch_runner.run(plan)):
                 run.events.setdefault(turn.id, []).append(event)
         results[budget] = [(run.tokens(t), run.finished(t)) for t in turns]
-        assert max(grouped) == (1 if budget == 0 else 2)  # 33 and 200 share 32-token chunks
+        if budget != "paced":
+            assert max(grouped) == (1 if budget == 0 else 2)  # 33 and 200 share 32-token chunks
     for p, (tokens, done) in zip(prompts, results[0]):
         expected, expected_state = direct_greedy(tiny_model, p, 8)
         assert tokens == expected
         assert_state_close(done.state, expected_state)
-    for budget in (64, 10_000):
+    for budget in (64, 10_000, "paced"):
         for (tokens, done), (alone_tokens, alone) in zip(results[budget], results[0]):
             assert tokens == alone_tokens and done.tokens_consumed == alone.tokens_consumed
             assert_state_close(done.state, alone.state)
@@ -345,7 +350,8 @@ def test_batched_prefill_states_match_within_the_fp32_bound(tiny_model, tokenize
 
 
 def test_the_decode_lane_keeps_stepping_while_a_big_prefill_group_runs(tiny_model, tokenizer) -> None:
-    engine = Engine(tiny_model, tokenizer, max_batch=8, prefill_chunk=16, prefill_token_budget=32)
+    engine = Engine(tiny_model, tokenizer, max_batch=8, prefill_chunk=16, prefill_token_budget=32,
+                    prefill_cost_slack=None)  # the token budget alone: which chunks group is then deterministic
     run = Collector(engine)
     streaming = engine.submit(TurnRequest(prompt(3, 20), replace(GREEDY, max_tokens=50)))
     run.step()
@@ -366,3 +372,22 @@ def test_the_decode_lane_keeps_stepping_while_a_big_prefill_group_runs(tiny_mode
     run.run()
     for i, t in enumerate(big):
         assert run.tokens(t) == direct_greedy(tiny_model, prompt(300, 21 + i), 8)[0]
+
+
+def test_the_engine_paces_prefill_by_default_from_its_timed_steps(tiny_model, tokenizer) -> None:
+    with pytest.raises(ValueError, match="prefill_cost_slack"):
+        Engine(tiny_model, tokenizer, prefill_cost_slack=-0.1)
+    assert Engine(tiny_model, tokenizer, prefill_cost_slack=None).scheduler.pacer is None
+    engine = Engine(tiny_model, tokenizer, max_batch=4, prefill_chunk=16)
+    pacer = engine.scheduler.pacer
+    assert pacer is not None and pacer.slack == 0.1
+    run = Collector(engine)
+    lane = engine.submit(TurnRequest(prompt(3, 30), replace(GREEDY, max_tokens=6)))
+    run.step()
+    late = engine.submit(TurnRequest(prompt(40, 31), GREEDY))  # 16 + 16 + 8 beside the lane
+    run.run()
+    # Every part was timed: the lane's decodes by rows, the prefill forwards by tokens (3, 16, 8).
+    assert pacer.decode.points and all(t > 0 for _, t in pacer.decode.points.values())
+    assert {round(x) for x, _ in pacer.prefill.points.values()} == {3, 16, 8}
+    assert run.tokens(late) == direct_greedy(tiny_model, prompt(40, 31), 8)[0]
+    assert run.tokens(lane) == direct_greedy(tiny_model, prompt(3, 30), 6)[0]

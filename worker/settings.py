@@ -78,6 +78,12 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     # waiting chunk. 0 = the old behaviour, one turn's chunk per step (a first token waits for every turn
     # admitted before it).
     prefill_token_budget: int = Field(128, ge=0)
+    # Prefill pacing (worker/engine/pacing.py), beside a decode lane: the first waiting turn's chunk always runs (as
+    # with budget 0); the chunks after it join only while their measured cost (each step's parts are timed) adds at
+    # most prefill_cost_slack x that step (the lane plus the first chunk), so the streams' inter-token latency stays
+    # within (1 + slack) x the one-chunk step's. false = the token budget alone. See docs/benchmarks.md.
+    prefill_pacing: bool = True
+    prefill_cost_slack: float = Field(0.1, ge=0)
     max_tokens_limit: int = Field(4096, ge=1)
     # Structured output (Sampling.response_format, worker/constraints.py): the largest schema/regex/grammar text, the
     # compiler's work limits (llguidance lexer fuel at compile and per mask step, grammar symbols), compiled formats

@@ -3,8 +3,10 @@
 One step (`Engine.step_sync`, run in the engine's own thread so the asyncio loop stays responsive) is
 schedule -> run -> postprocess:
   scheduler.py  drop cancelled and expired turns, admit waiting turns into free slots, pick the decode lane (every
-                decoding turn, one token each) and at most one prefill chunk (so a long prompt never stalls the others)
-  batch.py      one batched decode forward (B x 1), the prefill chunk's forward (1 x T), sampling
+                decoding turn, one token each) and the prefill chunks, grouped by length (beside a decode lane
+                within a token budget and the pacer's cost allowance, so a long prompt never stalls the others)
+  pacing.py     what further prefill chunks may add to a step beside the lane, from the step parts' measured costs
+  batch.py      one batched decode forward (B x 1), one forward per prefill group (B x T), sampling; times each
   scheduler.py  samples -> text deltas and stop decisions; finished turns hand back their final state (batch 1)
 loop.py holds the Turn handles and the engine thread's bridge to asyncio; events.py the values handed out.
 

@@ -5,12 +5,17 @@ When turns with a response_format sample this step, their token masks are filled
 llguidance's threads from the start of the step, while the forwards run, and applied to their logits rows just
 before sampling; a step without such turns does none of it.
 
+Each part of a step (the lane's forward and sampling, each group's forward and sampling) is timed for the scheduler's
+prefill pacer (worker/engine/pacing.py); on CUDA a group that samples nothing is synchronized first, so its time is
+the device's.
+
 The lane's batched state stays batched from step to step while the lane is unchanged (no split and re-cat per
 token), and two state buffers alternate: each step writes its output into the buffer the previous step read.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -54,10 +59,15 @@ class BatchRunner:
         self._pending = self.masks.start(step.constraints) if step.constraints and self.masks else None
         try:
             if step.decode:
+                started = time.perf_counter()
                 result.lane_state, result.decode_samples = self._decode(step)
+                result.decode_s = time.perf_counter() - started
             else:
                 self.lane = Lane()  # let go of the last batch's tensors
-            result.prefill_samples = [self._prefill(group) for group in step.prefill]
+            for group in step.prefill:
+                started = time.perf_counter()
+                result.prefill_samples.append(self._prefill(group))
+                result.prefill_s.append(time.perf_counter() - started)
         finally:
             if self._pending is not None:
                 self._pending.wait()  # the fill writes into a buffer the next step reuses
@@ -121,5 +131,7 @@ class BatchRunner:
                 seq.state = state.select(i)
         rows = group.sample_rows
         if not rows:
+            if logits.device.type == "cuda":  # nothing reads the result back: wait for it, so the time is true
+                torch.cuda.synchronize(logits.device)
             return []
         return self._sample(logits[rows, : self.sample_vocab], [seqs[i] for i in rows])

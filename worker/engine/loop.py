@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from worker.engine.batch import BatchRunner
 from worker.engine.events import EngineEvent, EngineLoad, Finished
+from worker.engine.pacing import DEFAULT_PREFILL_COST_SLACK, PrefillPacer
 from worker.engine.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler, Seq
 from worker.model import RWKV5
 from worker.sampler import SamplerState, SamplingParams, StopChecker
@@ -102,6 +103,7 @@ class Engine:
         max_queued: int = 64,
         prefill_chunk: int = 256,
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+        prefill_cost_slack: float | None = DEFAULT_PREFILL_COST_SLACK,
         max_tokens_limit: int | None = None,
         constraints: ConstraintCompiler | None = None,
         constraint_limits: ConstraintLimits | None = None,
@@ -109,6 +111,8 @@ class Engine:
         if max_batch < 1 or max_queued < 0 or prefill_chunk < 1 or prefill_token_budget < 0:
             raise ValueError("max_batch and prefill_chunk must be positive, max_queued and prefill_token_budget "
                              "non-negative")
+        if prefill_cost_slack is not None and prefill_cost_slack < 0:
+            raise ValueError("prefill_cost_slack must be non-negative (or None: the token budget alone)")
         self.model = model
         self.tokenizer = tokenizer
         # Sample only ids the tokenizer can decode: World models have 65536 output rows but 65530 tokens, and a
@@ -118,9 +122,13 @@ class Engine:
         self.max_queued = max_queued
         self.prefill_chunk = prefill_chunk
         self.prefill_token_budget = prefill_token_budget
+        self.prefill_cost_slack = prefill_cost_slack
         self.max_tokens_limit = max_tokens_limit
+        # Beside a decode lane, prefill chunks after the first join a step only within the slack of its measured
+        # cost (worker/engine/pacing.py); None: the token budget alone.
+        pacer = PrefillPacer(prefill_cost_slack) if prefill_cost_slack is not None else None
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk,
-                                   tokenizer=tokenizer, prefill_token_budget=prefill_token_budget)
+                                   tokenizer=tokenizer, prefill_token_budget=prefill_token_budget, pacer=pacer)
         self.batch_runner = BatchRunner(model, self.sample_vocab)
         # response_format compiler: given (the worker builds it at start-up), or built on the first turn with one
         self._constraints = constraints

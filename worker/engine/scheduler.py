@@ -5,10 +5,12 @@ sampled token fed, the next one sampled) -> CLOSING (the reply's last token and 
 sampling) -> finished. One step: schedule() drops cancelled turns (and waiting ones whose deadline passed),
 admits waiting turns into free slots and says what runs: every DECODE/CLOSING turn feeds one token, all together
 (the decode lane), and the PREFILL turns feed one chunk each (at most `prefill_chunk` tokens), in admission
-order, grouped by chunk length so that each group is one batched forward (B x T). A step's prefill tokens stay
-within `prefill_token_budget` while a decode lane runs (a long prompt never stalls the others); a step without a
-decode lane has nobody waiting on a token and takes every PREFILL turn's chunk. Budget 0 is the old behaviour:
-one turn's chunk per step. The batch runner runs that Step; postprocess() turns its samples into deltas,
+order, grouped by chunk length so that each group is one batched forward (B x T). While a decode lane runs, a
+step's prefill tokens stay within `prefill_token_budget` (a long prompt never stalls the others) and, with a
+PrefillPacer (pacing.py), the chunks after the first join only while their measured cost stays within its slack
+of the lane plus the first chunk; a step without a decode lane has nobody waiting on a token and takes every
+PREFILL turn's chunk. Budget 0 is the old behaviour: one turn's chunk per step. The batch runner runs that Step
+(and times its parts, which postprocess() hands to the pacer); postprocess() turns its samples into deltas,
 decides stops and retires the turns that finished. States, samplers, stop checkers and the tokenizer pass
 through here as opaque objects.
 """
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from common.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from rwkv_serve.contract import StopReason
 from worker.engine.events import Delta, EngineEvent, EngineLoad, Finished, TurnTimings
+from worker.engine.pacing import PrefillPacer
 
 if TYPE_CHECKING:
     from worker.constraints import TurnConstraint
@@ -120,17 +123,20 @@ class StepResult:
     decode_samples: list[SampleResult] = field(default_factory=list)  # one per Step.sample_rows, in order
     prefill_samples: list[list[SampleResult]] = field(default_factory=list)  # per group, one per its sample_rows
     lane_state: State | None = None  # the lane's new batched state; row i belongs to Step.decode[i]
+    decode_s: float = 0.0  # seconds the lane's forward and sampling took
+    prefill_s: list[float] = field(default_factory=list)  # per group: seconds its forward and sampling took
 
 
 class Scheduler:
     """The slots and the queue of one engine: admission, bounds, drops, and what each step runs and yields."""
 
     def __init__(self, *, max_batch: int, max_queued: int, prefill_chunk: int, tokenizer: Any,
-                 prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET) -> None:
+                 prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET, pacer: PrefillPacer | None = None) -> None:
         self.max_batch = max_batch
         self.max_queued = max_queued
         self.prefill_chunk = prefill_chunk
         self.prefill_token_budget = prefill_token_budget  # beside a decode lane; 0 = one turn's chunk per step
+        self.pacer = pacer  # beside a decode lane, a cost bound too (None: the token budget alone)
         self.tokenizer = tokenizer  # only .decode(): to name the stop string that ended a turn
         self.waiting: deque[Seq] = deque()  # appended by add() on any thread, popped by the engine thread
         self.running: list[Seq] = []  # admitted turns, in admission order; only the engine thread touches it
@@ -182,23 +188,26 @@ class Scheduler:
         lane = [s for s in self.running if s.phase in (Phase.DECODE, Phase.CLOSING)]
         rows = [i for i, s in enumerate(lane) if s.phase is Phase.DECODE]
         step = Step(lane, [s.feed.pop(0) for s in lane], rows, events=events)
-        step.prefill = self._plan_prefill(lane_busy=bool(lane))
+        step.prefill = self._plan_prefill(lane_rows=len(lane))
         if self.constrained:
             sampling = [lane[i] for i in rows] + [g.seqs[i] for g in step.prefill for i in g.sample_rows]
             step.constraints = [s.constraint for s in sampling if s.constraint is not None]
         return step
 
-    def _plan_prefill(self, lane_busy: bool) -> list[PrefillGroup]:
+    def _plan_prefill(self, lane_rows: int) -> list[PrefillGroup]:
         """The PREFILL turns' chunks this step, in admission order, grouped by length (groups in order of their
-        first turn). Beside a decode lane they stay within the token budget: the first turn always runs (its
-        chunk cut to the budget if the budget is smaller); the first turn whose chunk does not fit in what is
-        left waits, and so do the ones after it (no overtaking, no chunks cut to odd lengths)."""
+        first turn). Beside a decode lane they stay within the token budget and the pacer's cost allowance: the
+        first turn always runs (its chunk cut to the token budget if that is smaller); the first turn whose chunk
+        does not fit in what is left waits, and so do the ones after it (no overtaking, no chunks cut to odd
+        lengths)."""
         turns = [s for s in self.running if s.phase is Phase.PREFILL]
         if not turns:
             return []
         if self.prefill_token_budget <= 0:
             turns = turns[:1]
-        left = self.prefill_token_budget if lane_busy and self.prefill_token_budget > 0 else None
+        left = self.prefill_token_budget if lane_rows and self.prefill_token_budget > 0 else None
+        pacer = self.pacer if lane_rows else None
+        cost_left = 0.0
         groups: dict[int, PrefillGroup] = {}
         for i, seq in enumerate(turns):
             n = min(len(seq.feed), self.prefill_chunk)
@@ -207,6 +216,16 @@ class Scheduler:
                     n = min(n, left)
                 elif n > left:
                     break
+            if pacer is not None:
+                if i == 0:
+                    cost_left = pacer.allowance(lane_rows, n)
+                else:
+                    group = groups.get(n)
+                    added = pacer.added_cost(len(group.seqs) * n if group else 0, n)
+                    if added is None or added > cost_left:
+                        break
+                    cost_left -= added
+            if left is not None:
                 left -= n
             chunk, seq.feed = seq.feed[:n], seq.feed[n:]
             group = groups.setdefault(n, PrefillGroup([], []))
@@ -253,6 +272,9 @@ class Scheduler:
         """The step's events in order: its drops, the lane's deltas, the lane's finished turns, then the
         prefill groups' (in order, rows in order)."""
         out = step.events
+        if self.pacer is not None:
+            groups = [(len(g.seqs) * g.length, t) for g, t in zip(step.prefill, result.prefill_s, strict=False)]
+            self.pacer.observe(len(step.decode), result.decode_s, groups)
         for seq in step.decode:
             seq.consumed += 1
         for i, sample in zip(step.sample_rows, result.decode_samples, strict=True):
