@@ -139,8 +139,11 @@ async def bench(cfg: dict, checkpoint: Path) -> dict:
         for engine in engines.values():
             await engine.close()
     budgets = {label: engines[label].prefill_token_budget for label in CONFIGS}
+    pacers = {label: {"decode_rows_s": sorted(p.decode.points.values()),
+                      "prefill_tokens_s": sorted(p.prefill.points.values())}
+              for label in CONFIGS if (p := engines[label].scheduler.pacer) is not None}  # what each pacer learned
     slacks = {label: engines[label].prefill_cost_slack for label in CONFIGS}
-    return {"raw": raw, "prompt_tokens": len(tokens), "budgets": budgets, "slacks": slacks,
+    return {"raw": raw, "prompt_tokens": len(tokens), "budgets": budgets, "slacks": slacks, "pacers": pacers,
             "model": {"n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "kernel": model.kernel}}
 
 

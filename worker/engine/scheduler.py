@@ -5,14 +5,14 @@ sampled token fed, the next one sampled) -> CLOSING (the reply's last token and 
 sampling) -> finished. One step: schedule() drops cancelled turns (and waiting ones whose deadline passed),
 admits waiting turns into free slots and says what runs: every DECODE/CLOSING turn feeds one token, all together
 (the decode lane), and the PREFILL turns feed one chunk each (at most `prefill_chunk` tokens), in admission
-order, grouped by chunk length so that each group is one batched forward (B x T). While a decode lane runs, a
-step's prefill tokens stay within `prefill_token_budget` (a long prompt never stalls the others) and, with a
-PrefillPacer (pacing.py), the chunks after the first join only while their measured cost stays within its slack
-of the lane plus the first chunk; a step without a decode lane has nobody waiting on a token and takes every
-PREFILL turn's chunk. Budget 0 is the old behaviour: one turn's chunk per step. The batch runner runs that Step
-(and times its parts, which postprocess() hands to the pacer); postprocess() turns its samples into deltas,
-decides stops and retires the turns that finished. States, samplers, stop checkers and the tokenizer pass
-through here as opaque objects.
+order, grouped by chunk length so that each group is one batched forward (B x T). While a decode lane runs, a step's
+prefill tokens stay within `prefill_token_budget` (a long prompt never stalls the others) and, with a PrefillPacer
+(pacing.py), the chunks after the first join only while their measured cost stays within its slack of the lane plus
+the first chunk; a step without a decode lane has nobody waiting on a token and takes every PREFILL turn's chunk,
+and so does one (with a pacer) whose lane has fewer streams than there are waiting turns. Budget 0 is the old
+behaviour: one turn's chunk per step. The batch runner runs that Step (and times its parts, which postprocess()
+hands to the pacer); postprocess() turns its samples into deltas, decides stops and retires the turns that finished.
+States, samplers, stop checkers and the tokenizer pass through here as opaque objects.
 """
 
 from __future__ import annotations
@@ -195,18 +195,21 @@ class Scheduler:
         return step
 
     def _plan_prefill(self, lane_rows: int) -> list[PrefillGroup]:
-        """The PREFILL turns' chunks this step, in admission order, grouped by length (groups in order of their
-        first turn). Beside a decode lane they stay within the token budget and the pacer's cost allowance: the
-        first turn always runs (its chunk cut to the token budget if that is smaller); the first turn whose chunk
-        does not fit in what is left waits, and so do the ones after it (no overtaking, no chunks cut to odd
-        lengths)."""
+        """The PREFILL turns' chunks this step, in admission order, grouped by length (groups in order of their first
+        turn). Beside a decode lane they stay within the token budget and the pacer's cost allowance (with a pacer,
+        a lane of at most slack x as many streams as waiting turns binds nothing): the first turn always runs (its
+        chunk cut to the token budget if that is smaller); the first turn whose chunk does not fit in what is left
+        waits, and so do the ones after it (no overtaking, no chunks cut to odd lengths)."""
         turns = [s for s in self.running if s.phase is Phase.PREFILL]
         if not turns:
             return []
         if self.prefill_token_budget <= 0:
             turns = turns[:1]
-        left = self.prefill_token_budget if lane_rows and self.prefill_token_budget > 0 else None
-        pacer = self.pacer if lane_rows else None
+        # With a pacer, a lane of at most slack x as many streams as there are turns waiting for a chunk (a burst that
+        # arrived while a few streams ran) does not bind: serving the burst now costs those few one longer token.
+        binds = self.pacer is None or lane_rows > self.pacer.slack * len(turns)
+        left = self.prefill_token_budget if lane_rows and binds and self.prefill_token_budget > 0 else None
+        pacer = self.pacer if lane_rows and binds else None
         cost_left = 0.0
         groups: dict[int, PrefillGroup] = {}
         for i, seq in enumerate(turns):
