@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 # What a step hands out: (the turn's handle, its next event or the error that ended it).
 Event = tuple[Any, EngineEvent | Exception]
 
-# Prefill tokens per step beside a running decode lane. Chosen by bench/bench_prefill.py (64/128/256 swept, see
-# docs/benchmarks.md): 128 kept 32 simultaneous turns' TTFT p90 under 8x a lone turn's while adding the least to
-# the running streams' ITL; it is half the old one-chunk step's worst case (a full default chunk of 256).
+# Prefill tokens per step beside a running decode lane, the hard cap under the pacer's cost bound (pacing.py).
+# Chosen by bench/bench_prefill.py before the pacer (64/128/256 swept, see docs/benchmarks.md): half the old
+# one-chunk step's worst case (a full default chunk of 256).
 DEFAULT_PREFILL_TOKEN_BUDGET = 128
 
 
