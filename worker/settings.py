@@ -81,7 +81,8 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     # Prefill pacing (worker/engine/pacing.py), beside a decode lane: the first waiting turn's chunk always runs (as
     # with budget 0); the chunks after it join only while their measured cost (each step's parts are timed) adds at
     # most prefill_cost_slack x that step (the lane plus the first chunk), so the streams' inter-token latency stays
-    # within (1 + slack) x the one-chunk step's. false = the token budget alone. See docs/benchmarks.md.
+    # within (1 + slack) x the one-chunk step's; a lane of at most slack x as many streams as waiting turns (a burst)
+    # does not hold them back. false = the token budget alone. See docs/benchmarks.md.
     prefill_pacing: bool = True
     prefill_cost_slack: float = Field(0.1, ge=0)
     max_tokens_limit: int = Field(4096, ge=1)
