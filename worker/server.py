@@ -85,6 +85,7 @@ class WorkerCore:
             model, tokenizer, max_batch=settings.max_batch, max_queued=settings.max_queued,
             prefill_chunk=settings.prefill_chunk, prefill_token_budget=settings.prefill_token_budget,
             max_tokens_limit=settings.max_tokens_limit, constraint_limits=constraint_limits(settings),
+            prefill_cost_slack=settings.prefill_cost_slack if settings.prefill_pacing else None,
         )
         self.cache = StateCache(settings.cache_bytes)
         self.engine.on_decode = self.telemetry.batch_size.record
