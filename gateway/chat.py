@@ -30,10 +30,10 @@ from gateway.schemas import (
     output_format,
 )
 from gateway.streams import (
+    ChunkWriter,
     Item,
     cached_tokens,
     chat_error_event,
-    chunk_head,
     collect,
     event_stream,
     finish_reason,
@@ -138,22 +138,20 @@ def _choice(index: int, result: TurnResult, with_tools: bool, top: int | None = 
             "finish_reason": "tool_calls" if called else finish_reason(result)}
 
 
+def _writer(kind: str, rid: str, created: int, model: str, include_usage: bool) -> ChunkWriter:
+    return ChunkWriter({"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": None},
+                       include_usage)
+
+
 async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model: str, n: int,
                        include_usage: bool, with_tools: bool = False, top: int | None = None) -> AsyncIterator[str]:
     """The chunks of a streamed chat completion. With tools a choice's reply is sent whole when it ends (as
     text, or as its tool_calls): a call is only known to be one once its text is complete. With logprobs (`top`
     alternatives) each chunk carries the entries of the tokens its text completes (gateway/logprobs.py)."""
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": None, "choices": choices, **extra}
-        if include_usage and "usage" not in extra:
-            body["usage"] = None
-        return sse(body)
-
+    writer = _writer("chat.completion.chunk", rid, created, model, include_usage)
+    chunk = writer.chunk
     # The chunk of one text delta, the hot path, written as the JSON chunk() would write (one dumps per token).
-    head = chunk_head({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "system_fingerprint": None})
-    tail = ',"usage":null}\n\n' if include_usage else '}\n\n'
+    head, tail = writer.head, writer.tail
     for i in range(n):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
@@ -245,16 +243,8 @@ async def completions(body: CompletionRequest, backend: Backend, api_key: str | 
 
 async def _completion_chunks(items: AsyncIterator[Item], rid: str, created: int, model: str, prompts: list[str],
                              n: int, echo: bool, include_usage: bool, top: int | None = None) -> AsyncIterator[str]:
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": None, "choices": choices, **extra}
-        if include_usage and "usage" not in extra:
-            body["usage"] = None
-        return sse(body)
-
-    head = chunk_head({"id": rid, "object": "text_completion", "created": created, "model": model,
-                       "system_fingerprint": None})
-    tail = ',"usage":null}\n\n' if include_usage else '}\n\n'
+    writer = _writer("text_completion", rid, created, model, include_usage)
+    chunk, head, tail = writer.chunk, writer.head, writer.tail
     if echo:
         for k in range(len(prompts) * n):
             yield chunk([{"index": k, "text": prompts[k // n], "logprobs": None, "finish_reason": None}])

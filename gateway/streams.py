@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Union
 
 from fastapi import Request
@@ -81,6 +82,30 @@ async def collect(items: AsyncIterator[Item], n: int) -> list[TurnResult]:
     if any(r is None for r in results):
         raise GatewayError(502, "the backend ended a stream without its result", type="server_error")
     return results  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ChunkWriter:
+    """The chunks of one streamed completion (`object` chat.completion.chunk or text_completion): `chunk(choices)`
+    writes any chunk; `head` + index + ... + `tail` is the hot path's one-choice delta, written without a dumps of
+    the constant fields."""
+
+    fields: dict[str, Any]  # id, object, created, model, system_fingerprint
+    include_usage: bool
+
+    @property
+    def head(self) -> str:
+        return chunk_head(self.fields)
+
+    @property
+    def tail(self) -> str:
+        return ',"usage":null}\n\n' if self.include_usage else '}\n\n'
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {**self.fields, "choices": choices, **extra}
+        if self.include_usage and "usage" not in extra:
+            body["usage"] = None
+        return sse(body)
 
 
 def chunk_head(fields: dict[str, Any]) -> str:
