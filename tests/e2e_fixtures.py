@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -71,6 +71,21 @@ async def fakes(store: Any) -> AsyncIterator[Callable[..., Awaitable[RunningFake
     yield start
     for fake in started:
         await fake.server.stop(None)
+
+
+@contextlib.contextmanager
+def inproc_service(redis_url: str, db: int, model: Any, tokenizer: Any, **kwargs: Any) -> Iterator[InprocService]:
+    """An InprocService on database `db` of the test Redis, flushed first (a module's own database: others flush
+    theirs between tests); closed on exit. `kwargs`: InprocService's worker= / front= settings."""
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(url).flushdb()
+    service = InprocService(url, model, tokenizer, **kwargs)
+    try:
+        yield service
+    finally:
+        service.close()
 
 
 class InprocService:

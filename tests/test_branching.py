@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from rwkv_serve_client import InvalidArgumentError, RWKVClient, SessionNotFoundError
-from tests.e2e_fixtures import InprocService
+from tests.e2e_fixtures import InprocService, inproc_service
 
 MODEL_ID = "tiny"
 GREEDY = {"temperature": 0.0, "stop_token_ids": [], "max_tokens": 4}
@@ -20,13 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def service(redis_url: str, tiny_model, tokenizer) -> Iterator[InprocService]:
-    url = redis_url.rsplit("/", 1)[0] + f"/{BRANCH_DB}"
-    redis.Redis.from_url(url).flushdb()
-    service = InprocService(url, tiny_model, tokenizer, front={"max_keep_versions": 3})
-    try:
+    with inproc_service(redis_url, BRANCH_DB, tiny_model, tokenizer, front={"max_keep_versions": 3}) as service:
         yield service
-    finally:
-        service.close()
 
 
 def test_forks_from_kept_versions_continue_as_the_session_did(service: InprocService) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis
 
 from common.errors import InvalidArgument
 from common.store import StateStore
@@ -15,7 +14,7 @@ from common.worker_api import InputKind, TextDelta, TurnEnded, TurnInput, TurnSt
 from rwkv_serve_client import Choices, InvalidArgumentError, RWKVClient
 from rwkv_serve_client import TextDelta as SdkDelta
 from rwkv_serve_client import TurnResult as SdkResult
-from tests.e2e_fixtures import InprocService, turn_runner
+from tests.e2e_fixtures import InprocService, inproc_service, turn_runner
 from worker.runner import TurnRunner
 
 MODEL_ID = "tiny"
@@ -65,13 +64,8 @@ async def test_n_is_bounded_and_only_for_turns_that_commit_nothing(runner: TurnR
 
 @pytest.fixture(scope="module")
 def service(redis_url: str, tiny_model, tokenizer) -> Iterator[InprocService]:
-    url = redis_url.rsplit("/", 1)[0] + "/9"
-    redis.Redis.from_url(url).flushdb()
-    service = InprocService(url, tiny_model, tokenizer, front={"max_choices": 3})
-    try:
+    with inproc_service(redis_url, 9, tiny_model, tokenizer, front={"max_choices": 3}) as service:
         yield service
-    finally:
-        service.close()
 
 
 def test_choices_through_the_front_and_the_sdk(service: InprocService) -> None:

@@ -12,13 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import jsonschema
 import pytest
-import redis
 
 from common.tools import parse_tool_calls, tool_grammar
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
 from rwkv_serve_client import RWKVClient, StopReason
 from rwkv_serve_client.errors import InvalidArgumentError
-from tests.e2e_fixtures import InprocService
+from tests.e2e_fixtures import InprocService, inproc_service
 from tests.test_constraints import ORDER, PERSON
 from tests.test_constraints_tools import SCHEMAS, TOOLS
 from worker.tokenizer import WorldTokenizer
@@ -29,13 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def service(redis_url: str, tiny_model) -> Iterator[InprocService]:
-    url = redis_url.rsplit("/", 1)[0] + f"/{DB}"
-    redis.Redis.from_url(url).flushdb()
-    svc = InprocService(url, tiny_model, WorldTokenizer(), worker={"max_batch": 8, "max_queued": 16})
-    try:
+    with inproc_service(redis_url, DB, tiny_model, WorldTokenizer(), worker={"max_batch": 8, "max_queued": 16}) as svc:
         yield svc
-    finally:
-        svc.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from common.store import StateStore
 from common.templates import Message, get_template, messages_text, render_messages
 from common.worker_api import InputKind, TextDelta, TurnEnded, TurnInput, TurnStarted
 from rwkv_serve_client import InvalidArgumentError, RWKVClient
-from tests.e2e_fixtures import InprocService, turn_runner
+from tests.e2e_fixtures import InprocService, inproc_service, turn_runner
 from worker.runner import TurnRunner
 
 MODEL_ID = "tiny"
@@ -129,15 +129,8 @@ async def test_session_turn_messages_continue_the_session(runner: TurnRunner, st
 
 @pytest.fixture(scope="module")
 def service(redis_url: str, tiny_model, tokenizer) -> Iterator[InprocService]:
-    import redis
-
-    url = redis_url.rsplit("/", 1)[0] + "/7"
-    redis.Redis.from_url(url).flushdb()
-    service = InprocService(url, tiny_model, tokenizer, front={"max_messages": 6})
-    try:
+    with inproc_service(redis_url, 7, tiny_model, tokenizer, front={"max_messages": 6}) as service:
         yield service
-    finally:
-        service.close()
 
 
 def test_messages_through_the_front_and_the_sdk(service: InprocService) -> None:
