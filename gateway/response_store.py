@@ -16,7 +16,7 @@ import re
 import secrets
 from typing import Any
 
-from common.errors import StoreUnavailable
+from common.store.base import store_errors
 from gateway.errors import GatewayError
 
 _ID_RE = re.compile(r"^resp_[0-9a-f]{32}$")
@@ -31,6 +31,7 @@ def not_found(response_id: str) -> GatewayError:
                              "deleted, or expired)", param="response_id", code="response_not_found")
 
 
+@store_errors  # Redis failures are StoreUnavailable, as in the store of sessions
 class ResponseStore:
     """Put, get (by tenant), delete of response records; the per-session index of response ids."""
 
@@ -48,23 +49,17 @@ class ResponseStore:
     async def put(self, record: dict[str, Any]) -> None:
         """Stores a record (its "id", "tenant" and "session_id" set) and indexes it under its session."""
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(self._key(record["id"]), data, px=self.ttl_ms)
-                pipe.sadd(self._index(record["session_id"]), record["id"])
-                pipe.pexpire(self._index(record["session_id"]), self.ttl_ms)
-                await pipe.execute()
-        except Exception as exc:  # redis-py's errors: the record is not stored, and the client is told so
-            raise StoreUnavailable(f"the response store cannot be reached ({type(exc).__name__})") from exc
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._key(record["id"]), data, px=self.ttl_ms)
+            pipe.sadd(self._index(record["session_id"]), record["id"])
+            pipe.pexpire(self._index(record["session_id"]), self.ttl_ms)
+            await pipe.execute()
 
     async def get(self, response_id: str, tenant: str) -> dict[str, Any]:
         """The tenant's record of `response_id`; 404 when unknown, malformed, expired or another tenant's."""
         if not _ID_RE.match(response_id):
             raise not_found(response_id)
-        try:
-            data = await self.redis.get(self._key(response_id))
-        except Exception as exc:
-            raise StoreUnavailable(f"the response store cannot be reached ({type(exc).__name__})") from exc
+        data = await self.redis.get(self._key(response_id))
         if data is None:
             raise not_found(response_id)
         record = json.loads(data)
@@ -74,12 +69,9 @@ class ResponseStore:
 
     async def delete(self, record: dict[str, Any]) -> int:
         """Deletes a record; returns how many stored responses its session still has."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(self._key(record["id"]))
-                pipe.srem(self._index(record["session_id"]), record["id"])
-                pipe.scard(self._index(record["session_id"]))
-                _, _, left = await pipe.execute()
-        except Exception as exc:
-            raise StoreUnavailable(f"the response store cannot be reached ({type(exc).__name__})") from exc
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self._key(record["id"]))
+            pipe.srem(self._index(record["session_id"]), record["id"])
+            pipe.scard(self._index(record["session_id"]))
+            _, _, left = await pipe.execute()
         return int(left)
