@@ -108,7 +108,7 @@ async def chat_completions(body: ChatCompletionRequest, backend: Backend, api_ke
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     release = backend.acquire()
     stream = backend.client(api_key).generate(
-        model=body.model, messages=[m.wire() for m in messages], template=body.template, n=body.n,
+        model=body.model, messages=list(messages), template=body.template, n=body.n,
         timeout=backend.settings.request_timeout_s, **sampling)
     items = choices_of(stream, body.n)
     if not body.stream:

@@ -4,22 +4,11 @@ one conversation gives the same tokens through the gateway as through gRPC sessi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from gateway.errors import bad_request, unsupported
 from gateway.schemas import ChatMessageIn, message_text
+from rwkv_serve_client import Message  # one message as the front takes it (the SDK's messages= take these as they are)
 
-
-@dataclass(frozen=True)
-class Message:
-    """One message as the front takes it."""
-
-    role: str  # system, user, assistant, tool
-    content: str
-
-    def wire(self) -> dict[str, str]:
-        """The SDK's form (messages= of chat / generate)."""
-        return {"role": self.role, "content": self.content}
+__all__ = ["Message", "normalise"]
 
 
 def normalise(messages: list[ChatMessageIn], max_messages: int) -> list[Message]:

@@ -70,7 +70,7 @@ def _turn_input(messages: list[Message]) -> dict[str, Any]:
                                    "starts: use instructions on the first response)")
     if messages[-1].role != "user":
         raise bad_request("the last input item must be the user's message (the reply follows it)", "input")
-    return {"messages": [m.wire() for m in messages]}
+    return {"messages": list(messages)}
 
 
 def _check(body: ResponseRequest, backend: Backend) -> None:
@@ -165,8 +165,8 @@ async def _start(body: ResponseRequest, client: AsyncRWKVClient, prev: dict[str,
         if not rest:
             raise bad_request("input has no user message", "input")
         if not body.store:  # a stateless completion of the conversation
-            opening = [Message("system", system_prompt).wire()] if system_prompt else []
-            return client.generate(model=body.model, messages=[*opening, *(m.wire() for m in rest)], **sampling)
+            opening = [Message("system", system_prompt)] if system_prompt else []
+            return client.generate(model=body.model, messages=[*opening, *rest], **sampling)
         turn = _turn_input(rest)
         session = await client.create_session(body.model, system_prompt=system_prompt, ttl=settings.responses_ttl_s,
                                               keep_versions=settings.responses_keep_versions,
