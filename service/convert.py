@@ -39,6 +39,14 @@ class InputLimits:
     max_choices: int = 16  # n of one Generate
     max_keep_versions: int = 16  # CreateSession.keep_versions
 
+    def check_input(self, what: str, text: str, messages: Sequence[common_pb2.ChatMessage], *, session: bool) -> None:
+        """A turn's input: its text (`what`: "text" or "prompt") or its messages, not both, within the limits."""
+        self.check_text(what, text)
+        if messages:
+            if text:
+                raise InvalidArgument(f"give either {what} or messages, not both")
+            self.check_messages(messages, session=session)
+
     def check_messages(self, messages: Sequence[common_pb2.ChatMessage], *, session: bool) -> None:
         """A turn's messages: the conversation rules (common/templates.py check_messages), and their text, all
         together, within max_text_bytes."""

@@ -86,12 +86,7 @@ class Turns:
         return plan
 
     async def plan_chat(self, tenant: str, turn: api_pb2.ChatTurn) -> TurnPlan:
-        limits = self.sessions.limits
-        limits.check_text("text", turn.text)
-        if turn.messages:
-            if turn.text:
-                raise InvalidArgument("give either text or messages, not both")
-            limits.check_messages(turn.messages, session=True)
+        self.sessions.limits.check_input("text", turn.text, turn.messages, session=True)
         check_turn_id(turn.turn_id)  # the worker stores it with the commit (exactly-once retries)
         meta = await self.sessions.get(tenant, turn.session_id)
         request = worker_pb2.RunTurnRequest(  # sampling: the turn's overrides; the worker applies the defaults
@@ -105,14 +100,10 @@ class Turns:
         """What a GenerateRequest may combine: a prompt or messages (not both, not neither), a template only for
         messages, n within max_choices and above 1 only for a request that commits nothing."""
         limits = self.sessions.limits
-        limits.check_text("prompt", req.prompt)
-        if req.messages and req.prompt:
-            raise InvalidArgument("give either prompt or messages, not both")
+        limits.check_input("prompt", req.prompt, req.messages, session=bool(req.session_id))
         if not req.messages and not req.prompt:
             raise InvalidArgument("the request has no input: give a prompt or messages")
-        if req.messages:
-            limits.check_messages(req.messages, session=bool(req.session_id))
-        elif req.template:
+        if not req.messages and req.template:
             raise InvalidArgument("template is for messages; a prompt is fed as it is")
         template_name(req.template)  # an unknown number is INVALID_ARGUMENT here, not on the worker
         if req.n < 0 or req.n > limits.max_choices:
