@@ -1,7 +1,7 @@
 """The sampler as it was before the batch-vectorized rewrite (git 240519d, worker/sampler.py), kept as a reference.
 
 Used only by bench/bench_sampler.py (old vs new in the same run) and tests/test_sampler.py (the new sampler must
-give the same tokens for the same seeds). Not imported by the worker.
+give the same tokens for the same seeds, with ties in the new sampler's order). Not imported by the worker.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from worker.sampler import SampleResult, SamplingParams
 __all__ = ["SamplerState", "sample_batch"]
 
 _HEAD_SIZES = (64, 1024, 16384)
+# torch.topk as it was; the tests swap in a top-k in worker.sampler's defined order of ties (equal values by lower
+# id), the one change of behaviour since: the tokens must then match draw for draw, ties included.
+topk = torch.topk
 
 
 class SamplerState:
@@ -99,7 +102,7 @@ def _sorted_head(
     for size in (*_HEAD_SIZES, vocab):
         size = min(vocab, max(size, need_k))
         xs = _rows(x, pending.to(x.device), n_rows)
-        vals, ids = torch.topk(xs, size, dim=-1, sorted=True)  # (P, size), descending
+        vals, ids = topk(xs, size, dim=-1, sorted=True)  # (P, size), descending
         probs = torch.exp(vals - lse.index_select(0, pending.to(x.device)).unsqueeze(1))
         p_col = top_p.index_select(0, pending).to(x.device).unsqueeze(1)
         cum = torch.cumsum(probs, dim=-1)
@@ -219,7 +222,7 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[S
     if want:
         rows = torch.tensor(want, device=device)
         k = max(states[r].params.logprobs for r in want)
-        vals, ids = torch.topk(_rows(x, rows, n_rows), k, dim=-1)
+        vals, ids = topk(_rows(x, rows, n_rows), k, dim=-1)
         vals = (vals - lse[rows].unsqueeze(1)).tolist()
         ids = ids.tolist()
         for j, r in enumerate(want):

@@ -354,11 +354,18 @@ def test_stop_checker_basic_flow(tok: WorldTokenizer) -> None:
 
 # --- the batch-vectorized sampler against the per-row one it replaced, and its pieces --------------------------
 
-def test_same_tokens_logprobs_and_counts_as_the_per_row_reference() -> None:
+def _topk_ties_by_id(x: torch.Tensor, k: int, dim: int = -1, sorted: bool = True):
+    """torch.topk in worker.sampler's order: value descending, equal values by lower id (a stable full sort)."""
+    vals, ids = torch.sort(x, dim=dim, descending=True, stable=True)
+    return vals.narrow(dim, 0, k), ids.narrow(dim, 0, k)
+
+
+def test_same_tokens_logprobs_and_counts_as_the_per_row_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     import random
 
     from bench import _sampler_reference as old
 
+    monkeypatch.setattr(old, "topk", _topk_ties_by_id)  # the one change since: ties in a defined order
     rng = random.Random(0)
     for trial in range(4):
         b, v = ((1, 300), (7, 65536), (32, 2000), (5, 65536))[trial]
@@ -377,6 +384,35 @@ def test_same_tokens_logprobs_and_counts_as_the_per_row_reference() -> None:
             assert sample_batch(logits, new_states) == old.sample_batch(logits, old_states)
         for a, o in zip(new_states, old_states):
             assert a.counts() == o.counts()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_head_is_value_descending_then_lower_id(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import cpu_kernels
+    from worker.sampler import _head
+
+    if native and not cpu_kernels.available():
+        pytest.skip(f"native CPU kernels unavailable: {cpu_kernels.why_unavailable()}")
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    for v in (1, 31, 32, 33, 300, 4099, 65536):
+        for seed in range(6):
+            x = _logits(5, v, seed=seed, scale=(3.0, 0.5, 10.0)[seed % 3])
+            if seed % 2:
+                x = x.round()  # ties everywhere, and -0.0 beside 0.0
+            if seed >= 4 and v > 3:
+                x[:, ::3] = -math.inf
+                x[0, 1] = math.nan
+                x[1, :] = 1.0
+            for k in sorted({1, min(v, 5), min(v, 64), min(v, 1024), v}):
+                vals, ids = _head(x, k)
+                want_vals, want_ids = _topk_ties_by_id(x, k)
+                assert torch.equal(vals.nan_to_num(99.0), want_vals.nan_to_num(99.0)), (v, seed, k)
+                if native or k == v:
+                    assert torch.equal(ids, want_ids), (v, seed, k)
+                else:  # torch.topk picks which of the values tied with the head's last one it keeps
+                    inner = vals.nan_to_num(99.0) != vals[:, -1:].nan_to_num(99.0)
+                    assert torch.equal(ids[inner], want_ids[inner]), (v, seed, k)
 
 
 def test_argmax_and_logsumexp_helpers_are_bit_identical() -> None:

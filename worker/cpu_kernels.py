@@ -1,4 +1,5 @@
-"""Native CPU kernels of the engine (worker/csrc/cpu_kernels.cpp): built once with the system compiler, then cached."""
+"""Native CPU kernels of the engine (worker/csrc/cpu_kernels.cpp) and of the sampler (topk.cpp): built once with
+the system compiler, then cached."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ import torch
 log = logging.getLogger(__name__)
 
 NR = 16  # output features per packed panel (see cpu_kernels.cpp)
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_kernels.cpp", "topk.cpp")]
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
 _loaded: bool | None = None
 _why_not = ""
@@ -65,8 +66,9 @@ def _build() -> None:
     """Load the kernels from a build directory keyed by everything that affects the binary, building them there
     first if needed. A built library is loaded directly: torch's loader takes a lock file on every load, and a
     process killed while holding it (a worker SIGKILLed at start) would leave every later start waiting forever."""
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), " ".join(_CFLAGS).encode(), torch.__version__.encode(),
-                                     sys.version.encode(), platform.machine().encode()])).hexdigest()[:16]
+    parts = [*(src.read_bytes() for src in _SOURCES), " ".join(_CFLAGS).encode(), torch.__version__.encode(),
+             sys.version.encode(), platform.machine().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     build_dir = root / f"rwkv_cpu_kernels-{key}"
     library, lock = build_dir / "rwkv_cpu_kernels.so", build_dir / "lock"
@@ -82,8 +84,9 @@ def _build() -> None:
         build_dir.mkdir(parents=True, exist_ok=True)
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:  # left by a build that was killed
             lock.unlink(missing_ok=True)
-        cpp_extension.load(name="rwkv_cpu_kernels", sources=[str(_SOURCE)], build_directory=str(build_dir),
-                           is_python_module=False, verbose=False, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"])
+        cpp_extension.load(name="rwkv_cpu_kernels", sources=[str(src) for src in _SOURCES],
+                           build_directory=str(build_dir), is_python_module=False, verbose=False,
+                           extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"])
     else:
         torch.ops.load_library(str(library))
 
@@ -123,6 +126,12 @@ def block_step(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv, new
     """One block for one token per session (see cpu_kernels.cpp); returns the new x."""
     return torch.ops.rwkv_cpu.block_step.default(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv,
                                                  new_ffn_shift, scale)
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest of each row of x (R, n) fp32: value descending, NaN first, ties by
+    lower index (torch.topk leaves the order of ties unspecified)."""
+    return torch.ops.rwkv_cpu.topk.default(x, k)
 
 
 def peak_gflops(iterations: int = 20_000_000) -> float:

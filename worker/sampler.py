@@ -30,6 +30,7 @@ import torch
 
 from common.sampling import check_sampling
 from rwkv_serve.contract import MAX_LOGPROBS  # each alternative costs a top-k over the vocab
+from worker import cpu_kernels
 from worker.sampler_bank import _FREQUENCY, _PRESENCE, _TEMPERATURE, _TOP_K, _TOP_P, _attach, _Bank
 from worker.stops import StopChecker, StopStep, StopStringMatcher  # re-exported: the engine imports them from here
 
@@ -166,6 +167,24 @@ def _argmax(x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return start + (x.gather(1, cols) == top).to(torch.int8).argmax(dim=1)
 
 
+def _head(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of the `size` largest logits of each row of x (R, V) fp32, in one defined order: value
+    descending, NaN first, equal values by lower id. torch.topk leaves the order of ties unspecified (it may change
+    with the device, the shape or the release, and with it the token a seeded draw picks among tied ones).
+
+    On CPU the native kernel (worker/csrc/topk.cpp, ~3x torch.topk at 64 of 65,536); elsewhere torch.topk,
+    re-ordered inside the head: of values tied across the head's edge, the ones inside are torch's choice (which
+    matters only when top_k cuts into such a tie)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.available():
+        return cpu_kernels.topk(x, size)
+    if size == x.shape[1]:
+        return torch.sort(x, dim=1, descending=True, stable=True)
+    vals, ids = torch.topk(x, size, dim=1, sorted=True)
+    ids, by_id = ids.sort(dim=1)
+    vals, order = vals.gather(1, by_id).sort(dim=1, descending=True, stable=True)
+    return vals, ids.gather(1, order)
+
+
 def _logsumexp(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """torch.logsumexp(x, dim=1), bit for bit (its CPU and CUDA composite), with the exp in a reused buffer."""
     top = x.amax(dim=1, keepdim=True)
@@ -208,7 +227,7 @@ def _sample_cut(
         size = min(vocab, max(size, need_k))
         every = pending.numel() == n_rows
         xs = x if every else x.index_select(0, pending)
-        vals, ids = torch.topk(xs, size, dim=-1, sorted=True)  # (P, size), descending
+        vals, ids = _head(xs, size)  # (P, size), descending
         probs = torch.exp(vals - (lse if every else lse.index_select(0, pending)).unsqueeze(1))
         p_col = top_p if every else top_p.index_select(0, pending)
         cum = torch.cumsum(probs, dim=-1)
@@ -368,7 +387,7 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplerState],
         if want:
             w = torch.tensor(want, device=device)
             k = max(states[r].params.logprobs for r in want)
-            vals, ids = torch.topk(_rows(x, w, n_rows), k, dim=-1)
+            vals, ids = _head(_rows(x, w, n_rows), k)
             vals = (vals - lse.index_select(0, w).unsqueeze(1)).tolist()
             ids = ids.tolist()
             for j, r in enumerate(want):
