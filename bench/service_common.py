@@ -39,9 +39,22 @@ def checkout() -> dict:
 
 def machine(load_before: tuple[float, float, float], started: float) -> dict:
     """The machine a run ran on: CPU, core count, load average before and after, and the run's duration."""
-    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "duration_s": time.perf_counter() - started}
+
+
+def cpu_model() -> dict:
+    """The CPU's model name and the vector extensions the kernels care about, from /proc/cpuinfo ({} elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model_name": info.get("model name", ""), "flags": [f for f in wanted if f in flags]}
 
 
 def pct(values: list[float], q: float) -> float:

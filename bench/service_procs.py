@@ -135,10 +135,11 @@ async def front_turn(
 class Service:
     """Redis + one worker + a front as real processes, and an SDK client on the front."""
 
-    def __init__(self, checkpoint: Path, max_batch: int, threads: int = 0) -> None:
+    def __init__(self, checkpoint: Path, max_batch: int, threads: int = 0, env: dict[str, str] | None = None) -> None:
         self.checkpoint = checkpoint
         self.max_batch = max_batch
         self.threads = threads
+        self.env = dict(env or {})  # more worker settings (RWKV_WORKER_*)
         self.redis: Any = None
         self.stack: Any = None
         self.client: Any = None
@@ -152,7 +153,7 @@ class Service:
         with contextlib.redirect_stdout(sys.stderr):
             self.redis = EmbeddedRedis.start()
             # The worker's default batch is 16: raised to the highest concurrency so both sides batch alike.
-            env = {"RWKV_WORKER_MAX_BATCH": str(self.max_batch)}
+            env = {"RWKV_WORKER_MAX_BATCH": str(self.max_batch), **self.env}
             if self.threads:
                 env["RWKV_WORKER_TORCH_THREADS"] = str(self.threads)
             self.stack = Stack(port=free_port(), model=self.checkpoint, model_id=MODEL_ID, redis_url=self.redis.url,

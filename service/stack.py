@@ -12,6 +12,7 @@ embedded Redis.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -60,10 +61,19 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
         finally:
             await store.close()
 
+    def run() -> bool:
+        try:
+            return asyncio.run(ping())
+        except Exception:  # down, refusing, not a Redis URL: the caller starts its own or says so
+            return False
+
     try:
-        return asyncio.run(ping())
-    except Exception:  # down, refusing, not a Redis URL: the caller starts its own or says so
-        return False
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return run()
+    # Called from a coroutine (a benchmark starting a stack): asyncio.run needs a thread without a running loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()
 
 
 def _wait(check: Any, what: str, timeout_s: float, procs: list[subprocess.Popen] = ()) -> None:
