@@ -9,7 +9,8 @@ each opens a stream, the front routes it, the worker leases the session in Redis
 arrives at the engine spread over several of its steps, which the engine-only benchmark does not show.
 
 Configurations, interleaved over rounds (ABBA): "one chunk per step" (`RWKV_WORKER_PREFILL_TOKEN_BUDGET=0`, no
-pacing: the behaviour before issue 13, the baseline), "fixed budget" (128 tokens, no pacing) and "paced" (the
+pacing: the behaviour before issue 13, the baseline), "fixed budget" (128 tokens, no pacing), "paced, no burst
+credit" (the pacer without its budget for spread bursts, `RWKV_WORKER_PREFILL_BURST_STREAMS=0`) and "paced" (the
 worker's defaults). Each round: `--lone` turns one after another (a lone turn's TTFT), then a burst of
 `--concurrency` turns sent at once, then the same number sent `--gap-ms` apart. Every turn: the service benchmark's
 prompt on a `raw` session, greedy, end of text banned so each reply runs to `--max-tokens`. Percentiles pool every
@@ -37,6 +38,7 @@ from bench.service_procs import Service, front_turn
 CONFIGS: dict[str, dict[str, str]] = {
     "one chunk per step": {"RWKV_WORKER_PREFILL_TOKEN_BUDGET": "0", "RWKV_WORKER_PREFILL_PACING": "false"},
     "fixed budget": {"RWKV_WORKER_PREFILL_PACING": "false"},
+    "paced, no burst credit": {"RWKV_WORKER_PREFILL_BURST_STREAMS": "0"},
     "paced": {},
 }
 

@@ -4,7 +4,8 @@ The engine is driven directly, in this process (its async loop and engine thread
 Redis or gRPC), so the numbers are the engine's own and a run takes two minutes on two cores. Configurations of
 the same engine and model, interleaved over rounds (ABBA): `prefill_token_budget=0` (the old one-chunk-per-step
 behaviour, the baseline), the fixed token budget alone (`prefill_cost_slack=None`, chunks grouped up to 128
-tokens beside a decode lane) and the default (that budget plus the cost pacer, worker/engine/pacing.py); more
+tokens beside a decode lane), the pacer without its burst credit (`prefill_burst_streams=0`) and the default
+(that budget plus the cost pacer and its burst credit, worker/engine/pacing.py); more
 with --budgets / --slacks. Each round measures
   1. a lone turn's time to first token (the engine idle);
   2. a burst: 32 turns submitted together (time to first token of each, inter-token latency of the streams);
@@ -35,6 +36,7 @@ from bench.service_common import PROMPT, RESULTS, banned_ids, checkout, machine,
 CONFIGS: dict[str, dict[str, Any]] = {
     "one chunk per step": {"prefill_token_budget": 0, "prefill_cost_slack": None},
     "fixed budget": {"prefill_cost_slack": None},
+    "paced, no burst credit": {"prefill_burst_streams": 0},
     "paced": {},
 }
 

@@ -377,7 +377,11 @@ def test_the_decode_lane_keeps_stepping_while_a_big_prefill_group_runs(tiny_mode
 def test_the_engine_paces_prefill_by_default_from_its_timed_steps(tiny_model, tokenizer) -> None:
     with pytest.raises(ValueError, match="prefill_cost_slack"):
         Engine(tiny_model, tokenizer, prefill_cost_slack=-0.1)
+    with pytest.raises(ValueError, match="prefill_burst_streams"):
+        Engine(tiny_model, tokenizer, prefill_burst_streams=-1)
     assert Engine(tiny_model, tokenizer, prefill_cost_slack=None).scheduler.pacer is None
+    assert Engine(tiny_model, tokenizer, max_batch=32).scheduler.pacer.credit == 8  # the burst credit: max_batch // 4
+    assert Engine(tiny_model, tokenizer, max_batch=32, prefill_burst_streams=0).scheduler.pacer.burst_streams == 0
     engine = Engine(tiny_model, tokenizer, max_batch=4, prefill_chunk=16)
     pacer = engine.scheduler.pacer
     assert pacer is not None and pacer.slack == 0.1

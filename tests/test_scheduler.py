@@ -465,3 +465,34 @@ def test_a_prefill_makes_progress_every_step_and_a_burst_beside_a_few_streams_ru
         plan = s.schedule()
         assert len(plan.decode) == streams
         assert lengths(plan) == ([([f"w{i}" for i in range(burst)], 4)] if streams == 2 else [(["w0"], 4)])
+
+
+def test_a_burst_spread_over_steps_is_served_from_the_burst_credit_and_the_credit_is_bounded() -> None:
+    # Three streams and four waiting turns: 3 > 0.1 x 4, so without credit the lane binds (one chunk, as above);
+    # a credit of 8 streams lets this step take all four and costs 3 of it.
+    def burst(s: Scheduler, names: list[str]) -> Step:
+        for name in names:
+            s.add(seq(name, [5, 6, 7, 8], tokens=list(range(1, 30)), max_tokens=20))
+        return s.schedule()
+
+    for credit in (0, 8):
+        s = paced()
+        s.pacer = PrefillPacer(0.1, burst_streams=credit)
+        s.pacer.observe(1, 0.001, [(4, 1.0)])  # prefill far dearer than the lane: the slack admits no second chunk
+        lane_of(s, 3)
+        plan = burst(s, ["w0", "w1", "w2", "w3"])
+        assert len(plan.decode) == 3
+        assert lengths(plan) == ([(["w0", "w1", "w2", "w3"], 4)] if credit else [(["w0"], 4)])
+        s.postprocess(plan, synthetic_run(plan))  # a lane of 3 earns 3 x 0.005 back
+    assert s.pacer.credit == pytest.approx(8 - 3 + 3 * 0.005)
+    # Now a lane of 7 (the four decode too) and four more waiting: 7 streams are more than the credit left (5.015).
+    s.pacer.prefill = CostCurve()
+    s.pacer.observe(0, 0.0, [(4, 1.0), (16, 4.0)])  # prefill still dear (the burst step taught it a cheap point)
+    plan = burst(s, ["x0", "x1", "x2", "x3"])
+    assert len(plan.decode) == 7 and lengths(plan) == [(["x0"], 4)]
+    # Tokens earn credit back, never above the cap; a lone waiting turn never spends it.
+    for _ in range(2000):
+        s.pacer.observe(7, 0.001, [])
+    assert s.pacer.credit == 8
+    assert not s.pacer.takes_burst(7, 1) and s.pacer.credit == 8
+    assert s.pacer.takes_burst(8, 2) and s.pacer.credit == 0

@@ -82,9 +82,12 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     # with budget 0); the chunks after it join only while their measured cost (each step's parts are timed) adds at
     # most prefill_cost_slack x that step (the lane plus the first chunk), so the streams' inter-token latency stays
     # within (1 + slack) x the one-chunk step's; a lane of at most slack x as many streams as waiting turns (a burst)
-    # does not hold them back. false = the token budget alone. See docs/benchmarks.md.
+    # does not hold them back, nor does one within the burst credit (a burst whose turns arrive over several steps):
+    # prefill_burst_streams is its cap, the largest lane such a step may hold back (None: max_batch // 4; 0: off).
+    # false = the token budget alone. See docs/benchmarks.md.
     prefill_pacing: bool = True
     prefill_cost_slack: float = Field(0.1, ge=0)
+    prefill_burst_streams: int | None = Field(None, ge=0)
     max_tokens_limit: int = Field(4096, ge=1)
     # Structured output (Sampling.response_format, worker/constraints.py): the largest schema/regex/grammar text, the
     # compiler's work limits (llguidance lexer fuel at compile and per mask step, grammar symbols), compiled formats

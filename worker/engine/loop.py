@@ -104,6 +104,7 @@ class Engine:
         prefill_chunk: int = 256,
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         prefill_cost_slack: float | None = DEFAULT_PREFILL_COST_SLACK,
+        prefill_burst_streams: int | None = None,
         max_tokens_limit: int | None = None,
         constraints: ConstraintCompiler | None = None,
         constraint_limits: ConstraintLimits | None = None,
@@ -113,6 +114,8 @@ class Engine:
                              "non-negative")
         if prefill_cost_slack is not None and prefill_cost_slack < 0:
             raise ValueError("prefill_cost_slack must be non-negative (or None: the token budget alone)")
+        if prefill_burst_streams is not None and prefill_burst_streams < 0:
+            raise ValueError("prefill_burst_streams must be non-negative (or None: max_batch // 4)")
         self.model = model
         self.tokenizer = tokenizer
         # Sample only ids the tokenizer can decode: World models have 65536 output rows but 65530 tokens, and a
@@ -126,7 +129,9 @@ class Engine:
         self.max_tokens_limit = max_tokens_limit
         # Beside a decode lane, prefill chunks after the first join a step only within the slack of its measured
         # cost (worker/engine/pacing.py); None: the token budget alone.
-        pacer = PrefillPacer(prefill_cost_slack) if prefill_cost_slack is not None else None
+        # A burst spread over several steps may hold back up to prefill_burst_streams streams for a step (a budget).
+        burst = max_batch // 4 if prefill_burst_streams is None else prefill_burst_streams
+        pacer = PrefillPacer(prefill_cost_slack, burst) if prefill_cost_slack is not None else None
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk,
                                    tokenizer=tokenizer, prefill_token_budget=prefill_token_budget, pacer=pacer)
         self.batch_runner = BatchRunner(model, self.sample_vocab)

@@ -9,7 +9,7 @@ order, grouped by chunk length so that each group is one batched forward (B x T)
 prefill tokens stay within `prefill_token_budget` (a long prompt never stalls the others) and, with a PrefillPacer
 (pacing.py), the chunks after the first join only while their measured cost stays within its slack of the lane plus
 the first chunk; a step without a decode lane has nobody waiting on a token and takes every PREFILL turn's chunk,
-and so does one (with a pacer) whose lane has fewer streams than there are waiting turns. Budget 0 is the old
+and so does one (with a pacer) whose lane is small against the turns waiting (pacing.py: bursts). Budget 0 is the old
 behaviour: one turn's chunk per step. The batch runner runs that Step (and times its parts, which postprocess()
 hands to the pacer); postprocess() turns its samples into deltas, decides stops and retires the turns that finished.
 States, samplers, stop checkers and the tokenizer pass through here as opaque objects.
@@ -197,7 +197,7 @@ class Scheduler:
     def _plan_prefill(self, lane_rows: int) -> list[PrefillGroup]:
         """The PREFILL turns' chunks this step, in admission order, grouped by length (groups in order of their first
         turn). Beside a decode lane they stay within the token budget and the pacer's cost allowance (with a pacer,
-        a lane of at most slack x as many streams as waiting turns binds nothing): the first turn always runs (its
+        a lane small against the waiting turns binds nothing: PrefillPacer.takes_burst): the first turn always runs (its
         chunk cut to the token budget if that is smaller); the first turn whose chunk does not fit in what is left
         waits, and so do the ones after it (no overtaking, no chunks cut to odd lengths)."""
         turns = [s for s in self.running if s.phase is Phase.PREFILL]
@@ -205,9 +205,9 @@ class Scheduler:
             return []
         if self.prefill_token_budget <= 0:
             turns = turns[:1]
-        # With a pacer, a lane of at most slack x as many streams as there are turns waiting for a chunk (a burst that
-        # arrived while a few streams ran) does not bind: serving the burst now costs those few one longer token.
-        binds = self.pacer is None or lane_rows > self.pacer.slack * len(turns)
+        # With a pacer, a lane small against the turns waiting for a chunk (a burst that arrived while a few streams
+        # ran) does not bind: serving the burst now costs those few one longer token (pacing.py: takes_burst).
+        binds = self.pacer is None or not (lane_rows and self.pacer.takes_burst(lane_rows, len(turns)))
         left = self.prefill_token_budget if lane_rows and binds and self.prefill_token_budget > 0 else None
         pacer = self.pacer if lane_rows and binds else None
         cost_left = 0.0
