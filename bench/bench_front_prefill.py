@@ -31,7 +31,8 @@ from typing import Any
 
 import typer
 
-from bench.service_common import MODEL_ID, RESULTS, banned_ids, checkout, machine, pct
+from bench.bench_prefill import latency
+from bench.service_common import MODEL_ID, RESULTS, banned_ids, checkout, machine
 from bench.service_procs import Service, front_turn
 
 # label -> worker settings (environment); the first is the baseline, the last the default.
@@ -68,17 +69,7 @@ async def measure(service: Service, sids: list[str], cfg: dict, banned: list[int
 
 def summarize(rounds: list[dict]) -> dict:
     lone = statistics.median(x for r in rounds for x in r["lone_ttft_s"])
-    out: dict[str, Any] = {"lone_ttft_ms": lone * 1e3}
-    for name in ("burst", "staggered"):
-        ttft = [x for r in rounds for x in r[name]["ttft_s"]]
-        itl = [x for r in rounds for x in r[name]["itl_s"]]
-        out[name] = {"ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p90_ms": pct(ttft, 90) * 1e3,
-                     "ttft_p90_over_lone": pct(ttft, 90) / lone, "itl_p50_ms": pct(itl, 50) * 1e3,
-                     "itl_p99_ms": pct(itl, 99) * 1e3, "samples_ttft_itl": [len(ttft), len(itl)],
-                     # each round on its own: how much the pooled numbers hide
-                     "ttft_p90_over_lone_per_round": [pct(r[name]["ttft_s"], 90) / lone for r in rounds],
-                     "itl_p99_ms_per_round": [pct(r[name]["itl_s"], 99) * 1e3 for r in rounds]}
-    return out
+    return {"lone_ttft_ms": lone * 1e3, **{name: latency(rounds, name, lone) for name in ("burst", "staggered")}}
 
 
 async def bench(cfg: dict, checkpoint: Path) -> dict:

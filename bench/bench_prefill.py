@@ -89,17 +89,24 @@ async def measure(engine: Any, tokens: list[int], params: Any, n: int, gap_s: fl
     return out
 
 
+def latency(rounds: list[dict], name: str, lone: float) -> dict:
+    """TTFT and ITL percentiles of one arrival pattern, pooled over the rounds, and per round (what pooling hides)."""
+    ttft = [x for r in rounds for x in r[name]["ttft_s"]]
+    itl = [x for r in rounds for x in r[name]["itl_s"]]
+    return {"ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p90_ms": pct(ttft, 90) * 1e3,
+            "ttft_p90_over_lone": pct(ttft, 90) / lone, "itl_p50_ms": pct(itl, 50) * 1e3,
+            "itl_p99_ms": pct(itl, 99) * 1e3, "samples_ttft_itl": [len(ttft), len(itl)],
+            "ttft_p90_over_lone_per_round": [pct(r[name]["ttft_s"], 90) / lone for r in rounds],
+            "itl_p99_ms_per_round": [pct(r[name]["itl_s"], 99) * 1e3 for r in rounds]}
+
+
 def summarize(rounds: list[dict]) -> dict:
     lone = statistics.median(x for r in rounds for x in r["lone_ttft_s"])
     out: dict[str, Any] = {"lone_ttft_ms": lone * 1e3}
     for name in ("burst", "staggered"):
-        ttft = [x for r in rounds for x in r[name]["ttft_s"]]
-        itl = [x for r in rounds for x in r[name]["itl_s"]]
         steps = [s for r in rounds for s in r[name]["steps"]]
         mixed = [s for s in steps if s[0] and s[1]]  # a lane and prefill in one step
-        out[name] = {"ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p90_ms": pct(ttft, 90) * 1e3,
-                     "ttft_p90_over_lone": pct(ttft, 90) / lone, "itl_p50_ms": pct(itl, 50) * 1e3,
-                     "itl_p99_ms": pct(itl, 99) * 1e3, "samples_ttft_itl": [len(ttft), len(itl)],
+        out[name] = {**latency(rounds, name, lone),
                      "steps_per_round": len(steps) / len(rounds), "mixed_steps_per_round": len(mixed) / len(rounds),
                      "mixed_prefill_tokens_mean": statistics.fmean(s[1] for s in mixed) if mixed else 0.0,
                      "mixed_step_max_ms": max((s[2] for s in mixed), default=0.0) * 1e3,
