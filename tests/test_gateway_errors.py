@@ -21,7 +21,8 @@ from tests.test_gateway_support import MODEL, Gateway, start_gateway, start_serv
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEY_A, KEY_B = "rwkv_test_key_tenant_a", "rwkv_test_key_tenant_b"
 KEYS = [key_entry("tenant-a", KEY_A), key_entry("tenant-b", KEY_B)]
-LONG = dict(model=MODEL, prompt="Go on.", max_tokens=4000, temperature=1.0)  # a raw completion: no "\n\n" stop
+# A raw completion (no "\n\n" stop) with end of text banned: nothing but the limits can end it early.
+LONG = dict(model=MODEL, prompt="Go on.", max_tokens=4000, temperature=1.0, logit_bias={"0": -100})
 
 
 @pytest.fixture(scope="module")
