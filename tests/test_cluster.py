@@ -11,6 +11,7 @@ import pytest
 from common.errors import SessionBusy, SessionNotFound, StoreUnavailable, VersionConflict
 from common.store import StateStore, StoreConfigError
 from common.worker_api import ModelDescription, WorkerLoad
+from service.stack import free_port
 from tests.redis_topologies import RedisCluster, SentinelSetup, running_cluster, start_redis, start_sentinel_setup
 
 STATE = b"\x01state" * 4000
@@ -97,13 +98,13 @@ async def test_startup_names_the_fix_when_cluster_mode_is_forced_wrong(cluster: 
     with pytest.raises(StoreConfigError, match="is a Redis Cluster node but cluster mode is forced off"):
         await store.verify()
     await store.close()
-    single = start_redis(tmp_path / "single", cluster.nodes[0].port + 7)
+    single = start_redis(tmp_path / "single", free_port())  # not beside the cluster: a port nobody holds
     try:
         store = StateStore.from_url(f"redis://127.0.0.1:{single.port}/0", cluster=True)
         with pytest.raises(StoreConfigError, match="not a Redis Cluster node but cluster mode is forced on"):
             await store.verify()
         await store.close()
-        replica = start_redis(tmp_path / "replica", single.port + 1, "--replicaof", "127.0.0.1", str(single.port))
+        replica = start_redis(tmp_path / "replica", free_port(), "--replicaof", "127.0.0.1", str(single.port))
         try:
             store = StateStore.from_url(f"redis://127.0.0.1:{replica.port}/0")
             with pytest.raises(StoreConfigError, match="read-only replica"):
