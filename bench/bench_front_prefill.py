@@ -14,7 +14,10 @@ credit" (the pacer without its budget for spread bursts, `RWKV_WORKER_PREFILL_BU
 worker's defaults). Each round: `--lone` turns one after another (a lone turn's TTFT), then a burst of
 `--concurrency` turns sent at once, then the same number sent `--gap-ms` apart. Every turn: the service benchmark's
 prompt on a `raw` session, greedy, end of text banned so each reply runs to `--max-tokens`. Percentiles pool every
-sample of every round. Usage: `python -m bench.bench_front_prefill [--rounds 3] [--shape 6x384]`.
+sample of every round. Each worker writes its step trace (`RWKV_WORKER_STEP_TRACE`), so the table also says what
+the engine saw: how long a pattern's turns took to reach it, how many the first prefill step caught, and the
+steps that ran a decode lane and prefill together (per round, and the slowest). The JSON keeps every step.
+Usage: `python -m bench.bench_front_prefill [--rounds 3] [--shape 6x384]`.
 """
 
 from __future__ import annotations
@@ -52,31 +55,59 @@ async def timed_turn(service: Service, sid: str, max_tokens: int, banned: list[i
     return t0, times
 
 
-async def measure(service: Service, sids: list[str], cfg: dict, banned: list[int]) -> dict:
-    """One round on one stack: lone turns, a burst, staggered arrivals."""
+def read_steps(trace: Path, offset: int) -> list[dict]:
+    """The worker's step records (RWKV_WORKER_STEP_TRACE, one JSON line per engine step) written after `offset`."""
+    with trace.open("rb") as f:
+        f.seek(offset)
+        return [json.loads(line) for line in f.read().splitlines()]
+
+
+def steps_summary(rounds: list[dict], name: str) -> dict:
+    """What the engine saw of an arrival pattern: how long the turns took to reach it (first to last submit), how
+    many the first step with prefill caught, and the steps that ran a lane and prefill together."""
+    spreads, first, mixed = [], [], []
+    for r in rounds:
+        steps = r[name]["steps"]
+        arrivals = [t for s in steps for t in s["arrivals"]]
+        spreads.append((max(arrivals) - min(arrivals)) * 1e3 if arrivals else 0.0)
+        first.append(next((s["prefill_turns"] for s in steps if s["prefill_turns"]), 0))
+        mixed.append([s for s in steps if s["lane"] and s["prefill_tokens"]])
+    flat = [s for m in mixed for s in m]
+    return {"arrival_spread_ms": statistics.median(spreads), "first_step_turns": statistics.median(first),
+            "mixed_steps_per_round": len(flat) / len(rounds),
+            "mixed_step_max_ms": max((s["seconds"] for s in flat), default=0.0) * 1e3}
+
+
+async def measure(service: Service, sids: list[str], cfg: dict, banned: list[int], trace: Path) -> dict:
+    """One round on one stack: lone turns, a burst, staggered arrivals (and the engine steps of the last two)."""
     lone = []
     for _ in range(cfg["lone"]):
         t0, times = await timed_turn(service, sids[0], cfg["max_tokens"], banned, 0.0)
         lone.append(times[0] - t0)
     out: dict[str, Any] = {"lone_ttft_s": lone}
     for name, gap in (("burst", 0.0), ("staggered", cfg["gap_ms"] / 1e3)):
+        offset = trace.stat().st_size if trace.exists() else 0
         runs = await asyncio.gather(*(timed_turn(service, sid, cfg["max_tokens"], banned, i * gap)
                                       for i, sid in enumerate(sids)))
         out[name] = {"ttft_s": [times[0] - t0 for t0, times in runs],
-                     "itl_s": [b - a for _, times in runs for a, b in zip(times, times[1:])]}
+                     "itl_s": [b - a for _, times in runs for a, b in zip(times, times[1:])],
+                     "steps": read_steps(trace, offset)}
     return out
 
 
 def summarize(rounds: list[dict]) -> dict:
     lone = statistics.median(x for r in rounds for x in r["lone_ttft_s"])
-    return {"lone_ttft_ms": lone * 1e3, **{name: latency(rounds, name, lone) for name in ("burst", "staggered")}}
+    return {"lone_ttft_ms": lone * 1e3,
+            **{name: {**latency(rounds, name, lone), **steps_summary(rounds, name)} for name in ("burst", "staggered")}}
 
 
 async def bench(cfg: dict, checkpoint: Path) -> dict:
     def log(text: str) -> None:
         print(f"[bench_front_prefill {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
-    services = {label: Service(checkpoint, cfg["concurrency"], cfg["torch_threads"], env)
+    traces = {label: checkpoint.with_name(f"steps-{i}.jsonl") for i, label in enumerate(CONFIGS)}
+    services = {label: Service(checkpoint, cfg["concurrency"], cfg["torch_threads"],
+                               {**env, "RWKV_WORKER_STEP_TRACE": str(traces[label])})
                 for label, env in CONFIGS.items()}
     raw: dict[str, list[dict]] = {label: [] for label in CONFIGS}
     try:
@@ -88,11 +119,11 @@ async def bench(cfg: dict, checkpoint: Path) -> dict:
         info = next(m for m in await services["paced"].client.list_models() if m.id == MODEL_ID)
         banned = banned_ids(info.vocab_size)
         for label, service in services.items():  # warm-up: every session's first turn, every batch size once
-            await measure(service, sids[label], {**cfg, "lone": 1}, banned)
+            await measure(service, sids[label], {**cfg, "lone": 1}, banned, traces[label])
         for r in range(cfg["rounds"]):
             order = list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]  # ABBA
             for label in order:
-                raw[label].append(await measure(services[label], sids[label], cfg, banned))
+                raw[label].append(await measure(services[label], sids[label], cfg, banned, traces[label]))
                 log(f"round {r + 1}/{cfg['rounds']} {label} done")
     finally:
         for service in services.values():
@@ -108,7 +139,7 @@ def print_report(cfg: dict, res: dict) -> None:
     t = Table(title=f"{cfg['concurrency']} chat turns through the front, {cfg['max_tokens']} tokens each, "
                     f"L{m['n_layer']} D{m['n_embd']} fp32; ms, {cfg['rounds']} interleaved rounds pooled")
     for col in ("prefill", "lone TTFT", "arrival", "TTFT p50", "TTFT p90", "p90 / lone", "per round",
-                "ITL p50", "ITL p99", "ITL p99 per round"):
+                "ITL p50", "ITL p99", "ITL p99 per round", "arrivals over", "first step", "mixed steps", "their max"):
         t.add_column(col, justify="right")
     for label, s in res["summary"].items():
         for name in ("burst", "staggered"):
@@ -117,7 +148,9 @@ def print_report(cfg: dict, res: dict) -> None:
             t.add_row(label, f"{s['lone_ttft_ms']:.1f}", arrival,
                       f"{v['ttft_p50_ms']:.0f}", f"{v['ttft_p90_ms']:.0f}", f"{v['ttft_p90_over_lone']:.1f}x",
                       " / ".join(f"{x:.1f}" for x in v["ttft_p90_over_lone_per_round"]), f"{v['itl_p50_ms']:.1f}",
-                      f"{v['itl_p99_ms']:.1f}", " / ".join(f"{x:.0f}" for x in v["itl_p99_ms_per_round"]))
+                      f"{v['itl_p99_ms']:.1f}", " / ".join(f"{x:.0f}" for x in v["itl_p99_ms_per_round"]),
+                      f"{v['arrival_spread_ms']:.0f} ms", f"{v['first_step_turns']:g}",
+                      f"{v['mixed_steps_per_round']:.0f}", f"{v['mixed_step_max_ms']:.0f}")
     Console().print(t)
 
 
@@ -144,7 +177,11 @@ def main(
         checkpoint = make_random_checkpoint(Path(tmp) / "bench.pth", n_layer=n_layer, n_embd=n_embd, seed=0,
                                             dtype=torch.float32)
         res = asyncio.run(bench(cfg, checkpoint))
-    res["summary"] = {label: summarize(runs) for label, runs in res.pop("raw").items()}
+    raw = res.pop("raw")
+    res["summary"] = {label: summarize(runs) for label, runs in raw.items()}
+    # every engine step of every round (small: a few hundred records per configuration)
+    res["steps"] = {label: [{name: r[name]["steps"] for name in ("burst", "staggered")} for r in runs]
+                    for label, runs in raw.items()}
     base, new = res["summary"]["one chunk per step"], res["summary"]["paced"]
     res["goals"] = {
         "burst_ttft_p90_over_lone": {"value": new["burst"]["ttft_p90_over_lone"], "goal": "<= 8",

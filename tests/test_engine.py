@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import pytest
@@ -395,3 +396,31 @@ def test_the_engine_paces_prefill_by_default_from_its_timed_steps(tiny_model, to
     assert {round(x) for x, _ in pacer.prefill.points.values()} == {3, 16, 8}
     assert run.tokens(late) == direct_greedy(tiny_model, prompt(40, 31), 8)[0]
     assert run.tokens(lane) == direct_greedy(tiny_model, prompt(3, 30), 6)[0]
+
+
+def test_the_step_trace_records_every_step_and_when_each_prefill_arrived(tiny_model, tokenizer, tmp_path,
+                                                                          redis_url) -> None:
+    import json
+
+    from worker.server import WorkerCore
+    from worker.settings import WorkerSettings
+
+    trace = tmp_path / "steps.jsonl"
+    core = WorkerCore(WorkerSettings(redis_url=redis_url, port=0, model_id="tiny", step_trace=trace), tiny_model,
+                      tokenizer, "tiny")  # the worker's setting wires Engine.on_step to the file
+    run = Collector(core.engine)
+    before = time.time()
+    a = core.engine.submit(TurnRequest(prompt(5, 40), replace(GREEDY, max_tokens=3)))
+    run.step()
+    b = core.engine.submit(TurnRequest(prompt(7, 41), replace(GREEDY, max_tokens=2), tokens_consumed=100))
+    run.run()
+    core._trace.close()
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    # a: prefill (+ its first token), 2 decode steps; b's prefill beside a's first decode, then its one decode; both
+    # last tokens fed together (CLOSING: the state after the reply).
+    steps = [(r["lane"], r["prefill_tokens"], r["prefill_turns"]) for r in records]
+    assert steps == [(0, 5, 1), (1, 7, 1), (2, 0, 0), (2, 0, 0)]
+    assert [len(r["arrivals"]) for r in records] == [1, 1, 0, 0]  # b's too, though its state had consumed 100
+    assert before <= records[0]["arrivals"][0] <= records[0]["started"] <= records[1]["arrivals"][0]
+    assert all(r["seconds"] > 0 for r in records)
+    assert len(run.tokens(a)) == 3 and len(run.tokens(b)) == 2

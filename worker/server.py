@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import secrets
 import socket
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import grpc
@@ -90,6 +91,10 @@ class WorkerCore:
         )
         self.cache = StateCache(settings.cache_bytes)
         self.engine.on_decode = self.telemetry.batch_size.record
+        self._trace = None
+        if settings.step_trace is not None:
+            self._trace = open(settings.step_trace, "a", buffering=1)  # noqa: SIM115 - closed in close()
+            self.engine.on_step = lambda record: self._trace.write(json.dumps(asdict(record)) + "\n")
         self.telemetry.observe_engine(lambda: self.engine.load, self.cache)
         self.runner = TurnRunner(
             self.engine, self.store, tokenizer,
@@ -167,6 +172,8 @@ class WorkerCore:
     async def close(self) -> None:
         await self.engine.close()
         await self.store.close()
+        if self._trace is not None:
+            self._trace.close()
 
 
 def create_server(settings: WorkerSettings, core: WorkerCore) -> tuple[grpc.aio.Server, int]:

@@ -88,6 +88,9 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     prefill_pacing: bool = True
     prefill_cost_slack: float = Field(0.1, ge=0)
     prefill_burst_streams: int | None = Field(None, ge=0)
+    # A JSON line per engine step appended to this file (start, seconds, lane rows, prefill tokens and turns, the
+    # submit times of the turns that started prefill): for benchmarks and diagnosis (bench/bench_front_prefill.py).
+    step_trace: Path | None = None
     max_tokens_limit: int = Field(4096, ge=1)
     # Structured output (Sampling.response_format, worker/constraints.py): the largest schema/regex/grammar text, the
     # compiler's work limits (llguidance lexer fuel at compile and per mask step, grammar symbols), compiled formats

@@ -51,6 +51,18 @@ class TurnTimings:
     finished_ns: int
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step, for Engine.on_step (a trace: RWKV_WORKER_STEP_TRACE). Times are time.time() seconds."""
+
+    started: float
+    seconds: float  # plan + forwards + sampling (not the postprocessing into events)
+    lane: int  # decode lane rows
+    prefill_tokens: int
+    prefill_turns: int
+    arrivals: tuple[float, ...]  # submit times of the turns whose first chunk ran in this step
+
+
 # Not common.worker_api.TurnEvent (TurnStarted | TextDelta | TurnEnded), which worker/runner.py makes of these.
 EngineEvent = Delta | Finished
 

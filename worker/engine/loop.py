@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from worker.engine.batch import BatchRunner
-from worker.engine.events import EngineEvent, EngineLoad, Finished
+from worker.engine.events import EngineEvent, EngineLoad, Finished, StepRecord
 from worker.engine.pacing import DEFAULT_PREFILL_COST_SLACK, PrefillPacer
 from worker.engine.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler, Seq
 from worker.model import RWKV5
@@ -146,6 +146,7 @@ class Engine:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.on_step: Callable[[StepRecord], None] | None = None  # trace hook: each step (in the engine thread)
 
     @property
     def on_decode(self) -> Callable[[int], None] | None:
@@ -242,8 +243,14 @@ class Engine:
 
     def step_sync(self) -> list[Delivery]:
         """Runs one engine step; returns the events to deliver, in order. Call from one thread at a time."""
+        started = time.time() if self.on_step is not None else 0.0
         step = self.scheduler.schedule()  # drop, admit; the decode lane and the prefill groups
         result = self.batch_runner.run(step)  # the forwards and the sampling
+        if self.on_step is not None and not step.empty:
+            first = [s.submitted_ns / 1e9 for g in step.prefill for s, chunk in zip(g.seqs, g.tokens, strict=True)
+                     if len(chunk) + len(s.feed) == s.prompt_tokens]  # turns whose input starts this step
+            self.on_step(StepRecord(started, time.time() - started, len(step.decode), step.prefill_tokens,
+                                    sum(len(g.seqs) for g in step.prefill), tuple(first)))
         return self.scheduler.postprocess(step, result)  # deltas, stops, finished turns and their states
 
     # ---- the loop ---------------------------------------------------------------------------------------------
