@@ -34,7 +34,7 @@ from typing import Any
 
 import typer
 
-from bench.bench_prefill import latency
+from bench.bench_prefill import latency, samples
 from bench.service_common import MODEL_ID, RESULTS, banned_ids, checkout, machine
 from bench.service_procs import Service, front_turn
 
@@ -89,9 +89,7 @@ async def measure(service: Service, sids: list[str], cfg: dict, banned: list[int
         offset = trace.stat().st_size if trace.exists() else 0
         runs = await asyncio.gather(*(timed_turn(service, sid, cfg["max_tokens"], banned, i * gap)
                                       for i, sid in enumerate(sids)))
-        out[name] = {"ttft_s": [times[0] - t0 for t0, times in runs],
-                     "itl_s": [b - a for _, times in runs for a, b in zip(times, times[1:])],
-                     "steps": read_steps(trace, offset)}
+        out[name] = {**samples(runs), "steps": read_steps(trace, offset)}
     return out
 
 

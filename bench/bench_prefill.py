@@ -74,6 +74,12 @@ def time_steps(engine: Any) -> list[tuple[int, int, float]]:
     return steps
 
 
+def samples(runs: list[tuple[float, list[float]]]) -> dict[str, list[float]]:
+    """(submit time, token times) of each turn -> its time to first token, and the gaps between its tokens."""
+    return {"ttft_s": [times[0] - t0 for t0, times in runs],
+            "itl_s": [b - a for _, times in runs for a, b in zip(times, times[1:])]}
+
+
 async def measure(engine: Any, tokens: list[int], params: Any, n: int, gap_s: float, lone: int) -> dict:
     lone_ttft = []
     for _ in range(lone):
@@ -83,9 +89,7 @@ async def measure(engine: Any, tokens: list[int], params: Any, n: int, gap_s: fl
     for name, gap in (("burst", 0.0), ("staggered", gap_s)):
         engine.steps.clear()
         runs = await asyncio.gather(*(one_turn(engine, tokens, params, i * gap) for i in range(n)))
-        out[name] = {"ttft_s": [times[0] - t0 for t0, times in runs],
-                     "itl_s": [b - a for _, times in runs for a, b in zip(times, times[1:])],
-                     "generated": sum(len(times) for _, times in runs), "steps": list(engine.steps)}
+        out[name] = {**samples(runs), "generated": sum(len(times) for _, times in runs), "steps": list(engine.steps)}
     return out
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway import tools
 from gateway.backend import Backend
 from gateway.errors import bad_request, unsupported
-from gateway.logprobs import Aligner, LegacyLogprobs, aligned, chat_logprobs, wire_logprobs
+from gateway.logprobs import Aligner, LegacyLogprobs, aligned, chat_logprobs, text_and_entries, wire_logprobs
 from gateway.render import normalise
 from gateway.schemas import (
     ChatCompletionRequest,
@@ -173,7 +173,7 @@ async def _chat_chunks(items: AsyncIterator[Item], rid: str, created: int, model
                               "finish_reason": None}])  # type: ignore[arg-type]
             yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
         elif aligners:
-            text, entries = (item.text, item.logprobs) if isinstance(item, TextDelta) else (item, [])
+            text, entries = text_and_entries(item)
             if (released := aligners[index].push(text, entries)) or text:
                 yield chunk([{"index": index, "delta": {"content": text},
                               "logprobs": chat_logprobs(released, top),  # type: ignore[arg-type]
@@ -258,7 +258,7 @@ async def _completion_chunks(items: AsyncIterator[Item], rid: str, created: int,
                 yield chunk([{"index": k, "text": "", "logprobs": legacy[k].shape(rest), "finish_reason": None}])
             yield chunk([{"index": k, "text": "", "logprobs": None, "finish_reason": finish_reason(item)}])
         elif aligners:
-            text, entries = (item.text, item.logprobs) if isinstance(item, TextDelta) else (item, [])
+            text, entries = text_and_entries(item)
             if (released := aligners[k].push(text, entries)) or text:
                 yield chunk([{"index": k, "text": text, "logprobs": legacy[k].shape(released),
                               "finish_reason": None}])

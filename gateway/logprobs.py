@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway.errors import bad_request
 from rwkv_serve.contract import MAX_LOGPROBS
-from rwkv_serve_client import TokenLogprob
+from rwkv_serve_client import TextDelta, TokenLogprob
 
 # What OpenAI reports for a token with no probability at all (JSON has no -Infinity).
 FLOOR = -9999.0
@@ -75,6 +75,11 @@ class Aligner:
         entry = self.pending.popleft()
         self.covered += len(entry.token_bytes)
         return entry
+
+
+def text_and_entries(item: str | TextDelta) -> tuple[str, list[TokenLogprob]]:
+    """A stream item's text and the logprob entries that came with it (plain text carries none)."""
+    return (item.text, item.logprobs) if isinstance(item, TextDelta) else (item, [])
 
 
 def aligned(text: str, entries: list[TokenLogprob]) -> list[TokenLogprob]:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.errors import GatewayError, to_gateway_error
-from gateway.logprobs import Aligner, aligned, chat_entry
+from gateway.logprobs import Aligner, aligned, chat_entry, text_and_entries
 from gateway.streams import cached_tokens, sse
 from rwkv_serve_client import StopReason, TextDelta, TurnResult
 
@@ -105,7 +105,7 @@ async def events(record: dict[str, Any], items: AsyncIterator[str | TextDelta | 
                 kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
                 yield event(kind, response=final)
                 return
-            text, released = (item.text, item.logprobs) if isinstance(item, TextDelta) else (item, [])
+            text, released = text_and_entries(item)
             if aligner is not None:
                 released = [chat_entry(e, top) for e in aligner.push(text, released)]  # type: ignore[arg-type]
                 entries += released

@@ -21,7 +21,7 @@ from common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from worker.engine.batch import BatchRunner
 from worker.engine.events import EngineEvent, EngineLoad, Finished, StepRecord
 from worker.engine.pacing import DEFAULT_PREFILL_COST_SLACK, PrefillPacer
-from worker.engine.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler, Seq
+from worker.engine.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler, Seq, Step
 from worker.model import RWKV5
 from worker.sampler import SamplerState, SamplingParams, StopChecker
 from worker.state import State
@@ -89,6 +89,14 @@ class Turn:
             yield event
             if isinstance(event, Finished):
                 return
+
+
+def _record(step: Step, started: float) -> StepRecord:
+    """The trace record of a step that ran (before its postprocessing: feeds are what is left after this step)."""
+    arrivals = tuple(s.submitted_ns / 1e9 for g in step.prefill for s, chunk in zip(g.seqs, g.tokens, strict=True)
+                     if len(chunk) + len(s.feed) == s.prompt_tokens)  # turns whose input starts this step
+    return StepRecord(started, time.time() - started, len(step.decode), step.prefill_tokens,
+                      sum(len(g.seqs) for g in step.prefill), arrivals)
 
 
 class Engine:
@@ -247,10 +255,7 @@ class Engine:
         step = self.scheduler.schedule()  # drop, admit; the decode lane and the prefill groups
         result = self.batch_runner.run(step)  # the forwards and the sampling
         if self.on_step is not None and not step.empty:
-            first = [s.submitted_ns / 1e9 for g in step.prefill for s, chunk in zip(g.seqs, g.tokens, strict=True)
-                     if len(chunk) + len(s.feed) == s.prompt_tokens]  # turns whose input starts this step
-            self.on_step(StepRecord(started, time.time() - started, len(step.decode), step.prefill_tokens,
-                                    sum(len(g.seqs) for g in step.prefill), tuple(first)))
+            self.on_step(_record(step, started))
         return self.scheduler.postprocess(step, result)  # deltas, stops, finished turns and their states
 
     # ---- the loop ---------------------------------------------------------------------------------------------

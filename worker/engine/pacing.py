@@ -4,23 +4,23 @@ Plain Python, no torch: the batch runner times each step's parts (the lane's dec
 prefill group's forward), the scheduler feeds those times to a PrefillPacer after the step and asks it, when it
 plans the next one, what each further chunk would add.
 
-Bursts. A step without a lane takes every waiting chunk, and so does one whose lane is small against the burst: at most
-`slack` x as many streams as there are turns waiting for a chunk, or (from a budget) at most `credit` streams. Such a
-step costs the streams in its lane one longer token each, a small share of all the streams' tokens, and serves the
-burst at once. The budget is for bursts whose turns reach the engine spread over several steps (through the front
-each turn is routed, leased and loaded first: 32 sent together arrive over ~90 ms here, so the first step's lane of
-one or two streams meets only the first few), which the slack ratio alone would then serve one chunk per step: the
-pacer starts with `burst_streams` of credit, each heavy step spends its lane's streams, and every stream's token
-earns `burst_share` back (capped), so the long tokens stay a bounded share of all tokens (the ITL p99 goal) and a
-full lane never qualifies.
+The rule, beside a decode lane: the first waiting turn's chunk always runs, as in the old one-chunk-per-step
+behaviour, so every prefill makes progress every step. Further turns' chunks join, in admission order, while what
+they add is predicted to stay within `slack` x that old step (this lane's decode plus the first chunk). A step is
+then at most (1 + slack) x what the old behaviour ran, so the running streams' inter-token latency stays within that
+factor of it; chunks group where a group is cheap (a GPU's forward costs about the same for 1 or 8 rows), not on a
+CPU whose second prompt in a group costs half the first. Until the costs it needs have been seen, nothing joins the
+first chunk, and predictions err towards the lighter step.
 
-The rule otherwise: the first waiting turn's chunk always
-runs, as in the old one-chunk-per-step behaviour, so every prefill makes progress every step. Further turns' chunks
-join, in admission order, while what they add is predicted to stay within `slack` x that old step (this lane's
-decode plus the first chunk). A step is then at most (1 + slack) x what the old behaviour ran, so the running
-streams' inter-token latency stays within that factor of it; chunks group where a group is cheap (a GPU's forward
-costs about the same for 1 or 8 rows), not on a CPU whose second prompt in a group costs half the first. Until the
-costs it needs have been seen, nothing joins the first chunk, and predictions err towards the lighter step.
+Bursts. A step without a lane takes every waiting chunk, and so does one whose lane is small against the burst: at
+most `slack` x as many streams as there are turns waiting for a chunk, or (from a budget) at most `credit` streams.
+Such a step costs the streams in its lane one longer token each, a small share of all the streams' tokens, and
+serves the burst at once. The budget is for bursts whose turns reach the engine spread over several steps (through
+the front each turn is routed, leased and loaded first: 32 sent together arrive over ~90 ms here, so the first
+step's lane of one or two streams meets only the first few), which the slack ratio alone would then serve one chunk
+per step: the pacer starts with `burst_streams` of credit, each heavy step spends its lane's streams, and every
+stream's token earns `burst_share` back (capped), so the long tokens stay a bounded share of all tokens (the ITL p99
+goal) and a full lane never qualifies.
 
 Why not "(1 + slack) x this lane's decode-only step": on the 2-core CPU of docs/benchmarks.md one 19-token prefill
 forward alone costs ~70% of a 32-row decode step (per-call overhead), so no step with any prefill would fit a small
