@@ -118,9 +118,10 @@ def test_every_kernel_gives_the_same_model(tiny_checkpoint, dtype):
 
 @native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_native_decode_block_equals_torch_path(tmp_path, dtype):
-    """block_step (one C++ call per block for T=1) against the readable torch path over the same native matmul,
-    sessions at different positions. 7 layers, so that fp16's residual rescaling (2^(layer // 6)) is exercised."""
+def test_native_block_equals_torch_path(tmp_path, dtype):
+    """The native block (one C++ call per block, any T) against the readable torch path over the same native matmul:
+    prefill chunks of several lengths, then decode steps, sessions at different positions. 7 layers, so that fp16's
+    residual rescaling (2^(layer // 6)) is exercised."""
     from worker.checkpoint import make_random_checkpoint
 
     ck = make_random_checkpoint(tmp_path / "L7-D64.pth", 7, 64, seed=7)
@@ -131,12 +132,21 @@ def test_native_decode_block_equals_torch_path(tmp_path, dtype):
     tol = 1e-5
     g = torch.Generator().manual_seed(11)
     state_n, state_t = native_model.init_state(3), torch_model.init_state(3)
-    for t in range(4):  # B=3 with different histories: each row of the batch carries its own state
-        tokens = torch.randint(0, 65536, (3, 1), generator=g)
-        logits_n, state_n = native_model.forward(tokens, state_n)
-        logits_t, state_t = torch_model.forward(tokens, state_t)
-        assert (logits_n - logits_t).abs().max().item() <= tol * logits_scale(logits_t), t
+    # B=3 with different histories: each row of the batch carries its own state; T=1 is a decode step, T=64 spans
+    # more than one of the torch path's WKV chunks
+    for step, (batch, length) in enumerate([(3, 17), (3, 1), (3, 64), (3, 2), (3, 1), (3, 1)]):
+        tokens = torch.randint(0, 65536, (batch, length), generator=g)
+        logits_n, state_n = native_model.forward(tokens, state_n, all_logits=True)
+        logits_t, state_t = torch_model.forward(tokens, state_t, all_logits=True)
+        assert (logits_n - logits_t).abs().max().item() <= tol * logits_scale(logits_t), step
     for a, b in zip(state_n.tensors(), state_t.tensors()):
+        assert (a - b).abs().max().item() <= tol * max(b.abs().max().item(), 1e-6)
+    one = RWKV5.from_checkpoint(ck, dtype=dtype, kernel="native")  # B=1, long chunk: same as the torch path too
+    tokens = torch.randint(0, 65536, (1, 40), generator=g)
+    got, s1 = one.forward(tokens, one.init_state(1))
+    want, s2 = torch_model.forward(tokens, torch_model.init_state(1))
+    assert (got - want).abs().max().item() <= tol * logits_scale(want)
+    for a, b in zip(s1.tensors(), s2.tensors()):
         assert (a - b).abs().max().item() <= tol * max(b.abs().max().item(), 1e-6)
 
 

@@ -122,10 +122,10 @@ def wkv_step(r, k, v, w, u, s, out) -> torch.Tensor:
     return torch.ops.rwkv_cpu.wkv_step(r.contiguous(), k.contiguous(), v.contiguous(), w, u, s, out)
 
 
-def block_step(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv, new_ffn_shift, scale: float):
-    """One block for one token per session (see cpu_kernels.cpp); returns the new x."""
-    return torch.ops.rwkv_cpu.block_step.default(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv,
-                                                 new_ffn_shift, scale)
+def block(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv, new_ffn_shift, scale: float):
+    """One block over x (B, T, D): T tokens of each of the B sessions (see cpu_kernels.cpp); returns the new x."""
+    return torch.ops.rwkv_cpu.block.default(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv,
+                                            new_ffn_shift, scale)
 
 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -251,13 +251,14 @@ class RWKV5:
         self.ln_out = (p["ln_out.weight"], p["ln_out.bias"])
         self.head = Linear(p["head.weight"], kernel)  # (V, D)
         self.kernel = self.head.kernel
-        # With the native CPU kernels a decode step (T = 1) runs each block as one call (cpu_kernels.cpp, block_step):
-        # the same arithmetic as _block below, without the per-op dispatch that is ~25% of a bf16 step at D=768.
+        # With the native CPU kernels each block runs as one call (cpu_kernels.cpp, block), decode steps and prefill
+        # chunks alike: the same arithmetic as _block below, without the per-op dispatch that is ~25% of a bf16
+        # decode step at D=768, nor the torch path's allocations and chunked WKV (~40% of a 31 x 19 prefill at D=384).
         self._native_blocks = ([self._native_block_params(i) for i in range(cfg.n_layer)]
                                if self.kernel in ("native", "dual") else None)
-        # With "dual", batches of this many sessions or more decode through the per-op path, whose Linears then call
-        # oneDNN (worker/linear.py): at B=32 its GEMMs outrun the fused native block on such CPUs.
-        self._block_step_below = self.head.onednn_from_rows or 1 << 62
+        # With "dual", calls of this many rows (sessions x tokens) or more run the per-op path, whose Linears then
+        # call oneDNN (worker/linear.py): at B=32 its GEMMs outrun the fused native block on such CPUs.
+        self._native_below = self.head.onednn_from_rows or 1 << 62
         if not trainable:  # the matrices now live in the Linears and self.emb: let go of the file's mapped views
             self._drop_matrices(p, "")
         self.grad_checkpoint = False  # trainable only: recompute each block in backward to save activation memory
@@ -332,7 +333,7 @@ class RWKV5:
         return (logits if all_logits else logits[:, 0]), new
 
     def _native_block_params(self, i: int) -> list[torch.Tensor]:
-        """Block i's tensors in the order block_step reads them."""
+        """Block i's tensors in the order the native block reads them."""
         att, ffn = self.att[i], self.ffn[i]
         ln_x = [att.p[att.a + f"ln_x.{n}"].contiguous() for n in ("weight", "bias")]
         return [*self.ln1[i], att.mix.contiguous(), *(lin.packed for lin in att.rkvg), att.w.contiguous(),
@@ -341,10 +342,9 @@ class RWKV5:
 
     def _block(self, i: int, x, state: State, new: State | None = None):
         """Block i: x += time mixing, x += channel mixing; returns x and the block's new (shift, wkv, shift)."""
-        if self._native_blocks is not None and new is not None and x.shape[1] == 1 \
-                and x.shape[0] < self._block_step_below:
-            x = cpu_kernels.block_step(x, self._native_blocks[i], state.att_shift[i], state.wkv[i], state.ffn_shift[i],
-                                       new.att_shift[i], new.wkv[i], new.ffn_shift[i], self.att[i].scale)
+        if self._native_blocks is not None and new is not None and x.shape[0] * x.shape[1] < self._native_below:
+            x = cpu_kernels.block(x, self._native_blocks[i], state.att_shift[i], state.wkv[i], state.ffn_shift[i],
+                                  new.att_shift[i], new.wkv[i], new.ffn_shift[i], self.att[i].scale)
             return x, new.att_shift[i], new.wkv[i], new.ffn_shift[i]
         D = self.config.n_embd
         xx = F.layer_norm(x, (D,), *self.ln1[i])

@@ -1,6 +1,7 @@
 // Native CPU kernels of the engine (AVX2 + FMA + F16C), loaded by worker/cpu_kernels.py:
 // - linear: y = x W^T, fp32 accumulation, weights in fp32, bf16 or fp16;
-// - wkv_step: one token of the WKV recurrence for B sessions, fused.
+// - wkv_step: one token of the WKV recurrence for B sessions, fused;
+// - block: one whole block of the model over T tokens of B sessions (decode steps and prefill chunks).
 //
 // Why this exists: on AVX2-only CPUs (no AVX512_BF16) oneDNN has no bf16 kernels and torch's bf16 matmul runs at
 // ~17 GFLOP/s, and for one token the fp32 GEMV of oneDNN reads weights at ~60% of the memory bandwidth. Decoding
@@ -21,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -191,10 +193,6 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t out_
   return y;
 }
 
-// One token of the WKV recurrence, fused: y_j = sum_i r_i (S_ij + u_i k_i v_j) and S'_ij = w_i S_ij + k_i v_j.
-// Each (session, head) state matrix is read once and its successor written once, where torch needs three passes
-// over it (r @ S, w * S, + k v^T): at 32 sessions of a 768-wide model that is 78 MB of state per layer and step.
-// `out` may be `s` itself (each element is read before it is written).
 // y = (x - mean) / sqrt(var + eps) * w + b over n values (LayerNorm of a row, GroupNorm of a head), times `gate`
 // when given. Mean and variance accumulate in double.
 inline void normalize(const float* x, float* y, int64_t n, const float* w, const float* b, double eps,
@@ -207,34 +205,42 @@ inline void normalize(const float* x, float* y, int64_t n, const float* w, const
   for (int64_t j = 0; j < n; ++j) y[j] = ((x[j] - m) * inv * w[j] + b[j]) * (gate ? gate[j] : 1.0f);
 }
 
-// The WKV step over raw pointers: r, k, v, y (B, H, N); w, u (H, N); s, out (B, H, N, N). With `ln_w` given, y is
-// then GroupNorm'ed per head (ln_x: weight/bias per channel, eps) and multiplied by `gate` (B, H*N).
+// The WKV recurrence over raw pointers, T tokens per session: r, k, v, y (B, T, H, N), a row of H*N per token;
+// w, u (H, N); s, out (B, H, N, N). Each (session, head) runs its tokens in order; from the second token on the
+// state lives in `out`, updated in place (`out` may be `s` itself: each element is read before it is written).
+// With `ln_w` given, each token's y is GroupNorm'ed per head (ln_x: weight/bias per channel, eps) and multiplied by
+// `gate` (the layout of y).
 void wkv_core(const float* rp, const float* kp, const float* vp, const float* wp, const float* up, const float* sp,
-              float* op, float* yp, int64_t B, int64_t H, int64_t N, const float* ln_w = nullptr,
+              float* op, float* yp, int64_t B, int64_t T, int64_t H, int64_t N, const float* ln_w = nullptr,
               const float* ln_b = nullptr, double eps = 0.0, const float* gate = nullptr) {
+  const int64_t D = H * N;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     float acc[256];
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t h = bh % H;
-      const float *rr = rp + bh * N, *kk = kp + bh * N, *vv = vp + bh * N, *ww = wp + h * N, *uu = up + h * N;
-      const float* S = sp + bh * N * N;
+      const int64_t b = bh / H, h = bh % H;
+      const float *ww = wp + h * N, *uu = up + h * N;
       float* O = op + bh * N * N;
-      std::fill(acc, acc + N, 0.0f);
-      for (int64_t i = 0; i < N; ++i) {
-        const float ri = rr[i], ki = kk[i], wi = ww[i], bonus = ri * uu[i] * ki;
-        const float* Si = S + i * N;
-        float* Oi = O + i * N;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t at = (b * T + t) * D + h * N;
+        const float *rr = rp + at, *kk = kp + at, *vv = vp + at;
+        const float* S = t == 0 ? sp + bh * N * N : O;
+        std::fill(acc, acc + N, 0.0f);
+        for (int64_t i = 0; i < N; ++i) {
+          const float ri = rr[i], ki = kk[i], wi = ww[i], bonus = ri * uu[i] * ki;
+          const float* Si = S + i * N;
+          float* Oi = O + i * N;
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) {
-          const float sij = Si[j], vj = vv[j];
-          acc[j] += ri * sij + bonus * vj;
-          Oi[j] = wi * sij + ki * vj;
+          for (int64_t j = 0; j < N; ++j) {
+            const float sij = Si[j], vj = vv[j];
+            acc[j] += ri * sij + bonus * vj;
+            Oi[j] = wi * sij + ki * vj;
+          }
         }
-      }
-      if (ln_w == nullptr) {
-        std::copy(acc, acc + N, yp + bh * N);
-      } else {
-        normalize(acc, yp + bh * N, N, ln_w + h * N, ln_b + h * N, eps, gate + bh * N);
+        if (ln_w == nullptr) {
+          std::copy(acc, acc + N, yp + at);
+        } else {
+          normalize(acc, yp + at, N, ln_w + h * N, ln_b + h * N, eps, gate + at);
+        }
       }
     }
   });
@@ -259,78 +265,104 @@ at::Tensor wkv_step(const at::Tensor& r, const at::Tensor& k, const at::Tensor& 
   at::Tensor y = at::empty({B, H, N}, r.options());
   wkv_core(r.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), w.const_data_ptr<float>(),
            u.const_data_ptr<float>(), s.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
-           y.mutable_data_ptr<float>(), B, H, N);
+           y.mutable_data_ptr<float>(), B, 1, H, N);
   return y;
 }
 
-void layer_norm_rows(const float* x, float* y, int64_t B, int64_t D, const float* w, const float* b) {
-  for (int64_t i = 0; i < B; ++i) normalize(x + i * D, y + i * D, D, w, b, 1e-5);
+// Elementwise loops over n values, split across threads only where n is large (prefill): a decode step's
+// vectors are too small to pay for the hand-off.
+template <typename Fn>
+inline void elementwise(int64_t n, const Fn& fn) {
+  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  });
 }
 
-// Indices into block_step's parameter list (built by worker/model.py, RWKV5._native_block_params).
+void layer_norm_rows(const float* x, float* y, int64_t M, int64_t D, const float* w, const float* b) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) normalize(x + i * D, y + i * D, D, w, b, 1e-5);
+  });
+}
+
+// xx's rows shifted by one token within each session, the carried `shift` (B, D) first: the token-shift input.
+// Writes mix_c * (xx - prev) + prev for each of the C mix vectors (D each) into out (C, B*T, D).
+template <int C>
+void token_shift_mix(const float* xx, const float* shift, const std::array<const float*, C>& mix, int64_t B,
+                     int64_t T, int64_t D, float* out) {
+  const int64_t MD = B * T * D;
+  elementwise(MD, [&](int64_t i) {
+    const int64_t row = i / D, d = i % D;
+    const float pv = row % T == 0 ? shift[(row / T) * D + d] : xx[i - D];
+    const float delta = xx[i] - pv;
+    for (int c = 0; c < C; ++c) out[c * MD + i] = pv + mix[c][d] * delta;
+  });
+}
+
+// The last token's row of each session: the shift carried to the next call.
+void last_rows(const float* xx, float* shift, int64_t B, int64_t T, int64_t D) {
+  for (int64_t b = 0; b < B; ++b) std::copy(xx + (b * T + T - 1) * D, xx + (b * T + T) * D, shift + b * D);
+}
+
+// Indices into block's parameter list (built by worker/model.py, RWKV5._native_block_params).
 enum BlockParam {
   LN1_W, LN1_B, ATT_MIX, ATT_R, ATT_K, ATT_V, ATT_G, ATT_W, ATT_U, LN_X_W, LN_X_B, ATT_OUT,
   LN2_W, LN2_B, FFN_MIX_K, FFN_MIX_R, FFN_KEY, FFN_VALUE, FFN_R, N_BLOCK_PARAMS
 };
 
-// One block of the model for one token per session: the same arithmetic as RWKV5._block (worker/model.py), the
-// readable definition, in one call instead of ~35 torch ops, whose dispatch cost ~4 ms of a 17 ms bf16 step at
-// D=768. x (B, D) -> x after the block; the new shifts and WKV state are written to the new_* tensors.
-at::Tensor block_step(const at::Tensor& x_in, at::TensorList p, const at::Tensor& att_shift, const at::Tensor& wkv,
-                      const at::Tensor& ffn_shift, const at::Tensor& new_att_shift, const at::Tensor& new_wkv,
-                      const at::Tensor& new_ffn_shift, double scale) {
-  TORCH_CHECK(static_cast<int64_t>(p.size()) == N_BLOCK_PARAMS, "block_step takes ", N_BLOCK_PARAMS, " parameters");
+// One block of the model over T tokens of B sessions: the same arithmetic as RWKV5._block (worker/model.py), the
+// readable definition, in one call instead of ~35 torch ops per block. For decode (T = 1) that dispatch cost ~4 ms
+// of a 17 ms bf16 step at D=768; for prefill the torch path's allocations, copies and its chunked WKV (batched
+// matmuls over small tiles) cost as much as its matmuls at D=384, where this runs the recurrence token by token
+// with each head's state in L1. x (B, T, D) -> x after the block; the new shifts and WKV state are written to the
+// new_* tensors (B rows each).
+at::Tensor block(const at::Tensor& x_in, at::TensorList p, const at::Tensor& att_shift, const at::Tensor& wkv,
+                 const at::Tensor& ffn_shift, const at::Tensor& new_att_shift, const at::Tensor& new_wkv,
+                 const at::Tensor& new_ffn_shift, double scale) {
+  TORCH_CHECK(static_cast<int64_t>(p.size()) == N_BLOCK_PARAMS, "block takes ", N_BLOCK_PARAMS, " parameters");
   const int64_t D = p[ATT_OUT].size(1), H = p[ATT_W].size(0), N = p[ATT_W].size(1), F = p[FFN_VALUE].size(1);
   const at::Tensor x = x_in.reshape({-1, D}).contiguous();
-  const int64_t B = x.size(0);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && H * N == D && N <= 256, "block_step: bad shapes");
+  const int64_t M = x.size(0), B = att_shift.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && H * N == D && N <= 256, "block: bad shapes");
+  TORCH_CHECK(B > 0 && M % B == 0 && M > 0, "block: x has ", M, " rows, not T rows for each of ", B, " sessions");
+  const int64_t T = M / B;
   for (const at::Tensor* t : {&att_shift, &wkv, &ffn_shift, &new_att_shift, &new_wkv, &new_ffn_shift}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == B, "block_step: bad state");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == B, "block: bad state");
   }
   auto f = [&](int i) { return p[i].const_data_ptr<float>(); };
   const auto opt = x.options();
-  at::Tensor out = at::empty({B, D}, opt), xx = at::empty({B, D}, opt), mixed = at::empty({4, B, D}, opt);
-  at::Tensor rkvg = at::empty({4, B, D}, opt), y = at::empty({B, D}, opt), o = at::empty({B, D}, opt);
-  at::Tensor hidden = at::empty({B, F}, opt), rf = at::empty({B, D}, opt);
+  at::Tensor out = at::empty({M, D}, opt), xx = at::empty({M, D}, opt), mixed = at::empty({4, M, D}, opt);
+  at::Tensor rkvg = at::empty({4, M, D}, opt), y = at::empty({M, D}, opt), o = at::empty({M, D}, opt);
+  at::Tensor hidden = at::empty({M, F}, opt), rf = at::empty({M, D}, opt);
   float *xo = out.mutable_data_ptr<float>(), *xxp = xx.mutable_data_ptr<float>(), *mp = mixed.mutable_data_ptr<float>();
   float *q = rkvg.mutable_data_ptr<float>(), *yp = y.mutable_data_ptr<float>(), *op = o.mutable_data_ptr<float>();
   float *hp = hidden.mutable_data_ptr<float>(), *rp = rf.mutable_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
-  const int64_t BD = B * D;
+  const int64_t MD = M * D;
+  const float sc = static_cast<float>(scale);
 
   // Time mixing: token shift lerps, r/k/v/g, WKV + GroupNorm + gate, output projection.
-  layer_norm_rows(xp, xxp, B, D, f(LN1_W), f(LN1_B));
-  const float *prev = att_shift.const_data_ptr<float>(), *mix = f(ATT_MIX);
-  for (int c = 0; c < 4; ++c) {
-    for (int64_t i = 0; i < BD; ++i) {
-      const float pv = prev[i];
-      mp[c * BD + i] = pv + mix[c * D + i % D] * (xxp[i] - pv);
-    }
-    matmul(p[ATT_R + c], mp + c * BD, q + c * BD, B, D, D);
-  }
-  float* g = q + 3 * BD;
-  for (int64_t i = 0; i < BD; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i]));  // silu
-  wkv_core(q, q + BD, q + 2 * BD, f(ATT_W), f(ATT_U), wkv.const_data_ptr<float>(), new_wkv.mutable_data_ptr<float>(),
-           yp, B, H, N, f(LN_X_W), f(LN_X_B), 1e-5 * 64, g);
-  matmul(p[ATT_OUT], yp, op, B, D, D);
-  const float sc = static_cast<float>(scale);
-  for (int64_t i = 0; i < BD; ++i) xo[i] = xp[i] + op[i] * sc;
-  std::copy(xxp, xxp + BD, new_att_shift.mutable_data_ptr<float>());
+  layer_norm_rows(xp, xxp, M, D, f(LN1_W), f(LN1_B));
+  const float* att_mix = f(ATT_MIX);  // (4, D): r, k, v, g
+  token_shift_mix<4>(xxp, att_shift.const_data_ptr<float>(), {att_mix, att_mix + D, att_mix + 2 * D, att_mix + 3 * D},
+                     B, T, D, mp);
+  for (int c = 0; c < 4; ++c) matmul(p[ATT_R + c], mp + c * MD, q + c * MD, M, D, D);
+  float* g = q + 3 * MD;
+  elementwise(MD, [&](int64_t i) { g[i] = g[i] / (1.0f + std::exp(-g[i])); });  // silu
+  wkv_core(q, q + MD, q + 2 * MD, f(ATT_W), f(ATT_U), wkv.const_data_ptr<float>(), new_wkv.mutable_data_ptr<float>(),
+           yp, B, T, H, N, f(LN_X_W), f(LN_X_B), 1e-5 * 64, g);
+  matmul(p[ATT_OUT], yp, op, M, D, D);
+  elementwise(MD, [&](int64_t i) { xo[i] = xp[i] + op[i] * sc; });
+  last_rows(xxp, new_att_shift.mutable_data_ptr<float>(), B, T, D);
 
   // Channel mixing: token shift lerps, relu(key)^2 -> value, gated by sigmoid(receptance).
-  layer_norm_rows(xo, xxp, B, D, f(LN2_W), f(LN2_B));
-  const float *prev2 = ffn_shift.const_data_ptr<float>(), *mk = f(FFN_MIX_K), *mr = f(FFN_MIX_R);
-  for (int64_t i = 0; i < BD; ++i) {
-    const float pv = prev2[i], d = xxp[i] - pv;
-    mp[i] = pv + mk[i % D] * d;
-    mp[BD + i] = pv + mr[i % D] * d;
-  }
-  matmul(p[FFN_KEY], mp, hp, B, D, F);
-  for (int64_t i = 0; i < B * F; ++i) hp[i] = hp[i] > 0.0f ? hp[i] * hp[i] : 0.0f;
-  matmul(p[FFN_VALUE], hp, op, B, F, D);
-  matmul(p[FFN_R], mp + BD, rp, B, D, D);
-  for (int64_t i = 0; i < BD; ++i) xo[i] += op[i] * sc / (1.0f + std::exp(-rp[i]));
-  std::copy(xxp, xxp + BD, new_ffn_shift.mutable_data_ptr<float>());
+  layer_norm_rows(xo, xxp, M, D, f(LN2_W), f(LN2_B));
+  token_shift_mix<2>(xxp, ffn_shift.const_data_ptr<float>(), {f(FFN_MIX_K), f(FFN_MIX_R)}, B, T, D, mp);
+  matmul(p[FFN_KEY], mp, hp, M, D, F);
+  elementwise(M * F, [&](int64_t i) { hp[i] = hp[i] > 0.0f ? hp[i] * hp[i] : 0.0f; });
+  matmul(p[FFN_VALUE], hp, op, M, F, D);
+  matmul(p[FFN_R], mp + MD, rp, M, D, D);
+  elementwise(MD, [&](int64_t i) { xo[i] += op[i] * sc / (1.0f + std::exp(-rp[i])); });
+  last_rows(xxp, new_ffn_shift.mutable_data_ptr<float>(), B, T, D);
   return out.view(x_in.sizes());
 }
 
@@ -372,7 +404,7 @@ double peak_gflops(int64_t iterations) {
 TORCH_LIBRARY(RWKV_CPU_LIBRARY, m) {
   m.def("linear(Tensor x, Tensor packed, int out_features) -> Tensor", &linear);
   m.def("wkv_step(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s, Tensor(a!) out) -> Tensor", &wkv_step);
-  m.def("block_step(Tensor x, Tensor[] p, Tensor att_shift, Tensor wkv, Tensor ffn_shift, Tensor(a!) new_att_shift, "
-        "Tensor(b!) new_wkv, Tensor(c!) new_ffn_shift, float scale) -> Tensor", &block_step);
+  m.def("block(Tensor x, Tensor[] p, Tensor att_shift, Tensor wkv, Tensor ffn_shift, Tensor(a!) new_att_shift, "
+        "Tensor(b!) new_wkv, Tensor(c!) new_ffn_shift, float scale) -> Tensor", &block);
   m.def("peak_gflops(int iterations) -> float", &peak_gflops);
 }
