@@ -55,9 +55,11 @@ def measure(engine: str, checkpoint: str, prefill_len: int, decode_steps: int, b
     else:
         from worker.model import RWKV5
 
-        _, dt, *kernel = engine.split("-")  # ours-<dtype>[-<kernel>]
+        _, dt, *kernel = engine.split("-")  # ours-<dtype>[-<kernel>[-perop]]
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
         model = RWKV5.from_checkpoint(checkpoint, dtype=dtype, kernel=kernel[0] if kernel else "auto")
+        if kernel[1:] == ["perop"]:  # the torch per-op block instead of the fused native one (a baseline)
+            model._native_blocks = None
         res["state_bytes"], res["kernel"] = model.config.state_bytes, model.kernel
         toks = torch.tensor([prompt])
         model.forward(toks[:, :16], model.init_state(1))

@@ -1,7 +1,8 @@
 """CPU kernel choice: the automatic kernel against each kernel pinned, same checkpoint, in one run.
 
 For fp32 and bf16: prefill of one 512-token prompt, decode at B=1 and aggregate decode at B=8 and B=32, with
-`kernel="auto"` (what a worker runs by default), "native" and "onednn" pinned. Each configuration is measured in
+`kernel="auto"` (what a worker runs by default), "native" and "onednn" pinned, and where the dual kernel exists
+"dual-perop" (auto's kernels in the torch per-op block: what auto ran for large calls before session 6). Each configuration is measured in
 its own subprocess by bench.bench_engine's `--one` mode, interleaved over rounds; medians. The goal (issue 13): the
 automatic kernel within 0.95x of the best pinned one at B=1 and B=32 for both dtypes.
 Usage: `python -m bench.bench_kernels [--rounds 3] [--shape 12x768]`.
@@ -15,13 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import typer
 
 from bench.bench_engine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-KERNELS = ("auto", "native", "onednn")
+# "dual-perop": dual's Linears in the torch per-op block, which is how "auto" ran calls of ONEDNN_FROM_ROWS rows or
+# more before the native block took oneDNN weights (session 6): the baseline of that change
+KERNELS = ("auto", "native", "onednn", "dual-perop")
 METRICS = ("prefill", "1", "8", "32")  # prefill tok/s, then decode tok/s by batch size
 
 
@@ -52,7 +56,11 @@ def main(
     ckpt = ROOT / "bench" / ".cache" / f"random-L{n_layer}-D{n_embd}-fp32.pth"
     if not ckpt.exists():
         make_random_checkpoint(ckpt, n_layer, n_embd, seed=0)
-    configs = [(dt, k) for dt in dtypes_csv.split(",") for k in KERNELS]
+    from worker.linear import dual_helps
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    configs = [(dt, k) for dt in dtypes_csv.split(",") for k in KERNELS
+               if k != "dual-perop" or dual_helps(dtypes[dt])]  # no dual kernel where oneDNN does not help
     runs: dict[str, list[dict]] = {f"{dt}-{k}": [] for dt, k in configs}
     for r in range(rounds):
         for dt, k in configs:
@@ -68,8 +76,10 @@ def main(
     ratios = {}
     for dt in dtypes_csv.split(","):
         for m in METRICS:
-            best = max(summary[f"{dt}-{k}"][m] for k in ("native", "onednn"))
+            best = max(summary[f"{dt}-{k}"][m] for k in ("native", "onednn"))  # the kernels a user can pin
             ratios[f"{dt} {m}"] = summary[f"{dt}-auto"][m] / best
+            if f"{dt}-dual-perop" in summary:
+                ratios[f"{dt} {m} over dual-perop"] = summary[f"{dt}-auto"][m] / summary[f"{dt}-dual-perop"][m]
 
     table = Table(title=f"CPU kernels, L{n_layer} D{n_embd}: tok/s (medians of {rounds} rounds)")
     for col in ("config", "kernel", f"prefill {prefill_len}", "decode B=1", "B=8 aggregate", "B=32 aggregate"):
@@ -78,6 +88,9 @@ def main(
         table.add_row(name, s["kernel"], *(f"{s[m]:.1f}" for m in METRICS))
     for dt in dtypes_csv.split(","):
         table.add_row(f"{dt} auto / best", "", *(f"{ratios[f'{dt} {m}']:.2f}x" for m in METRICS))
+        if f"{dt}-dual-perop" in summary:
+            table.add_row(f"{dt} auto / dual-perop", "",
+                          *(f"{ratios[f'{dt} {m} over dual-perop']:.2f}x" for m in METRICS))
     Console().print(table)
     report = {"shape": {"n_layer": n_layer, "n_embd": n_embd}, "machine": machine_info(), "rounds": rounds,
               "prefill_len": prefill_len, "decode_steps": decode_steps, "tok_s": summary,

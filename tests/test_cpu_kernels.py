@@ -183,16 +183,37 @@ def test_dual_kernel_dispatches_by_rows(dtype):
 
 
 @native
-@onednn_bf16
-def test_dual_model_decodes_large_batches_through_onednn(tiny_checkpoint):
-    """A dual bf16 model: small decode batches take the fused native block (same bits as the native model), large
-    ones the per-op path over oneDNN (same bits as the oneDNN model)."""
-    models = {k: RWKV5.from_checkpoint(tiny_checkpoint, dtype=torch.bfloat16, kernel=k)
-              for k in ("dual", "native", "onednn")}
-    g = torch.Generator().manual_seed(9)
-    for batch, twin in ((2, "native"), (ONEDNN_FROM_ROWS[torch.bfloat16], "onednn")):
-        state = models["native"].init_state(batch)
-        tokens = torch.randint(0, 65536, (batch, 1), generator=g)
-        got, _ = models["dual"].forward(tokens, state)
-        want, _ = models[twin].forward(tokens, state)
-        assert torch.equal(got, want), (batch, twin)
+@pytest.mark.parametrize("dtype", DUAL_DTYPES, ids=str)
+def test_dual_model_multiplies_large_calls_through_onednn(tmp_path, dtype):
+    """A dual model's native block multiplies with the native kernels below the threshold (same bits as the native
+    model) and through its oneDNN weights from it, decode batches and prefill chunks alike. Shown by handing the dual
+    model the oneDNN weights of other matrices (a second checkpoint that differs from the first only in the blocks'
+    matrices): large calls then follow the second checkpoint (its oneDNN model), small calls the first."""
+    from worker.checkpoint import make_random_checkpoint
+
+    first = make_random_checkpoint(tmp_path / "a.pth", 2, 64, seed=1)
+    sd = torch.load(first)
+    g = torch.Generator().manual_seed(2)
+    for name, t in sd.items():
+        if name.startswith("blocks.") and t.dim() == 2 and min(t.shape) >= 64:  # r/k/v/g/output, ffn key/value/r
+            sd[name] = torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(t.float().std()).to(t.dtype)
+    second = tmp_path / "b.pth"
+    torch.save(sd, second)
+    dual = RWKV5.from_checkpoint(first, dtype=dtype, kernel="dual")
+    dual._native_onednn = RWKV5.from_checkpoint(second, dtype=dtype, kernel="dual")._native_onednn
+    native_first = RWKV5.from_checkpoint(first, dtype=dtype, kernel="native")
+    onednn_second = RWKV5.from_checkpoint(second, dtype=dtype, kernel="onednn")
+    threshold = ONEDNN_FROM_ROWS[dtype]
+    # bf16: the head of a one-row call is the native kernel's (fp32 x), the oneDNN model's casts x to bf16
+    tol = 1e-5 if dtype == torch.float32 else 4e-2
+    for batch, length in ((1, 1), (2, 1), (1, threshold - 1), (threshold, 1), (1, threshold + 3), (3, threshold)):
+        tokens = torch.randint(0, 65536, (batch, length), generator=g)
+        state = dual.init_state(batch)
+        got, _ = dual.forward(tokens, state)
+        if batch * length < threshold:
+            assert torch.equal(got, native_first.forward(tokens, state)[0]), (batch, length)
+        else:
+            want = onednn_second.forward(tokens, state)[0]
+            other = native_first.forward(tokens, state)[0]
+            assert (got - want).abs().max().item() <= tol * logits_scale(want), (batch, length)
+            assert (got - other).abs().max().item() > 0.1 * logits_scale(other), (batch, length)

@@ -122,10 +122,12 @@ def wkv_step(r, k, v, w, u, s, out) -> torch.Tensor:
     return torch.ops.rwkv_cpu.wkv_step(r.contiguous(), k.contiguous(), v.contiguous(), w, u, s, out)
 
 
-def block(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv, new_ffn_shift, scale: float):
-    """One block over x (B, T, D): T tokens of each of the B sessions (see cpu_kernels.cpp); returns the new x."""
-    return torch.ops.rwkv_cpu.block.default(x, params, att_shift, wkv, ffn_shift, new_att_shift, new_wkv,
-                                            new_ffn_shift, scale)
+def block(x, params, onednn, onednn_from_rows: int, att_shift, wkv, ffn_shift, new_att_shift, new_wkv, new_ffn_shift,
+          scale: float):
+    """One block over x (B, T, D): T tokens of each of the B sessions (see cpu_kernels.cpp); returns the new x.
+    `onednn`: [] or the block's matrices as oneDNN weights, used for calls of `onednn_from_rows` rows or more."""
+    return torch.ops.rwkv_cpu.block.default(x, params, onednn, onednn_from_rows, att_shift, wkv, ffn_shift,
+                                            new_att_shift, new_wkv, new_ffn_shift, scale)
 
 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -256,9 +256,12 @@ class RWKV5:
         # decode step at D=768, nor the torch path's allocations and chunked WKV (~40% of a 31 x 19 prefill at D=384).
         self._native_blocks = ([self._native_block_params(i) for i in range(cfg.n_layer)]
                                if self.kernel in ("native", "dual") else None)
-        # With "dual", calls of this many rows (sessions x tokens) or more run the per-op path, whose Linears then
-        # call oneDNN (worker/linear.py): at B=32 its GEMMs outrun the fused native block on such CPUs.
-        self._native_below = self.head.onednn_from_rows or 1 << 62
+        # With "dual", calls of this many rows (sessions x tokens) or more multiply through oneDNN inside the native
+        # block, as a dual Linear does (worker/linear.py): large batches and prefill chunks on such CPUs.
+        self._native_onednn = [[lin.onednn for lin in (*self.att[i].rkvg, self.att[i].output, self.ffn[i].key,
+                                                        self.ffn[i].value, self.ffn[i].receptance)]
+                               for i in range(cfg.n_layer)] if self.kernel == "dual" else None
+        self._onednn_from_rows = self.head.onednn_from_rows or 0
         if not trainable:  # the matrices now live in the Linears and self.emb: let go of the file's mapped views
             self._drop_matrices(p, "")
         self.grad_checkpoint = False  # trainable only: recompute each block in backward to save activation memory
@@ -342,8 +345,9 @@ class RWKV5:
 
     def _block(self, i: int, x, state: State, new: State | None = None):
         """Block i: x += time mixing, x += channel mixing; returns x and the block's new (shift, wkv, shift)."""
-        if self._native_blocks is not None and new is not None and x.shape[0] * x.shape[1] < self._native_below:
-            x = cpu_kernels.block(x, self._native_blocks[i], state.att_shift[i], state.wkv[i], state.ffn_shift[i],
+        if self._native_blocks is not None and new is not None:
+            x = cpu_kernels.block(x, self._native_blocks[i], self._native_onednn[i] if self._native_onednn else [],
+                                  self._onednn_from_rows, state.att_shift[i], state.wkv[i], state.ffn_shift[i],
                                   new.att_shift[i], new.wkv[i], new.ffn_shift[i], self.att[i].scale)
             return x, new.att_shift[i], new.wkv[i], new.ffn_shift[i]
         D = self.config.n_embd

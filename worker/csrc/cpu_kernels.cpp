@@ -14,7 +14,10 @@
 // (unpacklo/unpackhi) yields outputs 0-7 and 8-15 as fp32 in one instruction each.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -303,22 +306,43 @@ void last_rows(const float* xx, float* shift, int64_t B, int64_t T, int64_t D) {
   for (int64_t b = 0; b < B; ++b) std::copy(xx + (b * T + T - 1) * D, xx + (b * T + T) * D, shift + b * D);
 }
 
+// y (M, O) fp32 = x (M, K) fp32 W^T through oneDNN's prepacked linear (`weight` from
+// torch.ops.mkldnn._reorder_linear_weight; x is cast to its dtype first), the op worker/linear.py calls for "dual"
+// and "onednn" Linears. Looked up once through the dispatcher: it is part of libtorch, not of this library.
+void onednn_matmul(const at::Tensor& weight, const float* x, float* y, int64_t M, int64_t K, int64_t O) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, K}, at::TensorOptions().dtype(at::kFloat));
+  if (weight.scalar_type() != at::kFloat) xt = xt.to(weight.scalar_type());
+  torch::jit::Stack stack{xt, weight, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          std::string("")};
+  op.callBoxed(&stack);
+  at::from_blob(y, {M, O}, at::TensorOptions().dtype(at::kFloat)).copy_(stack[0].toTensor());
+}
+
 // Indices into block's parameter list (built by worker/model.py, RWKV5._native_block_params).
 enum BlockParam {
   LN1_W, LN1_B, ATT_MIX, ATT_R, ATT_K, ATT_V, ATT_G, ATT_W, ATT_U, LN_X_W, LN_X_B, ATT_OUT,
   LN2_W, LN2_B, FFN_MIX_K, FFN_MIX_R, FFN_KEY, FFN_VALUE, FFN_R, N_BLOCK_PARAMS
 };
+// The block's matrices, in the order of its oneDNN weight list (RWKV5._native_block_onednn).
+constexpr std::array<int, 8> BLOCK_LINEARS = {ATT_R, ATT_K, ATT_V, ATT_G, ATT_OUT, FFN_KEY, FFN_VALUE, FFN_R};
 
 // One block of the model over T tokens of B sessions: the same arithmetic as RWKV5._block (worker/model.py), the
 // readable definition, in one call instead of ~35 torch ops per block. For decode (T = 1) that dispatch cost ~4 ms
 // of a 17 ms bf16 step at D=768; for prefill the torch path's allocations, copies and its chunked WKV (batched
 // matmuls over small tiles) cost as much as its matmuls at D=384, where this runs the recurrence token by token
 // with each head's state in L1. x (B, T, D) -> x after the block; the new shifts and WKV state are written to the
-// new_* tensors (B rows each).
-at::Tensor block(const at::Tensor& x_in, at::TensorList p, const at::Tensor& att_shift, const at::Tensor& wkv,
-                 const at::Tensor& ffn_shift, const at::Tensor& new_att_shift, const at::Tensor& new_wkv,
-                 const at::Tensor& new_ffn_shift, double scale) {
+// new_* tensors (B rows each). With `onednn` given (a "dual" model: its 8 matrices as oneDNN weights, in
+// BLOCK_LINEARS order), calls of `onednn_from_rows` rows or more multiply through oneDNN, whose GEMMs are faster
+// there on CPUs with AVX-512 (fp32) or AVX512_BF16 (bf16), and keep the fused elementwise work.
+at::Tensor block(const at::Tensor& x_in, at::TensorList p, at::TensorList onednn, int64_t onednn_from_rows,
+                 const at::Tensor& att_shift, const at::Tensor& wkv, const at::Tensor& ffn_shift,
+                 const at::Tensor& new_att_shift, const at::Tensor& new_wkv, const at::Tensor& new_ffn_shift,
+                 double scale) {
   TORCH_CHECK(static_cast<int64_t>(p.size()) == N_BLOCK_PARAMS, "block takes ", N_BLOCK_PARAMS, " parameters");
+  TORCH_CHECK(onednn.empty() || onednn.size() == BLOCK_LINEARS.size(), "block takes 0 or ", BLOCK_LINEARS.size(),
+              " oneDNN weights");
   const int64_t D = p[ATT_OUT].size(1), H = p[ATT_W].size(0), N = p[ATT_W].size(1), F = p[FFN_VALUE].size(1);
   const at::Tensor x = x_in.reshape({-1, D}).contiguous();
   const int64_t M = x.size(0), B = att_shift.size(0);
@@ -339,28 +363,37 @@ at::Tensor block(const at::Tensor& x_in, at::TensorList p, const at::Tensor& att
   const float* xp = x.const_data_ptr<float>();
   const int64_t MD = M * D;
   const float sc = static_cast<float>(scale);
+  const bool use_onednn = !onednn.empty() && M >= onednn_from_rows;
+  auto mm = [&](int param, const float* in, float* result, int64_t K, int64_t O) {
+    if (use_onednn) {
+      const auto index = std::find(BLOCK_LINEARS.begin(), BLOCK_LINEARS.end(), param) - BLOCK_LINEARS.begin();
+      onednn_matmul(onednn[index], in, result, M, K, O);
+    } else {
+      matmul(p[param], in, result, M, K, O);
+    }
+  };
 
   // Time mixing: token shift lerps, r/k/v/g, WKV + GroupNorm + gate, output projection.
   layer_norm_rows(xp, xxp, M, D, f(LN1_W), f(LN1_B));
   const float* att_mix = f(ATT_MIX);  // (4, D): r, k, v, g
   token_shift_mix<4>(xxp, att_shift.const_data_ptr<float>(), {att_mix, att_mix + D, att_mix + 2 * D, att_mix + 3 * D},
                      B, T, D, mp);
-  for (int c = 0; c < 4; ++c) matmul(p[ATT_R + c], mp + c * MD, q + c * MD, M, D, D);
+  for (int c = 0; c < 4; ++c) mm(ATT_R + c, mp + c * MD, q + c * MD, D, D);
   float* g = q + 3 * MD;
   elementwise(MD, [&](int64_t i) { g[i] = g[i] / (1.0f + std::exp(-g[i])); });  // silu
   wkv_core(q, q + MD, q + 2 * MD, f(ATT_W), f(ATT_U), wkv.const_data_ptr<float>(), new_wkv.mutable_data_ptr<float>(),
            yp, B, T, H, N, f(LN_X_W), f(LN_X_B), 1e-5 * 64, g);
-  matmul(p[ATT_OUT], yp, op, M, D, D);
+  mm(ATT_OUT, yp, op, D, D);
   elementwise(MD, [&](int64_t i) { xo[i] = xp[i] + op[i] * sc; });
   last_rows(xxp, new_att_shift.mutable_data_ptr<float>(), B, T, D);
 
   // Channel mixing: token shift lerps, relu(key)^2 -> value, gated by sigmoid(receptance).
   layer_norm_rows(xo, xxp, M, D, f(LN2_W), f(LN2_B));
   token_shift_mix<2>(xxp, ffn_shift.const_data_ptr<float>(), {f(FFN_MIX_K), f(FFN_MIX_R)}, B, T, D, mp);
-  matmul(p[FFN_KEY], mp, hp, M, D, F);
+  mm(FFN_KEY, mp, hp, D, F);
   elementwise(M * F, [&](int64_t i) { hp[i] = hp[i] > 0.0f ? hp[i] * hp[i] : 0.0f; });
-  matmul(p[FFN_VALUE], hp, op, M, F, D);
-  matmul(p[FFN_R], mp + MD, rp, M, D, D);
+  mm(FFN_VALUE, hp, op, F, D);
+  mm(FFN_R, mp + MD, rp, D, D);
   elementwise(MD, [&](int64_t i) { xo[i] += op[i] * sc / (1.0f + std::exp(-rp[i])); });
   last_rows(xxp, new_ffn_shift.mutable_data_ptr<float>(), B, T, D);
   return out.view(x_in.sizes());
@@ -404,7 +437,7 @@ double peak_gflops(int64_t iterations) {
 TORCH_LIBRARY(RWKV_CPU_LIBRARY, m) {
   m.def("linear(Tensor x, Tensor packed, int out_features) -> Tensor", &linear);
   m.def("wkv_step(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s, Tensor(a!) out) -> Tensor", &wkv_step);
-  m.def("block(Tensor x, Tensor[] p, Tensor att_shift, Tensor wkv, Tensor ffn_shift, Tensor(a!) new_att_shift, "
+  m.def("block(Tensor x, Tensor[] p, Tensor[] onednn, int onednn_from_rows, Tensor att_shift, Tensor wkv, Tensor ffn_shift, Tensor(a!) new_att_shift, "
         "Tensor(b!) new_wkv, Tensor(c!) new_ffn_shift, float scale) -> Tensor", &block);
   m.def("peak_gflops(int iterations) -> float", &peak_gflops);
 }
