@@ -2,8 +2,9 @@
 
 For fp32 and bf16: prefill of one 512-token prompt, decode at B=1 and aggregate decode at B=8 and B=32, with
 `kernel="auto"` (what a worker runs by default), "native" and "onednn" pinned, and where the dual kernel exists
-"dual-perop" (auto's kernels in the torch per-op block: what auto ran for large calls before session 6). Each configuration is measured in
-its own subprocess by bench.bench_engine's `--one` mode, interleaved over rounds; medians. The goal (issue 13): the
+"dual-perop" (auto's kernels in the torch per-op block: what auto ran for large calls before session 7). Each
+configuration is measured in its own subprocess by bench.bench_engine's `--one` mode, interleaved over rounds;
+medians. The goal (issue 13): the
 automatic kernel within 0.95x of the best pinned one at B=1 and B=32 for both dtypes.
 Usage: `python -m bench.bench_kernels [--rounds 3] [--shape 12x768]`.
 """
@@ -24,7 +25,7 @@ from bench.bench_engine import machine_info
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # "dual-perop": dual's Linears in the torch per-op block, which is how "auto" ran calls of ONEDNN_FROM_ROWS rows or
-# more before the native block took oneDNN weights (session 6): the baseline of that change
+# more before the native block took oneDNN weights (session 7): the baseline of that change
 KERNELS = ("auto", "native", "onednn", "dual-perop")
 METRICS = ("prefill", "1", "8", "32")  # prefill tok/s, then decode tok/s by batch size
 
