@@ -37,8 +37,37 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "one chunk per step": {"prefill_token_budget": 0, "prefill_cost_slack": None},
     "fixed budget": {"prefill_cost_slack": None},
     "paced, no burst credit": {"prefill_burst_streams": 0},
+    "paced, session 5 rules": {},  # the engine's defaults with the pacer of session5_pacer()
     "paced": {},
 }
+
+
+def session5_pacer(pacer: Any) -> Any:
+    """The pacer as session 5 left it, the baseline of session 7's three changes: its predictor (proportional from
+    the point below, capped by the point above), no allowance for the lane the waiting turns will grow, no refill
+    of the burst credit when no stream decodes. Same slack, credit and share as `pacer`."""
+    from worker.engine.pacing import CostCurve, PrefillPacer
+
+    class Proportional(CostCurve):
+        def predict(self, size: int) -> float | None:
+            if not self.points or size <= 0:
+                return None if not self.points else 0.0
+            pts = sorted(self.points.values())
+            below, above = [p for p in pts if p[0] <= size], [p for p in pts if p[0] > size]
+            x0, y0 = below[-1] if below else pts[0]
+            return min(y0 * size / x0, above[0][1]) if below and above else y0 * size / x0
+
+    class Session5(PrefillPacer):
+        def observe(self, lane_rows: int, decode_s: float, groups: list[tuple[int, float]]) -> None:
+            credit = self.credit
+            super().observe(lane_rows, decode_s, groups)
+            if not lane_rows:
+                self.credit = credit
+
+        def allowance(self, lane_rows: int, first_tokens: int, waiting: int = 1) -> float:
+            return super().allowance(lane_rows, first_tokens, 1)
+
+    return Session5(pacer.slack, pacer.burst_streams, pacer.burst_share, Proportional(), Proportional())
 
 
 async def one_turn(engine: Any, tokens: list[int], params: Any, delay_s: float = 0.0) -> tuple[float, list[float]]:
@@ -136,6 +165,8 @@ async def bench(cfg: dict, checkpoint: Path) -> dict:
     engines = {}
     for label, kwargs in CONFIGS.items():
         engines[label] = Engine(model, tokenizer, max_batch=cfg["concurrency"], max_queued=64, **kwargs)
+        if "session 5" in label:
+            engines[label].scheduler.pacer = session5_pacer(engines[label].scheduler.pacer)
         engines[label].steps = time_steps(engines[label])
         engines[label].start()
     raw: dict[str, list[dict]] = {label: [] for label in CONFIGS}

@@ -382,15 +382,17 @@ def ms(x: float | None) -> float:
     return round(x * 1e3, 9)
 
 
-def test_cost_curve_scales_from_the_point_below_capped_by_the_point_above() -> None:
+def test_cost_curve_interpolates_between_points_and_scales_outside_them() -> None:
     c = CostCurve(alpha=0.5)
     assert c.predict(4) is None
     c.observe(4, 0.012)
     c.observe(16, 0.018)
-    assert ms(c.predict(10)) == 18.0 and ms(c.predict(2)) == 6.0 and ms(c.predict(32)) == 36.0  # inside, below, above
+    assert ms(c.predict(10)) == 15.0 and ms(c.predict(2)) == 6.0 and ms(c.predict(32)) == 36.0  # inside, below, above
     assert ms(c.predict(16)) == 18.0
-    c.observe(24, 0.022)  # same power-of-two bucket as 16: one running mean of size and time
-    assert sorted(c.points) == [3, 5] and ms(c.predict(20)) == 20.0 and ms(c.predict(16)) == 20.0
+    c.observe(24, 0.022)  # same power-of-two bucket as 16: one running mean of size and time, now (20, 20 ms)
+    assert sorted(c.points) == [3, 5] and ms(c.predict(20)) == 20.0 and ms(c.predict(16)) == 18.0
+    c.observe(64, 0.010)  # a point above that came out cheaper (noise): flat from the one below, never lower
+    assert ms(c.predict(40)) == 20.0 and ms(c.predict(128)) == 20.0
 
 
 def synthetic_run(step: Step) -> StepResult:
@@ -413,7 +415,7 @@ def test_the_pacer_allows_slack_of_the_lane_and_first_chunk() -> None:
     p.observe(16, 0.026, [(4, 0.012), (16, 0.018)])
     p.observe(1, 0.011, [])
     assert ms(p.allowance(16, 4)) == 3.8 and ms(p.allowance(1, 4)) == 2.3  # 0.1 x (26 + 12), 0.1 x (11 + 12)
-    assert ms(p.added_cost(4, 4)) == 6.0 and ms(p.added_cost(0, 4)) == 12.0  # join a group / a new forward
+    assert ms(p.added_cost(4, 4)) == 2.0 and ms(p.added_cost(0, 4)) == 12.0  # join a group (14 - 12) / a new forward
 
 
 def lane_of(s: Scheduler, n: int) -> None:
@@ -427,19 +429,35 @@ def lane_of(s: Scheduler, n: int) -> None:
 def test_beside_a_lane_chunks_join_the_first_while_their_cost_fits_the_slack() -> None:
     s = paced()
     lane_of(s, 16)
-    for i in range(6):
+    for i in range(10):
         s.add(seq(f"w{i}", [5, 6, 7, 8]))
     plan = s.schedule()  # a lane of 16 never seen: its cost unknown, so the first chunk runs alone
     assert len(plan.decode) == 16 and lengths(plan) == [(["w0"], 4)]
     s.postprocess(plan, synthetic_run(plan))
-    # Seen: decode 16 rows 26 ms; prefill 4 tokens 20.4 ms, 16 tokens 21.6 ms. A lane of 17 (w0 decodes now):
-    # 27.6 ms, so 0.1 x (27.6 + 20.4) = 4.8 ms beside w1's chunk: w2's adds 1.2 ms (8 tokens: capped by the 16-token
-    # point), w3's and w4's nothing more, w5's 5.4 ms (20 tokens: 21.6 x 20/16) does not fit: it waits.
+    # Seen: decode 16 rows 26 ms; prefill 16 tokens 21.6 ms (the lane's prompts), 4 tokens 20.4 ms. A lane of 17
+    # (w0 decodes now), 9 waiting: one chunk per step, the old way, would grow the lane to 25 streams (26 x 25/16 =
+    # 40.6 ms), so this step may cost 1.1 x (40.6 + 20.4) = 67.1 ms, 19.1 ms more than the lane's 27.6 ms and w1's
+    # chunk. Joining w1's group: w2, w3 and w4 add 0.4 ms each (interpolated up to the 16-token point), w5-w7 5.4 ms
+    # each (21.6 x n/16 beyond it): 17.4 ms in all; w8's would make it 22.8: it waits, and w9 behind it.
     plan = s.schedule()
-    assert len(plan.decode) == 17 and lengths(plan) == [(["w1", "w2", "w3", "w4"], 4)]
+    assert len(plan.decode) == 17 and lengths(plan) == [([f"w{i}" for i in range(1, 8)], 4)]
     s.postprocess(plan, synthetic_run(plan))
     plan = s.schedule()
-    assert lengths(plan) == [(["w5"], 4)]
+    assert lengths(plan) == [(["w8", "w9"], 4)]
+
+
+def test_the_allowance_is_the_slack_or_the_old_step_of_the_grown_lane() -> None:
+    """Without turns behind the first, slack x (lane + first chunk); with W waiting, up to (1 + slack) x the step the
+    old behaviour would reach, decode(lane + W - 1) + a chunk, when that is more."""
+    p = PrefillPacer(0.1)
+    p.observe(16, 0.026, [(4, 0.012)])
+    p.observe(32, 0.042, [])
+    assert ms(p.allowance(16, 4, 1)) == 3.8  # 0.1 x (26 + 12)
+    assert ms(p.allowance(16, 4, 2)) == 4.9  # decode(17) = 26 + 16/16 = 27: 1.1 x (27 + 12) - 38
+    assert ms(p.allowance(16, 4, 17)) == 21.4  # the lane would reach 32: 1.1 x (42 + 12) - 38
+    assert ms(p.allowance(32, 4, 1)) == 5.4  # a full lane: the slack alone, 0.1 x (42 + 12)
+    for lane, waiting in ((1, 2), (8, 3), (16, 8), (31, 1)):  # never below the slack rule
+        assert p.allowance(lane, 4, waiting) >= p.allowance(lane, 4, 1) > 0
 
 
 def test_a_prefill_makes_progress_every_step_and_a_burst_beside_a_few_streams_runs_at_once() -> None:
@@ -487,7 +505,8 @@ def test_a_burst_spread_over_steps_is_served_from_the_burst_credit_and_the_credi
     assert s.pacer.credit == pytest.approx(8 - 3 + 3 * 0.005)
     # Now a lane of 7 (the four decode too) and four more waiting: 7 streams are more than the credit left (5.015).
     s.pacer.prefill = CostCurve()
-    s.pacer.observe(0, 0.0, [(4, 1.0), (16, 4.0)])  # prefill still dear (the burst step taught it a cheap point)
+    for tokens, seconds in ((4, 1.0), (16, 4.0)):  # prefill still dear (the burst step taught it a cheap point)
+        s.pacer.prefill.observe(tokens, seconds)
     plan = burst(s, ["x0", "x1", "x2", "x3"])
     assert len(plan.decode) == 7 and lengths(plan) == [(["x0"], 4)]
     # Tokens earn credit back, never above the cap; a lone waiting turn never spends it.
@@ -496,3 +515,6 @@ def test_a_burst_spread_over_steps_is_served_from_the_burst_credit_and_the_credi
     assert s.pacer.credit == 8
     assert not s.pacer.takes_burst(7, 1) and s.pacer.credit == 8
     assert s.pacer.takes_burst(8, 2) and s.pacer.credit == 0
+    # A step with no lane (no stream decoding: the busy period whose tokens the credit bounded is over) refills it.
+    s.pacer.observe(0, 0.0, [(4, 1.0)])
+    assert s.pacer.credit == 8

@@ -10,7 +10,10 @@ they add is predicted to stay within `slack` x that old step (this lane's decode
 then at most (1 + slack) x what the old behaviour ran, so the running streams' inter-token latency stays within that
 factor of it; chunks group where a group is cheap (a GPU's forward costs about the same for 1 or 8 rows), not on a
 CPU whose second prompt in a group costs half the first. Until the costs it needs have been seen, nothing joins the
-first chunk, and predictions err towards the lighter step.
+first chunk, and predictions err towards the lighter step. When several turns wait, the old behaviour would serve
+them one per step while each joins the lane, so the streams' tokens would wait up to decode(lane + waiting - 1) plus
+a chunk anyway: a step may then cost up to (1 + slack) x that step, when it is more (a burst's stragglers, caught
+behind the step that prefilled its bulk, go several per step instead of one or two).
 
 Bursts. A step without a lane takes every waiting chunk, and so does one whose lane is small against the burst: at
 most `slack` x as many streams as there are turns waiting for a chunk, or (from a budget) at most `credit` streams.
@@ -20,7 +23,8 @@ the front each turn is routed, leased and loaded first: 32 sent together arrive 
 step's lane of one or two streams meets only the first few), which the slack ratio alone would then serve one chunk
 per step: the pacer starts with `burst_streams` of credit, each heavy step spends its lane's streams, and every
 stream's token earns `burst_share` back (capped), so the long tokens stay a bounded share of all tokens (the ITL p99
-goal) and a full lane never qualifies.
+goal) and a full lane never qualifies. A step with no lane refills the credit: no stream is decoding, the busy
+period whose long tokens it bounded is over.
 
 Why not "(1 + slack) x this lane's decode-only step": on the 2-core CPU of docs/benchmarks.md one 19-token prefill
 forward alone costs ~70% of a 32-row decode step (per-call overhead), so no step with any prefill would fit a small
@@ -45,9 +49,14 @@ EMA_ALPHA = 0.25
 class CostCurve:
     """Seconds as a function of a size (lane rows, or tokens of one prefill forward): an exponential moving mean
     per power-of-two size bucket, of both the size and the time, so each bucket is one point (mean size, mean
-    time). Predictions scale proportionally from the nearest point below (through the origin where none is below),
-    capped by the next point above: at or above linear interpolation where cost grows slower than size (per-call
-    overhead, a faster kernel for more rows), so they err towards a lighter step. None until observed."""
+    time). Between two points predictions interpolate linearly (never below the lower point); below the first and
+    above the last they scale proportionally from it (through the origin), which errs towards a lighter step where
+    cost grows slower than size (per-call overhead). None until observed.
+    Interpolation, not "proportional from below, capped by the point above" (the rule until session 7): since each
+    block runs as one native call for prefill too, a group's cost is close to fixed + per-token (6x384 fp32 here:
+    7 ms for 19 tokens, 17 ms for 76, 103 ms for 589), and the old rule priced every further 19-token prompt at a
+    whole lone prefill (~4x its real cost), so the chunks of a burst's stragglers never joined one another. (With
+    the torch per-op block it was the other way: 76 tokens cost 80 ms in the loop, ~55 interpolated.)"""
 
     alpha: float = EMA_ALPHA
     points: dict[int, tuple[float, float]] = field(default_factory=dict)  # bucket -> (mean size, mean seconds)
@@ -70,9 +79,12 @@ class CostCurve:
             return 0.0
         pts = sorted(self.points.values())
         below = [p for p in pts if p[0] <= size]
-        x0, y0 = below[-1] if below else pts[0]
         above = [p for p in pts if p[0] > size]
-        return min(y0 * size / x0, above[0][1]) if below and above else y0 * size / x0
+        if not below or not above:
+            x0, y0 = below[-1] if below else pts[0]
+            return y0 * size / x0
+        (x0, y0), (x1, y1) = below[-1], above[0]
+        return y0 + max(0.0, y1 - y0) * (size - x0) / (x1 - x0)
 
 
 @dataclass
@@ -94,6 +106,8 @@ class PrefillPacer:
         if lane_rows:
             self.decode.observe(lane_rows, decode_s)
             self.credit = min(self.burst_streams, self.credit + self.burst_share * lane_rows)
+        else:  # no stream is decoding: the long tokens of the busy period before are behind us, a new one starts
+            self.credit = self.burst_streams
         for tokens, seconds in groups:
             self.prefill.observe(tokens, seconds)
 
@@ -107,13 +121,21 @@ class PrefillPacer:
             return True
         return False
 
-    def allowance(self, lane_rows: int, first_tokens: int) -> float:
-        """Seconds the chunks after the first may add to a step with this lane: slack x (the lane's decode + the
-        first chunk). 0 while either cost is still unknown (the step then runs the first chunk alone)."""
+    def allowance(self, lane_rows: int, first_tokens: int, waiting: int = 1) -> float:
+        """Seconds the chunks after the first may add to a step with this lane, `waiting` turns waiting for a chunk:
+        slack x (the lane's decode + the first chunk), or more when the waiting turns will grow the lane: the old
+        behaviour serves them one chunk per step beside a lane that grows by one stream each time, so its streams'
+        tokens already wait up to decode(lane + waiting - 1) + a chunk, and this step may take up to (1 + slack) x
+        that (a burst's stragglers then go several per step, not two). 0 while either cost is still unknown (the
+        step then runs the first chunk alone)."""
         lane, first = self.decode.predict(lane_rows), self.prefill.predict(first_tokens)
         if lane is None or first is None:
             return 0.0
-        return self.slack * (lane + first)
+        allowed = self.slack * (lane + first)
+        if waiting > 1:
+            grown = self.decode.predict(lane_rows + waiting - 1) or lane
+            allowed = max(allowed, (1 + self.slack) * (grown + first) - (lane + first))
+        return allowed
 
     def added_cost(self, group_tokens: int, tokens: int) -> float | None:
         """Seconds that `tokens` more add to a group of `group_tokens` (0: a new group, one more forward). None

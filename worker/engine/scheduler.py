@@ -221,7 +221,7 @@ class Scheduler:
                     break
             if pacer is not None:
                 if i == 0:
-                    cost_left = pacer.allowance(lane_rows, n)
+                    cost_left = pacer.allowance(lane_rows, n, len(turns))
                 else:
                     group = groups.get(n)
                     added = pacer.added_cost(len(group.seqs) * n if group else 0, n)
