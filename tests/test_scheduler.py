@@ -404,6 +404,13 @@ def synthetic_run(step: Step) -> StepResult:
     return result
 
 
+def dear_run(step: Step) -> StepResult:
+    """synthetic_run with prefill at 1 ms per token (20 ms + 1 ms/token a group): a CPU, where tokens cost."""
+    result = synthetic_run(step)
+    result.prefill_s = [0.020 + 0.001 * len(g.seqs) * g.length for g in step.prefill]
+    return result
+
+
 def paced(max_batch: int = 32, slack: float = 0.1) -> Scheduler:
     return Scheduler(max_batch=max_batch, max_queued=64, prefill_chunk=4, tokenizer=Tokenizer(),
                      prefill_token_budget=10_000, pacer=PrefillPacer(slack))
@@ -415,35 +422,42 @@ def test_the_pacer_allows_slack_of_the_lane_and_first_chunk() -> None:
     p.observe(16, 0.026, [(4, 0.012), (16, 0.018)])
     p.observe(1, 0.011, [])
     assert ms(p.allowance(16, 4)) == 3.8 and ms(p.allowance(1, 4)) == 2.3  # 0.1 x (26 + 12), 0.1 x (11 + 12)
-    assert ms(p.added_cost(4, 4)) == 2.0 and ms(p.added_cost(0, 4)) == 12.0  # join a group (14 - 12) / a new forward
+    # join a group: the slope of the line through (4, 12 ms) and (16, 18 ms), 0.5 ms per token; a new forward: all
+    assert ms(p.added_cost(4, 4)) == 2.0 and ms(p.added_cost(0, 4)) == 12.0
+    p.observe(1, 0.011, [(32, 0.040)])  # a point off the line (contention): the least-squares slope, not its chord
+    # least squares through (4, 12), (16, 18), (32, 40): 1.02 ms per token, between the two chords (0.5, 1.375)
+    assert ms(p.added_cost(16, 4)) == ms(4 * p.prefill.slope()) and round(p.prefill.slope() * 1e3, 2) == 1.02
 
 
-def lane_of(s: Scheduler, n: int) -> None:
+def lane_of(s: Scheduler, n: int, run=synthetic_run) -> None:
     for i in range(n):
         s.add(seq(f"lane{i}", [1], tokens=list(range(1, 30)), max_tokens=20))
     plan = s.schedule()
     assert lengths(plan) == [([f"lane{i}" for i in range(n)], 1)]  # no lane yet: every chunk, one group
-    s.postprocess(plan, synthetic_run(plan))
+    s.postprocess(plan, run(plan))
 
 
 def test_beside_a_lane_chunks_join_the_first_while_their_cost_fits_the_slack() -> None:
     s = paced()
-    lane_of(s, 16)
+    lane_of(s, 16, dear_run)
     for i in range(10):
         s.add(seq(f"w{i}", [5, 6, 7, 8]))
     plan = s.schedule()  # a lane of 16 never seen: its cost unknown, so the first chunk runs alone
     assert len(plan.decode) == 16 and lengths(plan) == [(["w0"], 4)]
-    s.postprocess(plan, synthetic_run(plan))
-    # Seen: decode 16 rows 26 ms; prefill 16 tokens 21.6 ms (the lane's prompts), 4 tokens 20.4 ms. A lane of 17
-    # (w0 decodes now), 9 waiting: one chunk per step, the old way, would grow the lane to 25 streams (26 x 25/16 =
-    # 40.6 ms), so this step may cost 1.1 x (40.6 + 20.4) = 67.1 ms, 19.1 ms more than the lane's 27.6 ms and w1's
-    # chunk. Joining w1's group: w2, w3 and w4 add 0.4 ms each (interpolated up to the 16-token point), w5-w7 5.4 ms
-    # each (21.6 x n/16 beyond it): 17.4 ms in all; w8's would make it 22.8: it waits, and w9 behind it.
+    s.postprocess(plan, dear_run(plan))
+    # Seen: decode 16 rows 26 ms; prefill 16 tokens 36 ms (the lane's prompts), 4 tokens 24 ms: 1 ms per token. A
+    # lane of 17 (w0 decodes now), 9 waiting: one chunk per step, the old way, would grow the lane to 25 streams
+    # (26 x 25/16 = 40.6 ms), so this step may cost 1.1 x (40.6 + 24) = 71.1 ms, 19.5 ms more than the lane's
+    # 27.6 ms and w1's chunk. Each chunk joining w1's group adds 4 ms (the slope): w2-w5 fit (16 ms), w6 would
+    # make it 20: it waits, and the turns behind it.
     plan = s.schedule()
-    assert len(plan.decode) == 17 and lengths(plan) == [([f"w{i}" for i in range(1, 8)], 4)]
-    s.postprocess(plan, synthetic_run(plan))
+    assert len(plan.decode) == 17 and lengths(plan) == [([f"w{i}" for i in range(1, 6)], 4)]
+    s.postprocess(plan, dear_run(plan))
+    plan = s.schedule()  # a lane of 22, four waiting: less growth ahead, a smaller allowance
+    assert len(plan.decode) == 22 and lengths(plan) == [(["w6", "w7", "w8"], 4)]
+    s.postprocess(plan, dear_run(plan))
     plan = s.schedule()
-    assert lengths(plan) == [(["w8", "w9"], 4)]
+    assert lengths(plan) == [(["w9"], 4)]
 
 
 def test_the_allowance_is_the_slack_or_the_old_step_of_the_grown_lane() -> None:
