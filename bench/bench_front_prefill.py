@@ -10,8 +10,9 @@ arrives at the engine spread over several of its steps, which the engine-only be
 
 Configurations, interleaved over rounds (ABBA): "one chunk per step" (`RWKV_WORKER_PREFILL_TOKEN_BUDGET=0`, no
 pacing: the behaviour before issue 13, the baseline), "fixed budget" (128 tokens, no pacing), "paced, no burst
-credit" (the pacer without its budget for spread bursts, `RWKV_WORKER_PREFILL_BURST_STREAMS=0`) and "paced" (the
-worker's defaults). Each round: `--lone` turns one after another (a lone turn's TTFT), then a burst of
+credit" (the pacer without its budget for spread bursts, `RWKV_WORKER_PREFILL_BURST_STREAMS=0`), "paced, no
+gathering" (a burst still arriving is not held back to be prefilled in one step, `RWKV_WORKER_PREFILL_GATHER_MS=0`:
+session 7's pacer) and "paced" (the worker's defaults); --skip leaves some out. Each round: `--lone` turns one after another (a lone turn's TTFT), then a burst of
 `--concurrency` turns sent at once, then the same number sent `--gap-ms` apart. Every turn: the service benchmark's
 prompt on a `raw` session, greedy, end of text banned so each reply runs to `--max-tokens`. Percentiles pool every
 sample of every round. Each worker writes its step trace (`RWKV_WORKER_STEP_TRACE`), so the table also says what
@@ -43,6 +44,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "one chunk per step": {"RWKV_WORKER_PREFILL_TOKEN_BUDGET": "0", "RWKV_WORKER_PREFILL_PACING": "false"},
     "fixed budget": {"RWKV_WORKER_PREFILL_PACING": "false"},
     "paced, no burst credit": {"RWKV_WORKER_PREFILL_BURST_STREAMS": "0"},
+    "paced, no gathering": {"RWKV_WORKER_PREFILL_GATHER_MS": "0"},  # session 7's pacer: a burst is not gathered
     "paced": {},
 }
 
@@ -160,9 +162,14 @@ def main(
     gap_ms: float = typer.Option(10.0, help="time between arrivals in the staggered run"),
     lone: int = typer.Option(5, help="lone turns per round"),
     torch_threads: int = typer.Option(0, help="the worker's intra-op threads; 0 = torch's default"),
+    skip: list[str] = typer.Option([], help="a configuration to leave out (repeatable; not the first or the last)"),
     out: Path = typer.Option(RESULTS / "front_prefill.json", help="where the JSON goes"),
 ) -> None:
     """Runs the configurations, prints the table and writes the JSON."""
+    for label in skip:
+        if label not in list(CONFIGS)[1:-1]:
+            raise typer.BadParameter(f"no configuration {label!r} to skip (choose from {list(CONFIGS)[1:-1]})")
+        del CONFIGS[label]
     import torch
 
     from worker.checkpoint import make_random_checkpoint

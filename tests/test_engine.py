@@ -244,6 +244,35 @@ async def test_async_loop_streams_concurrent_turns(tiny_model, tokenizer) -> Non
     assert ticks > 3  # the event loop kept running while the model computed in the engine thread
 
 
+async def test_a_burst_arriving_over_several_ms_is_gathered_into_one_prefill_step(tiny_model, tokenizer) -> None:
+    """The engine thread holds a burst back while its turns keep coming (pacing.py: gathering a burst), then
+    prefills it in one step; the replies are those of each turn alone."""
+    engine = Engine(tiny_model, tokenizer, max_batch=8, prefill_gather_ms=50)  # wide margins on a noisy machine
+    engine.scheduler.pacer.prefill.observe(8, 10.0)  # a dear prefill: the hold is bounded by the quiet gap alone
+    steps = []
+    engine.on_step = steps.append
+    engine.start()
+
+    async def consume(tokens: list[int], delay_s: float) -> list[int]:
+        await asyncio.sleep(delay_s)
+        out = []
+        async for event in engine.submit(TurnRequest(tokens, GREEDY)):
+            if isinstance(event, Delta):
+                out += event.token_ids
+        return out
+
+    try:
+        # Two together, then one every 5 ms: without the hold the first step would take the first two alone.
+        delays = [0.0, 0.0, 0.005, 0.010, 0.015]
+        results = await asyncio.gather(*(consume(prompt(8, 40 + i), d) for i, d in enumerate(delays)))
+    finally:
+        await engine.close()
+    first = next(s for s in steps if s.prefill_turns)
+    assert first.prefill_turns == 5 and first.lane == 0, steps[:3]
+    for i, tokens in enumerate(results):
+        assert tokens == direct_greedy(tiny_model, prompt(8, 40 + i), 8)[0]
+
+
 def test_state_cache_is_lru_by_bytes_and_version_checked(tiny_model) -> None:
     one = tiny_model.init_state(1)
     cache = StateCache(max_bytes=2 * one.nbytes)
@@ -383,6 +412,10 @@ def test_the_engine_paces_prefill_by_default_from_its_timed_steps(tiny_model, to
     assert Engine(tiny_model, tokenizer, prefill_cost_slack=None).scheduler.pacer is None
     assert Engine(tiny_model, tokenizer, max_batch=32).scheduler.pacer.credit == 8  # the burst credit: max_batch // 4
     assert Engine(tiny_model, tokenizer, max_batch=32, prefill_burst_streams=0).scheduler.pacer.burst_streams == 0
+    with pytest.raises(ValueError, match="prefill_gather_ms"):
+        Engine(tiny_model, tokenizer, prefill_gather_ms=-1)
+    assert Engine(tiny_model, tokenizer).scheduler.pacer.gather_s == 0.005  # a burst still arriving is gathered
+    assert Engine(tiny_model, tokenizer, prefill_gather_ms=0).scheduler.pacer.gather_s == 0
     engine = Engine(tiny_model, tokenizer, max_batch=4, prefill_chunk=16)
     pacer = engine.scheduler.pacer
     assert pacer is not None and pacer.slack == 0.1

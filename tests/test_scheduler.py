@@ -532,3 +532,77 @@ def test_a_burst_spread_over_steps_is_served_from_the_burst_credit_and_the_credi
     # A step with no lane (no stream decoding: the busy period whose tokens the credit bounded is over) refills it.
     s.pacer.observe(0, 0.0, [(4, 1.0)])
     assert s.pacer.credit == 8
+
+
+def test_the_pacer_gathers_a_burst_still_arriving_for_at_most_its_predicted_cost() -> None:
+    p = PrefillPacer(0.1, burst_streams=8, gather_s=0.005)
+    # (lane rows, fresh turns, their tokens, since the last arrival, mean gap between arrivals, held so far)
+    assert p.gathers(0, 4, 16, 0.001, 0.002, 0.0) == 0.0  # no prefill seen yet: nothing to weigh the hold against
+    p.observe(0, 0.0, [(16, 0.020)])
+    assert ms(p.gathers(0, 4, 16, 0.001, 0.002, 0.0)) == 4.0  # until 5 ms of quiet
+    assert ms(p.gathers(0, 4, 16, 0.001, 0.002, 0.018)) == 2.0  # until the hold has cost the prefill's 20 ms
+    assert p.gathers(0, 4, 16, 0.001, 0.002, 0.020) == 0.0 and p.gathers(0, 4, 16, 0.005, 0.002, 0.0) == 0.0
+    assert p.gathers(0, 4, 16, 0.001, 0.010, 0.0) == 0.0  # a turn every 10 ms is not a burst, whatever the last did
+    assert p.gathers(0, 1, 4, 0.0, 0.0, 0.0) == 0.0  # a lone turn is never held
+    assert p.gathers(8, 4, 16, 0.001, 0.002, 0.0) > 0  # a lane within the credit: the step after takes the burst
+    assert p.gathers(9, 4, 16, 0.001, 0.002, 0.0) == 0.0  # beyond it (and beyond slack x waiting) it would not
+    assert p.gathers(9, 90, 360, 0.001, 0.002, 0.0) > 0  # 9 <= 0.1 x 90
+    assert PrefillPacer(0.1, 8).gathers(0, 4, 16, 0.001, 0.002, 0.0) == 0.0  # gather_s 0: off
+
+
+def test_a_burst_still_arriving_is_held_then_prefilled_in_one_step() -> None:
+    def fresh(s: Scheduler, names: list[str], ago_s: float = 0.0) -> list[Seq]:
+        out = [seq(name, [5, 6, 7, 8], tokens=list(range(1, 30)), max_tokens=20) for name in names]
+        for x in out:
+            x.submitted_ns = time.time_ns() - int(ago_s * 1e9)
+            s.add(x)
+        return out
+
+    s = paced()
+    s.pacer = PrefillPacer(0.1, burst_streams=8, gather_s=0.005)
+    s.pacer.observe(0, 0.0, [(8, 10.0)])  # prefill seen, and dear: a hold is always cheaper
+    fresh(s, ["a"])
+    plan = s.schedule()  # a lone turn: never held
+    assert lengths(plan) == [(["a"], 4)] and s.sleep_s == 0.0
+    s.postprocess(plan, fake_run(plan))  # "a" decodes now: a lane of one stream
+    fresh(s, ["b", "c"])
+    plan = s.schedule()  # two fresh turns, the last just arrived: the lane decodes alone, nobody sleeps
+    assert len(plan.decode) == 1 and plan.prefill == [] and s.sleep_s == 0.0
+    s.postprocess(plan, fake_run(plan))
+    late = fresh(s, ["d"])
+    plan = s.schedule()
+    assert plan.prefill == []
+    late[0].submitted_ns += 20_000_000  # were "d" to come 20 ms after "b" and "c", no burst: 10 ms apart on average
+    assert s._gather_hold(lane_rows=1) == 0.0
+    late[0].submitted_ns -= 20_000_000
+    s.postprocess(plan, fake_run(plan))
+    for x in s.running:  # 5 ms of quiet since the last arrival: the whole burst, one group beside the lane
+        x.submitted_ns -= 10_000_000
+    plan = s.schedule()
+    assert len(plan.decode) == 1 and lengths(plan) == [(["b", "c", "d"], 4)] and late[0].phase is Phase.PREFILL
+    s.postprocess(plan, fake_run(plan))
+    # Without a lane the engine is told to sleep (at most the quiet gap); a prefill under way is never held.
+    s = Scheduler(max_batch=8, max_queued=8, prefill_chunk=2, tokenizer=Tokenizer(), prefill_token_budget=10_000,
+                  pacer=PrefillPacer(0.1, 8, gather_s=0.005))
+    s.pacer.observe(0, 0.0, [(8, 10.0)])
+    fresh(s, ["x", "y"])
+    plan = s.schedule()
+    assert plan.empty and 0 < s.sleep_s <= 0.005
+    for x in s.running:
+        x.submitted_ns -= 10_000_000
+    plan = s.schedule()
+    assert lengths(plan) == [(["x", "y"], 2)] and s.sleep_s == 0.0
+    s.postprocess(plan, fake_run(plan))
+    fresh(s, ["z"])  # x and y still have 2 tokens to feed: z joins them at once
+    plan = s.schedule()
+    assert lengths(plan) == [(["x", "y", "z"], 2)]
+    # The hold lasts at most the predicted cost of the prefill it waits for, counted from when it began.
+    s = Scheduler(max_batch=8, max_queued=8, prefill_chunk=4, tokenizer=Tokenizer(), prefill_token_budget=10_000,
+                  pacer=PrefillPacer(0.1, 8, gather_s=0.005))
+    s.pacer.observe(0, 0.0, [(8, 0.002)])  # 8 tokens in 2 ms: holding two 4-token turns may cost 2 ms
+    fresh(s, ["p", "q"])
+    assert s.schedule().empty and 0 < s.sleep_s <= 0.002
+    time.sleep(0.004)
+    fresh(s, ["r"])  # still arriving, but the hold has cost more than the 3 ms the prefill of all three would
+    plan = s.schedule()
+    assert lengths(plan) == [(["p", "q", "r"], 4)]

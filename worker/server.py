@@ -87,7 +87,7 @@ class WorkerCore:
             prefill_chunk=settings.prefill_chunk, prefill_token_budget=settings.prefill_token_budget,
             max_tokens_limit=settings.max_tokens_limit, constraint_limits=constraint_limits(settings),
             prefill_cost_slack=settings.prefill_cost_slack if settings.prefill_pacing else None,
-            prefill_burst_streams=settings.prefill_burst_streams,
+            prefill_burst_streams=settings.prefill_burst_streams, prefill_gather_ms=settings.prefill_gather_ms,
         )
         self.cache = StateCache(settings.cache_bytes)
         self.engine.on_decode = self.telemetry.batch_size.record

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from worker.engine.batch import BatchRunner
 from worker.engine.events import EngineEvent, EngineLoad, Finished, StepRecord
-from worker.engine.pacing import DEFAULT_PREFILL_COST_SLACK, PrefillPacer
+from worker.engine.pacing import DEFAULT_PREFILL_COST_SLACK, DEFAULT_PREFILL_GATHER_MS, PrefillPacer
 from worker.engine.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler, Seq, Step
 from worker.model import RWKV5
 from worker.sampler import SamplerState, SamplingParams, StopChecker
@@ -113,6 +113,7 @@ class Engine:
         prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
         prefill_cost_slack: float | None = DEFAULT_PREFILL_COST_SLACK,
         prefill_burst_streams: int | None = None,
+        prefill_gather_ms: float = DEFAULT_PREFILL_GATHER_MS,
         max_tokens_limit: int | None = None,
         constraints: ConstraintCompiler | None = None,
         constraint_limits: ConstraintLimits | None = None,
@@ -124,6 +125,8 @@ class Engine:
             raise ValueError("prefill_cost_slack must be non-negative (or None: the token budget alone)")
         if prefill_burst_streams is not None and prefill_burst_streams < 0:
             raise ValueError("prefill_burst_streams must be non-negative (or None: max_batch // 4)")
+        if prefill_gather_ms < 0:
+            raise ValueError("prefill_gather_ms must be non-negative (0: no gathering)")
         self.model = model
         self.tokenizer = tokenizer
         # Sample only ids the tokenizer can decode: World models have 65536 output rows but 65530 tokens, and a
@@ -139,7 +142,10 @@ class Engine:
         # cost (worker/engine/pacing.py); None: the token budget alone.
         # A burst spread over several steps may hold back up to prefill_burst_streams streams for a step (a budget).
         burst = max_batch // 4 if prefill_burst_streams is None else prefill_burst_streams
-        pacer = PrefillPacer(prefill_cost_slack, burst) if prefill_cost_slack is not None else None
+        # A burst still arriving (turns a few ms apart) is gathered into one prefill step, within the rent-or-buy
+        # bound of pacing.py.
+        pacer = (PrefillPacer(prefill_cost_slack, burst, gather_s=prefill_gather_ms / 1e3)
+                 if prefill_cost_slack is not None else None)
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk,
                                    tokenizer=tokenizer, prefill_token_budget=prefill_token_budget, pacer=pacer)
         self.batch_runner = BatchRunner(model, self.sample_vocab)
@@ -291,9 +297,12 @@ class Engine:
                 log.exception("engine step failed; failing the %d turns in the batch", len(self.scheduler.running))
                 deliveries = self._fail_batch(exc)
             try:
-                loop.call_soon_threadsafe(self._deliver, deliveries)
+                if deliveries:
+                    loop.call_soon_threadsafe(self._deliver, deliveries)
             except RuntimeError:  # the event loop is closed: nobody is left to deliver to
                 return
+            if self.scheduler.sleep_s:  # a burst is still arriving and nothing else runs (pacing.py)
+                time.sleep(self.scheduler.sleep_s)
 
     def _fail_batch(self, exc: Exception) -> list[Delivery]:
         """Drops every admitted turn (engine thread, after its step raised); waiting turns go on."""

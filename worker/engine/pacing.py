@@ -26,6 +26,18 @@ stream's token earns `burst_share` back (capped), so the long tokens stay a boun
 goal) and a full lane never qualifies. A step with no lane refills the credit: no stream is decoding, the busy
 period whose long tokens it bounded is over.
 
+Gathering a burst. A step that would take a burst whole (no lane, or one the rules above let it pass) is held
+back while the burst is still arriving: at least two fresh turns wait (none of their input fed), they arrived less
+than `gather_s` apart on average, the last of them less than `gather_s` ago, and the hold has lasted less than the
+predicted cost of prefilling what waits now. Meanwhile a lane decodes on its own (its streams lose nothing) and an
+engine without one sleeps. So a burst whose turns reach the engine a few ms apart (through the front: 32 over 50-80
+ms) is prefilled in one step rather than cut at the edge of whichever step was running when its first turns came,
+after which the rest meet a lane too large to pass and go one or two chunks per step. The bound is rent-or-buy:
+holding costs the waiting turns at most what the step they wait for costs, so their first token comes at most ~2x
+later than without the hold, while a burst caught whole saves its late turns a trickle of mixed steps. A lone turn
+is never held (one fresh turn), nor are turns every 10 ms (the gap is larger than `gather_s`; the last arrival
+alone would not tell: while the engine's steps are longer than the gap, one arrives shortly before most plans).
+
 Why not "(1 + slack) x this lane's decode-only step": on the 2-core CPU of docs/benchmarks.md one 19-token prefill
 forward alone costs ~70% of a 32-row decode step (per-call overhead), so no step with any prefill would fit a small
 slack; the old behaviour already paid that, and it is the baseline of the issue's goal.
@@ -41,6 +53,10 @@ DEFAULT_PREFILL_COST_SLACK = 0.1
 # Burst budget (see the module docstring): every stream's token earns this many streams of credit for a heavy step.
 # 0.005: long tokens stay at most half of the 1% that an ITL p99 may hide, plus the starting credit.
 DEFAULT_BURST_SHARE = 0.005
+# Gathering a burst (see the module docstring): the quiet gap after a burst's last arrival that ends the hold. Through
+# the front a burst's turns reach the engine 1-3 ms apart (p90 4-9 ms, session 7's step traces), a turn every 10 ms
+# never waits.
+DEFAULT_PREFILL_GATHER_MS = 5.0
 # Weight of a new observation in a size bucket's running mean.
 EMA_ALPHA = 0.25
 
@@ -107,6 +123,7 @@ class PrefillPacer:
     burst_share: float = DEFAULT_BURST_SHARE
     decode: CostCurve = field(default_factory=CostCurve)  # the lane's forward + sampling, by lane rows
     prefill: CostCurve = field(default_factory=CostCurve)  # one prefill group's forward (+ sampling), by tokens
+    gather_s: float = 0.0  # quiet gap that ends a burst's gathering (0: no gathering)
     credit: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +148,20 @@ class PrefillPacer:
             self.credit -= lane_rows
             return True
         return False
+
+    def gathers(self, lane_rows: int, fresh: int, tokens: int, quiet_s: float, gap_s: float, held_s: float) -> float:
+        """Seconds to hold a burst's `fresh` turns (`tokens` of input in all) back before prefilling them (0: do
+        not), the last having arrived `quiet_s` ago, `gap_s` apart on average, and the hold having lasted `held_s`
+        (see the module docstring): while they come faster than one per `gather_s`, at most until `gather_s` of
+        quiet, and until the hold has cost what the prefill is predicted to."""
+        if self.gather_s <= 0 or fresh < 2 or quiet_s >= self.gather_s or gap_s >= self.gather_s:
+            return 0.0
+        if lane_rows and lane_rows > self.slack * fresh and lane_rows > self.credit:
+            return 0.0  # the step after the hold would not take the burst whole: nothing to gather for
+        cost = self.prefill.predict(tokens)
+        if cost is None or held_s >= cost:
+            return 0.0
+        return min(self.gather_s - quiet_s, cost - held_s)
 
     def allowance(self, lane_rows: int, first_tokens: int, waiting: int = 1) -> float:
         """Seconds the chunks after the first may add to a step with this lane, `waiting` turns waiting for a chunk:

@@ -142,6 +142,8 @@ class Scheduler:
         self.running: list[Seq] = []  # admitted turns, in admission order; only the engine thread touches it
         self.constrained = 0  # how many of them have a response_format: 0 = no step looks for masks
         self._lock = threading.Lock()  # guards `waiting` between add() and the engine thread
+        self._held_since: float | None = None  # when the burst now being gathered was first held back (time.time())
+        self.sleep_s = 0.0  # after the last schedule(): how long the engine may sleep (a burst gathered, no lane)
 
     # ---- the queue ------------------------------------------------------------------------------------------
 
@@ -188,11 +190,33 @@ class Scheduler:
         lane = [s for s in self.running if s.phase in (Phase.DECODE, Phase.CLOSING)]
         rows = [i for i, s in enumerate(lane) if s.phase is Phase.DECODE]
         step = Step(lane, [s.feed.pop(0) for s in lane], rows, events=events)
-        step.prefill = self._plan_prefill(lane_rows=len(lane))
+        hold = self._gather_hold(lane_rows=len(lane))
+        step.prefill = [] if hold else self._plan_prefill(lane_rows=len(lane))
+        self.sleep_s = 0.0 if lane else hold
         if self.constrained:
             sampling = [lane[i] for i in rows] + [g.seqs[i] for g in step.prefill for i in g.sample_rows]
             step.constraints = [s.constraint for s in sampling if s.constraint is not None]
         return step
+
+    def _gather_hold(self, lane_rows: int) -> float:
+        """Seconds a burst still arriving is held back before its prefill (0: plan it now; pacing.py: gathering a
+        burst). Only fresh turns are held (none of their input fed): a prefill under way is never delayed."""
+        if self.pacer is None or self.pacer.gather_s <= 0 or self.prefill_token_budget <= 0:
+            return 0.0
+        turns = [s for s in self.running if s.phase is Phase.PREFILL]
+        if len(turns) < 2 or any(len(s.feed) < s.prompt_tokens for s in turns):
+            self._held_since = None
+            return 0.0
+        now = time.time()
+        if self._held_since is None:
+            self._held_since = now
+        tokens = sum(min(len(s.feed), self.prefill_chunk) for s in turns)
+        arrivals = [s.submitted_ns / 1e9 for s in turns]
+        gap = (max(arrivals) - min(arrivals)) / (len(turns) - 1)
+        hold = self.pacer.gathers(lane_rows, len(turns), tokens, now - max(arrivals), gap, now - self._held_since)
+        if not hold:
+            self._held_since = None
+        return hold
 
     def _plan_prefill(self, lane_rows: int) -> list[PrefillGroup]:
         """The PREFILL turns' chunks this step, in admission order, grouped by length (groups in order of their first
