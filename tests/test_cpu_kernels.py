@@ -20,6 +20,13 @@ DUAL_DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=onednn_bf16)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(autouse=True)
+def _kernels_loaded() -> None:
+    """Tests that call an op directly find it loaded however they are selected (building a model loads it too)."""
+    if CAN_BUILD:
+        assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+
+
 @native
 def test_native_kernels_build_here():
     # A machine that can build them must not fall back silently (that would halve decode speed unnoticed).
@@ -180,6 +187,28 @@ def test_dual_kernel_dispatches_by_rows(dtype):
         assert torch.equal(dual(x), expected), rows
     x = torch.randn(2, threshold, 48, generator=g)  # rows are counted over every leading dimension
     assert torch.equal(dual(x), dnn(x))
+
+
+@native
+@pytest.mark.parametrize("kernel", ["native", "dual"])
+def test_native_block_at_a_width_that_is_no_multiple_of_8_rows(tmp_path, kernel):
+    """The block's vector loops (8 floats at a time) end in a padded tail when rows x width is no multiple of 8:
+    D = 20 (five heads of 4), odd row counts, below and above the dual model's oneDNN threshold."""
+    from worker.checkpoint import make_random_checkpoint
+
+    ck = make_random_checkpoint(tmp_path / "L2-D20.pth", 2, 20, seed=5, head_size=4)
+    model = RWKV5.from_checkpoint(ck, kernel=kernel)
+    reference = RWKV5.from_checkpoint(ck, kernel=kernel)
+    reference._native_blocks = None  # the torch path over the same matmuls
+    assert model._native_blocks is not None
+    g = torch.Generator().manual_seed(3)
+    for batch, length in ((1, 1), (3, 5), (1, 33), (3, 13)):  # 20, 300, 660 and 780 values per row of work
+        tokens = torch.randint(0, 65536, (batch, length), generator=g)
+        got, s1 = model.forward(tokens, model.init_state(batch), all_logits=True)
+        want, s2 = reference.forward(tokens, reference.init_state(batch), all_logits=True)
+        assert (got - want).abs().max().item() <= 1e-5 * logits_scale(want), (batch, length)
+        for a, b in zip(s1.tensors(), s2.tensors()):
+            assert (a - b).abs().max().item() <= 1e-5 * max(b.abs().max().item(), 1e-6)
 
 
 @native
