@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -18,6 +19,18 @@ from common.store import StoreConfigError
 from common.tls import add_port, server_credentials
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def freeze_startup_heap() -> int:
+    """Puts every object alive now (modules, a worker's model and tokenizer tables, ...) out of the cyclic garbage
+    collector's reach, so that its full collections visit only what serving allocates; returns how many. Call once
+    per process, after start-up, before serving. Why: a full collection walks every tracked object with the GIL held;
+    in a worker of the 6x384 model (209K objects) one took ~130 ms, a stall of the engine thread and the event loop,
+    so of every stream's next token, whenever the long-lived survivors grew by a quarter; after the freeze ~0 ms.
+    Frozen objects are still freed by reference counting; only cycles among them would stay."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_name: str,

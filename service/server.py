@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from common.errors import InvalidArgument, grpc_errors
-from common.lifecycle import add_health_and_reflection, bind, run_server, wait_for_stop_signal
+from common.lifecycle import add_health_and_reflection, bind, freeze_startup_heap, run_server, wait_for_stop_signal
 from common.store import redact_url
 from common.telemetry import Telemetry, configure_logging
 from rwkv_serve.v1 import api_pb2, api_pb2_grpc, common_pb2
@@ -172,6 +172,7 @@ async def serve(settings: FrontSettings) -> None:
     front_server, port = create_server(settings, Front.from_settings(settings, telemetry))
     await front_server.front.store.verify()  # a wrong Redis password stops the start with a clear message
     await front_server.start()
+    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_startup_heap())
     log.info("front listening on %s:%d (%s; redis %s)", settings.host, port,
              "TLS" + (", client certificates required" if settings.tls_client_ca else "") if settings.tls_cert
              else "plaintext", redact_url(settings.redis_url))

@@ -23,7 +23,7 @@ import torch
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from common.lifecycle import add_health_and_reflection, bind, run_server, wait_for_stop_signal
+from common.lifecycle import add_health_and_reflection, bind, freeze_startup_heap, run_server, wait_for_stop_signal
 from common.store import StateStore
 from common.telemetry import Telemetry, configure_logging
 from common.worker_api import ModelDescription, WorkerLoad
@@ -209,6 +209,7 @@ async def serve(settings: WorkerSettings) -> None:
     await core.store.verify()  # a wrong Redis password stops the start with a clear message
     await server.start()
     await core.start()
+    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_startup_heap())
     log.info("worker %s serving %s on %s (batch %d, %s)", core.worker_id, core.description.id, core.address,
              settings.max_batch, "plaintext" if settings.tls_cert is None
              else "mutual TLS" if settings.tls_client_ca else "TLS")
