@@ -12,8 +12,9 @@ Configurations, interleaved over rounds (ABBA): "one chunk per step" (`RWKV_WORK
 pacing: the behaviour before issue 13, the baseline), "fixed budget" (128 tokens, no pacing), "paced, no burst
 credit" (the pacer without its budget for spread bursts, `RWKV_WORKER_PREFILL_BURST_STREAMS=0`), "paced, no
 gathering" (a burst still arriving is not held back to be prefilled in one step, `RWKV_WORKER_PREFILL_GATHER_MS=0`:
-session 7's pacer) and "paced" (the worker's defaults); --skip leaves some out. Each round: `--lone` turns one after another (a lone turn's TTFT), then a burst of
-`--concurrency` turns sent at once, then the same number sent `--gap-ms` apart. Every turn: the service benchmark's
+session 7's pacer) and "paced" (the worker's defaults); --skip leaves some out. Each round: `--lone` turns one
+after another (a lone turn's TTFT), then a burst of `--concurrency` turns sent at once, then the same number sent
+`--gap-ms` apart. Every turn: the service benchmark's
 prompt on a `raw` session, greedy, end of text banned so each reply runs to `--max-tokens`. Percentiles pool every
 sample of every round. Each worker writes its step trace (`RWKV_WORKER_STEP_TRACE`), so the table also says what
 the engine saw: how long a pattern's turns took to reach it, how many the first prefill step caught, and the

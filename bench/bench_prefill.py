@@ -153,6 +153,7 @@ def summarize(rounds: list[dict]) -> dict:
 async def bench(cfg: dict, checkpoint: Path) -> dict:
     import torch
 
+    from common.lifecycle import freeze_startup_heap
     from worker.engine import Engine
     from worker.model import RWKV5
     from worker.sampler import SamplingParams
@@ -173,6 +174,7 @@ async def bench(cfg: dict, checkpoint: Path) -> dict:
         engines[label].steps = time_steps(engines[label])
         engines[label].start()
     raw: dict[str, list[dict]] = {label: [] for label in CONFIGS}
+    freeze_startup_heap()  # as a worker does once it is up (common/lifecycle.py): no ~130 ms full collections
     try:
         for engine in engines.values():  # warm-up: every batch size once
             await measure(engine, tokens, params, cfg["concurrency"], 0.0, 1)
