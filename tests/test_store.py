@@ -212,3 +212,29 @@ async def test_worker_registry_expires_dead_workers(store: StateStore) -> None:
     await store.redis.set("rwkv:worker:w4", b'{"address": "127.0.0.1:4"}')  # not a record any worker writes
     await store.redis.sadd("rwkv:workers", "w4")
     assert [w.worker_id for w in await store.list_workers()] == ["w3"]  # skipped, not fatal
+
+
+async def test_a_connection_torn_down_under_a_call_is_the_store_unavailable(store: StateStore, monkeypatch) -> None:
+    """redis-py lets a bare AttributeError out when a connection is disconnected while a command is being sent (a
+    Cluster failover does that to shared connections; redis/redis-py#4287): the caller sees StoreUnavailable, a
+    retryable UNAVAILABLE, and the store works again on the next call. The fault is caused for real inside redis-py
+    (its own disconnect() on the connection in use), only its timing is forced. A TypeError of the store's own
+    making stays a bug."""
+    from redis.asyncio.connection import Connection
+
+    from common.errors import StoreUnavailable
+
+    sid = await new_session(store)
+    send = Connection._send_packed_command
+
+    async def torn(self: Connection, command) -> None:
+        await self.disconnect()  # what a concurrent failover does to the connection in use
+        await send(self, command)
+
+    monkeypatch.setattr(Connection, "_send_packed_command", torn)
+    with pytest.raises(StoreUnavailable, match="closed under a call"):
+        await store.get_session(sid)
+    monkeypatch.undo()
+    assert (await store.get_session(sid)).session_id == sid
+    with pytest.raises(TypeError):
+        await store.get_session(12345)  # not a str: the store's own TypeError, not a connection

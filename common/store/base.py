@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+import redis.asyncio.connection as redis_connection
 import redis.exceptions
 from pydantic import Field
 from pydantic_settings import BaseSettings
@@ -153,6 +154,27 @@ _STORE_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError, OSError, redis.e
                MasterNotFoundError, SlaveNotFoundError)
 
 
+# redis-py's asyncio connections can raise a bare AttributeError or TypeError when a connection is torn down under a
+# command: a concurrent disconnect (a cluster's failover resets its nodes' connections) leaves the writer None mid
+# send, and CPython 3.12+ clears a peer-reset transport's internals before a write (redis/redis-py#4287, #2349).
+# Seen here when a Cluster master was SIGKILLed mid-conversation (tests/test_cluster_e2e.py). They are no
+# RedisErrors, so they pass every retry layer; raised from within the connection code they are the store being
+# unreachable like any ConnectionError. Anywhere else the same exception types are bugs and stay unexpected.
+_REDIS_CONNECTION_CODE = redis_connection.__file__
+
+
+def _torn_connection(exc: BaseException) -> bool:
+    """Whether `exc` is an AttributeError/TypeError raised inside redis-py's asyncio connection code."""
+    if not isinstance(exc, (AttributeError, TypeError)):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == _REDIS_CONNECTION_CODE:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def store_errors(cls: type) -> type:
     """Class decorator: every public coroutine that cannot reach Redis raises StoreUnavailable (UNAVAILABLE, with
     a retry hint) instead of an unexpected exception (INTERNAL), so callers fail fast and retry. Any other Redis
@@ -172,6 +194,12 @@ def store_errors(cls: type) -> type:
             except redis.exceptions.RedisError as exc:
                 log.error("state store call %s failed", __name, exc_info=True)
                 raise StoreUnavailable(f"the state store refused the call ({type(exc).__name__})") from exc
+            except (AttributeError, TypeError) as exc:
+                if not _torn_connection(exc):
+                    raise
+                log.warning("state store call %s: connection torn down under it", __name, exc_info=True)
+                raise StoreUnavailable("the state store cannot be reached (its connection closed under a call)") \
+                    from exc
 
         setattr(cls, name, translated)
     return cls
