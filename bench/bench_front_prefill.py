@@ -36,7 +36,7 @@ from typing import Any
 
 import typer
 
-from bench.bench_prefill import latency, samples
+from bench.bench_prefill import latency, samples, skip_configs
 from bench.service_common import MODEL_ID, RESULTS, banned_ids, checkout, machine
 from bench.service_procs import Service, front_turn
 
@@ -167,10 +167,7 @@ def main(
     out: Path = typer.Option(RESULTS / "front_prefill.json", help="where the JSON goes"),
 ) -> None:
     """Runs the configurations, prints the table and writes the JSON."""
-    for label in skip:
-        if label not in list(CONFIGS)[1:-1]:
-            raise typer.BadParameter(f"no configuration {label!r} to skip (choose from {list(CONFIGS)[1:-1]})")
-        del CONFIGS[label]
+    skip_configs(CONFIGS, skip)
     import torch
 
     from worker.checkpoint import make_random_checkpoint

@@ -72,6 +72,14 @@ def session5_pacer(pacer: Any) -> Any:
     return Session5(pacer.slack, pacer.burst_streams, pacer.burst_share, Proportional(), Proportional())
 
 
+def skip_configs(configs: dict[str, Any], skip: list[str]) -> None:
+    """Leaves the labelled configurations out (--skip); never the first (the baseline) or the last (the default)."""
+    for label in skip:
+        if label not in list(configs)[1:-1]:
+            raise typer.BadParameter(f"no configuration {label!r} to skip (choose from {list(configs)[1:-1]})")
+        del configs[label]
+
+
 async def one_turn(engine: Any, tokens: list[int], params: Any, delay_s: float = 0.0) -> tuple[float, list[float]]:
     """Submits one turn after `delay_s`; its submit time and the time of each token-bearing delta."""
     from worker.engine import Delta, Finished, TurnRequest
@@ -234,10 +242,7 @@ def main(
     out: Path = typer.Option(RESULTS / "prefill.json", help="where the JSON goes"),
 ) -> None:
     """Runs the configurations, prints the table and writes the JSON."""
-    for label in skip:
-        if label not in list(CONFIGS)[1:-1]:
-            raise typer.BadParameter(f"no configuration {label!r} to skip (choose from {list(CONFIGS)[1:-1]})")
-        del CONFIGS[label]
+    skip_configs(CONFIGS, skip)
     default = CONFIGS.pop("paced")
     for b in filter(None, budgets.split(",")):
         CONFIGS[f"fixed budget {int(b)}"] = {"prefill_token_budget": int(b), "prefill_cost_slack": None}

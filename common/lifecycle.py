@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -19,6 +20,7 @@ from common.store import StoreConfigError
 from common.tls import add_port, server_credentials
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+log = logging.getLogger("rwkv.lifecycle")
 
 
 def freeze_startup_heap() -> int:
@@ -30,7 +32,9 @@ def freeze_startup_heap() -> int:
     Frozen objects are still freed by reference counting; only cycles among them would stay."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
+    frozen = gc.get_freeze_count()
+    log.info("froze %d start-up objects out of the garbage collector's reach", frozen)
+    return frozen
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_name: str,

@@ -39,7 +39,7 @@ async def serve(settings: GatewaySettings) -> None:
     store = settings.open_store()
     await store.verify()  # a Redis that cannot work stops the start with one line (StoreConfigError)
     server, sock = create_server(settings, store)
-    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_startup_heap())
+    freeze_startup_heap()
     scheme = "https" if settings.tls_cert else "http"
     log.info("gateway listening on %s://%s:%d, front %s, Redis %s", scheme, settings.host, sock.getsockname()[1],
              settings.front_target, redact_url(settings.redis_url))

@@ -172,7 +172,7 @@ async def serve(settings: FrontSettings) -> None:
     front_server, port = create_server(settings, Front.from_settings(settings, telemetry))
     await front_server.front.store.verify()  # a wrong Redis password stops the start with a clear message
     await front_server.start()
-    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_startup_heap())
+    freeze_startup_heap()
     log.info("front listening on %s:%d (%s; redis %s)", settings.host, port,
              "TLS" + (", client certificates required" if settings.tls_client_ca else "") if settings.tls_cert
              else "plaintext", redact_url(settings.redis_url))

@@ -573,7 +573,7 @@ def test_a_burst_still_arriving_is_held_then_prefilled_in_one_step() -> None:
     plan = s.schedule()
     assert plan.prefill == []
     late[0].submitted_ns += 20_000_000  # were "d" to come 20 ms after "b" and "c", no burst: 10 ms apart on average
-    assert s._gather_hold(lane_rows=1) == 0.0
+    assert s._gather_hold([x for x in s.running if x.phase is Phase.PREFILL], lane_rows=1) == 0.0
     late[0].submitted_ns -= 20_000_000
     s.postprocess(plan, fake_run(plan))
     for x in s.running:  # 5 ms of quiet since the last arrival: the whole burst, one group beside the lane

@@ -209,7 +209,7 @@ async def serve(settings: WorkerSettings) -> None:
     await core.store.verify()  # a wrong Redis password stops the start with a clear message
     await server.start()
     await core.start()
-    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_startup_heap())
+    freeze_startup_heap()
     log.info("worker %s serving %s on %s (batch %d, %s)", core.worker_id, core.description.id, core.address,
              settings.max_batch, "plaintext" if settings.tls_cert is None
              else "mutual TLS" if settings.tls_client_ca else "TLS")

@@ -88,9 +88,9 @@ class WorkerSettings(ObservabilitySettings, RedisSettings):
     prefill_pacing: bool = True
     prefill_cost_slack: float = Field(0.1, ge=0)
     prefill_burst_streams: int | None = Field(None, ge=0)
-    # With pacing: a burst still arriving (at least two fresh turns, the last less than this ago) is held back, the
-    # lane decoding alone meanwhile, for at most what its prefill is predicted to cost, so that it is prefilled in
-    # one step (worker/engine/pacing.py: gathering a burst). 0 = off.
+    # With pacing: a burst still arriving (two or more fresh turns less than this apart on average, the last less than
+    # this ago) is held back, the lane decoding alone meanwhile, for at most what its prefill is predicted to cost,
+    # so that it is prefilled in one step (worker/engine/pacing.py: gathering a burst). 0 = off.
     prefill_gather_ms: float = Field(5.0, ge=0)
     # A JSON line per engine step appended to this file (start, seconds, lane rows, prefill tokens and turns, the
     # submit times of the turns that started prefill): for benchmarks and diagnosis (bench/bench_front_prefill.py).

@@ -272,16 +272,6 @@ at::Tensor wkv_step(const at::Tensor& r, const at::Tensor& k, const at::Tensor& 
   return y;
 }
 
-// Elementwise loops over n values, split across threads only where n is large (prefill): a decode step's
-// vectors are too small to pay for the hand-off.
-template <typename Fn>
-inline void elementwise(int64_t n, const Fn& fn) {
-  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) fn(i);
-  });
-}
-
 // e^x for 8 floats: 2^n p(r) with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts), p Cephes' degree-6
 // polynomial for expf (about 1 ulp on [-ln 2 / 2, ln 2 / 2]); x clamped to where 2^n is a normal float, so e^x
 // saturates at ~1e-38 and ~2e38 instead of reaching 0 and inf (1 / (1 + e^-x) is then exact to fp32 anyway).
@@ -308,8 +298,8 @@ inline __m256 one_plus_exp_neg8(__m256 x) {
   return _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
 }
 
-// out[i] = f(a[i], b[i], c[i]) over n floats, 8 at a time through f (b, c may be null: zeros), across threads where n
-// is large. The last n % 8 go through f on a zero-padded copy, so every element gets the same arithmetic whatever the
+// out[i] = f(a[i], b[i], c[i]) over n floats, 8 at a time through f (b, c may be null: zeros), split across threads
+// only where n is large (prefill): a decode step's vectors are too small to pay for the hand-off. The last n % 8 go through f on a zero-padded copy, so every element gets the same arithmetic whatever the
 // thread split. Written with intrinsics: with `#pragma omp simd` alone GCC kept relu^2 scalar and branchy (a
 // compare and a jump per element, ~8% of a 32 x 19 prefill forward at D=384) and std::exp scalar.
 template <typename F>
@@ -458,7 +448,7 @@ at::Tensor block(const at::Tensor& x_in, at::TensorList p, at::TensorList onednn
   wkv_core(rkvg_at[0], rkvg_at[1], rkvg_at[2], f(ATT_W), f(ATT_U), wkv.const_data_ptr<float>(),
            new_wkv.mutable_data_ptr<float>(), yp, B, T, H, N, f(LN_X_W), f(LN_X_B), 1e-5 * 64, g);
   const float* op = mm(ATT_OUT, yp, buffer(o), D, D);
-  elementwise(MD, [&](int64_t i) { xo[i] = xp[i] + op[i] * sc; });
+  map8(MD, xo, xp, op, nullptr, [&](__m256 x0, __m256 o, __m256) { return _mm256_fmadd_ps(o, scv, x0); });
   last_rows(xxp, new_att_shift.mutable_data_ptr<float>(), B, T, D);
 
   // Channel mixing: token shift lerps, relu(key)^2 -> value, gated by sigmoid(receptance).

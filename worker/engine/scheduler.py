@@ -190,20 +190,21 @@ class Scheduler:
         lane = [s for s in self.running if s.phase in (Phase.DECODE, Phase.CLOSING)]
         rows = [i for i, s in enumerate(lane) if s.phase is Phase.DECODE]
         step = Step(lane, [s.feed.pop(0) for s in lane], rows, events=events)
-        hold = self._gather_hold(lane_rows=len(lane))
-        step.prefill = [] if hold else self._plan_prefill(lane_rows=len(lane))
+        turns = [s for s in self.running if s.phase is Phase.PREFILL]
+        hold = self._gather_hold(turns, lane_rows=len(lane))
+        step.prefill = [] if hold else self._plan_prefill(turns, lane_rows=len(lane))
         self.sleep_s = 0.0 if lane else hold
         if self.constrained:
             sampling = [lane[i] for i in rows] + [g.seqs[i] for g in step.prefill for i in g.sample_rows]
             step.constraints = [s.constraint for s in sampling if s.constraint is not None]
         return step
 
-    def _gather_hold(self, lane_rows: int) -> float:
-        """Seconds a burst still arriving is held back before its prefill (0: plan it now; pacing.py: gathering a
-        burst). Only fresh turns are held (none of their input fed): a prefill under way is never delayed."""
+    def _gather_hold(self, turns: list[Seq], lane_rows: int) -> float:
+        """Seconds a burst still arriving (the PREFILL `turns`) is held back before its prefill (0: plan it now;
+        pacing.py: gathering a burst). Only fresh turns are held (none of their input fed): a prefill under way is
+        never delayed."""
         if self.pacer is None or self.pacer.gather_s <= 0 or self.prefill_token_budget <= 0:
             return 0.0
-        turns = [s for s in self.running if s.phase is Phase.PREFILL]
         if len(turns) < 2 or any(len(s.feed) < s.prompt_tokens for s in turns):
             self._held_since = None
             return 0.0
@@ -218,13 +219,12 @@ class Scheduler:
             self._held_since = None
         return hold
 
-    def _plan_prefill(self, lane_rows: int) -> list[PrefillGroup]:
+    def _plan_prefill(self, turns: list[Seq], lane_rows: int) -> list[PrefillGroup]:
         """The PREFILL turns' chunks this step, in admission order, grouped by length (groups in order of their first
         turn). Beside a decode lane they stay within the token budget and the pacer's cost allowance (with a pacer,
         a lane small against the waiting turns binds nothing: PrefillPacer.takes_burst): the first turn always runs (its
         chunk cut to the token budget if that is smaller); the first turn whose chunk does not fit in what is left
         waits, and so do the ones after it (no overtaking, no chunks cut to odd lengths)."""
-        turns = [s for s in self.running if s.phase is Phase.PREFILL]
         if not turns:
             return []
         if self.prefill_token_budget <= 0:
